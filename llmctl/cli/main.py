@@ -1,0 +1,69 @@
+"""The `llmctl` entry point: registers the subcommands and prints errors one way.
+
+Nothing heavy is imported here: `llmctl --help` must answer without torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from llmctl import __version__
+from llmctl.cli import bench, evaluate, models, plan, quantize, serve
+from llmctl.errors import LlmctlError
+
+app = typer.Typer(
+    name="llmctl",
+    help="From open LLM weights to a measured production server: quantize, eval, serve, bench.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+app.command("quantize", help="GPTQ-compress a model to 2/3/4/8 bits into a standard GPTQ checkpoint.")(quantize.quantize)
+app.command("eval", help="Check a (quantized) model against its original: perplexity, KL, top-1, tasks; exit 1 on regression.")(evaluate.evaluate)
+app.command("serve", help="Run an OpenAI-compatible HTTP server on llmctl's engine.")(serve.serve)
+app.add_typer(bench.app, name="bench", help="Measure throughput, serving latency and kernels.")
+app.command("models", help="Show the embedded default model and its cache, or inspect a local model dir.")(models.models)
+app.command("plan", help="Plan KV-cache memory and concurrency for a model before loading any weights.")(plan.plan)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"llmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version."),
+) -> None:
+    pass
+
+
+def report_error(err: LlmctlError) -> None:
+    """One red line on stderr, plus a hint when there is one."""
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {err}", markup=True)
+    if err.hint:
+        console.print(f"[dim]hint: {err.hint}[/]")
+
+
+def main() -> None:
+    try:
+        app()
+    except LlmctlError as err:
+        if os.environ.get("LLMCTL_DEBUG") == "1":
+            raise
+        report_error(err)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
