@@ -1,7 +1,7 @@
 import os
 import subprocess
 import sys
-import time
+
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -22,8 +22,3 @@ def test_help_does_not_import_torch():
     assert res.stdout.strip() == "False"
 
 
-def test_help_is_fast():
-    start = time.perf_counter()
-    run_cli("--help")
-    # generous: the point is "no torch import", which costs seconds
-    assert time.perf_counter() - start < 5.0
