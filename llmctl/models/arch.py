@@ -1,0 +1,129 @@
+"""A model's architecture read from its config.json, without torch.
+
+`llmctl plan` and the KV budget use it before any weight is loaded; the model
+builder uses it to construct layers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmctl.errors import ModelLoadError
+
+# HF architectures our Llama-family model implements.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    tie_word_embeddings: bool
+    attention_bias: bool  # qkv bias (Qwen2)
+    torch_dtype: str  # as saved: float32 | float16 | bfloat16
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    quantization_config: dict[str, Any] | None = field(default=None, compare=False)
+
+    @property
+    def is_gptq(self) -> bool:
+        qc = self.quantization_config or {}
+        return qc.get("quant_method") == "gptq"
+
+    @property
+    def dtype_bytes(self) -> int:
+        return _DTYPE_BYTES.get(self.torch_dtype, 2)
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        d, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.attention_bias else 0)
+        mlp = 3 * d * i
+        per_layer = attn + mlp + 2 * d
+        embed = v * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + embed + d
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """K and V, every layer: 2 x layers x kv_heads x head_dim x bytes."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
+
+
+def read_config_json(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).exists():
+        raise ModelLoadError(f"model path {model_dir} does not exist")
+    if not Path(model_dir).is_dir():
+        raise ModelLoadError(f"model path {model_dir} is not a directory", hint="pass a Hugging Face model directory")
+    if not path.is_file():
+        raise ModelLoadError(f"{model_dir} has no config.json", hint="a model dir needs config.json and *.safetensors")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
+
+
+def arch_from_config(cfg: dict[str, Any], source: str = "config.json") -> ModelArch:
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{source}: unsupported architecture {arch!r}",
+            hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
+        )
+    try:
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return ModelArch(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            rope_scaling=cfg.get("rope_scaling") or _rope_scaling_from_parameters(cfg.get("rope_parameters")),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float16"),
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos_ids,
+            quantization_config=cfg.get("quantization_config"),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelLoadError(f"{source}: missing or invalid field {err}") from err
+
+
+def _rope_scaling_from_parameters(params: dict[str, Any] | None) -> dict[str, Any] | None:
+    """transformers 5 writes `rope_parameters`; only a non-default rope type is scaling."""
+    if not params or params.get("rope_type", "default") == "default":
+        return None
+    return {k: v for k, v in params.items() if k != "rope_theta"}
+
+
+def load_arch(model_dir: Path) -> ModelArch:
+    return arch_from_config(read_config_json(model_dir), source=str(Path(model_dir) / "config.json"))
