@@ -1,0 +1,282 @@
+"""Linear layers behind one interface, so a GPTQ linear replaces a dense one (vLLM-style).
+
+A layer owns the sharding rules (which slice of a checkpoint tensor lands where);
+a *linear method* owns the parameters and the matmul. The model only ever builds
+layers; the checkpoint format decides the method.
+
+Contract a quant method follows (`llmctl.quant.gptq_linear.GPTQLinearMethod` is one):
+
+- Subclass `LinearMethodBase`; `get_linear_method(quant_config)` constructs it as
+  `Method(quant_config)` with the dict from config.json `quantization_config` (or
+  quantize_config.json). One instance serves every linear layer of the model.
+- `create_weights(layer, input_size, output_sizes, bias, params_dtype)`: register the
+  layer's parameters with `layer.register_parameter(name, param)`. Sizes are *per
+  partition* (after tensor-parallel splitting): the layer computes
+  `x [..., input_size] -> y [..., sum(output_sizes)]`; `output_sizes` lists the fused
+  pieces (`[q, kv, kv]` for QKV, `[i, i]` for gate_up, `[n]` otherwise). Parameter
+  names are the checkpoint's suffixes (`weight`, `qweight`, `qzeros`, `scales`,
+  `g_idx`, `bias`) so the loader maps `...q_proj.qweight` to `qkv_proj.qweight`.
+- Tag each parameter with `set_weight_attrs(param, {...})`:
+    * `input_dim` / `output_dim`: the dim indexing K / N, or None when the tensor has
+      no such dim (a bias has no input_dim; `g_idx` [K] has no output_dim).
+    * `packed_dim` and `pack_factor` for packed tensors: e.g. `qweight` [K/8, N]
+      has input_dim=0, output_dim=1, packed_dim=0, pack_factor=8; `qzeros` [G, N/8]
+      has input_dim=0, output_dim=1, packed_dim=1, pack_factor=8.
+  The layer's `weight_loader` uses only these attributes: when fusing along N it
+  divides shard offsets by `pack_factor` if `packed_dim == output_dim`; a tensor
+  with no output_dim is copied whole and must be identical across the fused
+  shards (it is checked). Create parameters with `requires_grad=False`.
+- If `bias`, register `bias` [N] (see `create_bias`); `apply` adds it.
+- `apply(layer, x)`: x [..., K] in the model dtype -> y [..., N] in the model dtype.
+- `process_weights_after_loading(layer)`: called once after every tensor is loaded;
+  repack for the kernel here (e.g. v1 zeros -> v2, act-order permutation). It may
+  replace parameters or add buffers; `apply` must only use what it leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmctl.errors import ConfigError, ModelLoadError
+
+
+def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        if hasattr(param, key):
+            raise AttributeError(f"parameter already has attribute {key!r}")
+        setattr(param, key, value)
+
+
+def create_bias(layer: nn.Module, output_size: int, params_dtype: torch.dtype) -> None:
+    bias = nn.Parameter(torch.zeros(output_size, dtype=params_dtype), requires_grad=False)
+    set_weight_attrs(bias, {"output_dim": 0, "input_dim": None})
+    layer.register_parameter("bias", bias)
+
+
+class LinearMethodBase:
+    """How a linear layer stores its weights and multiplies. See the module docstring."""
+
+    def create_weights(
+        self, layer: nn.Module, input_size: int, output_sizes: list[int], bias: bool, params_dtype: torch.dtype
+    ) -> None:
+        raise NotImplementedError
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        return None
+
+
+class UnquantizedLinearMethod(LinearMethodBase):
+    """A dense weight [N, K] in the model dtype (the Hugging Face layout)."""
+
+    def create_weights(
+        self, layer: nn.Module, input_size: int, output_sizes: list[int], bias: bool, params_dtype: torch.dtype
+    ) -> None:
+        weight = nn.Parameter(torch.empty(sum(output_sizes), input_size, dtype=params_dtype), requires_grad=False)
+        set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0})
+        layer.register_parameter("weight", weight)
+        if bias:
+            create_bias(layer, sum(output_sizes), params_dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N]
+        return nn.functional.linear(x, layer.weight, getattr(layer, "bias", None))
+
+
+def get_linear_method(quant_config: dict[str, Any] | None) -> LinearMethodBase:
+    """The method for a checkpoint's quantization config (None: dense)."""
+    if not quant_config:
+        return UnquantizedLinearMethod()
+    method = str(quant_config.get("quant_method", "")).lower()
+    if method != "gptq":
+        raise ModelLoadError(
+            f"quantization method {method or '(none)'!r} is not supported",
+            hint="llmctl loads dense (fp32/fp16/bf16) and GPTQ checkpoints",
+        )
+    try:
+        from llmctl.quant.gptq_linear import GPTQLinearMethod
+    except ImportError as err:
+        raise ModelLoadError("GPTQ support not available", hint=f"llmctl.quant.gptq_linear: {err}") from err
+    return GPTQLinearMethod(quant_config)
+
+
+class LinearBase(nn.Module):
+    """x [..., input_size] -> y [..., output_size], weights made by a linear method."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        bias: bool,
+        linear_method: LinearMethodBase | None,
+        params_dtype: torch.dtype | None,
+        input_shards: int = 1,
+        output_shards: int = 1,
+        tp_rank: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, size, shards in [("input_size", input_size, input_shards)] + [
+            ("output_size", s, output_shards) for s in output_sizes
+        ]:
+            if size % shards:
+                raise ConfigError(f"{name}: {size} is not divisible by tensor_parallel_size {shards}")
+        self.input_size = input_size
+        self.output_size = sum(output_sizes)
+        self.tp_rank = tp_rank
+        self.tp_size = max(input_shards, output_shards)
+        self.input_size_per_partition = input_size // input_shards
+        self.output_sizes_per_partition = [s // output_shards for s in output_sizes]
+        self.linear_method = linear_method or UnquantizedLinearMethod()
+        self.linear_method.create_weights(
+            self,
+            self.input_size_per_partition,
+            self.output_sizes_per_partition,
+            bias,
+            params_dtype or torch.get_default_dtype(),
+        )
+        for param in self.parameters(recurse=False):
+            param.weight_loader = self.weight_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N]
+        return self.linear_method.apply(self, x)
+
+    def process_weights_after_loading(self) -> None:
+        self.linear_method.process_weights_after_loading(self)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None) -> None:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, out={self.output_size}, method={type(self.linear_method).__name__}"
+
+
+def _narrow_for_rank(loaded: torch.Tensor, dim: int | None, size: int, tp_size: int, rank: int) -> torch.Tensor:
+    """This rank's slice of a full checkpoint tensor along a sharded dim."""
+    if dim is None or tp_size == 1:
+        return loaded
+    if loaded.shape[dim] != size * tp_size:
+        raise ModelLoadError(f"dim {dim} of shape {tuple(loaded.shape)} is not {size} x tensor_parallel_size {tp_size}")
+    return loaded.narrow(dim, rank * size, size)
+
+
+def _copy_checked(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
+    if tuple(target.shape) != tuple(source.shape):
+        raise ModelLoadError(f"{what}: shape {tuple(source.shape)} does not match the expected {tuple(target.shape)}")
+    target.copy_(source)
+
+
+class ReplicatedLinear(LinearBase):
+    """Every rank holds the whole weight."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 linear_method: LinearMethodBase | None = None, params_dtype: torch.dtype | None = None) -> None:
+        super().__init__(input_size, [output_size], bias, linear_method, params_dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None) -> None:
+        _copy_checked(param.data, loaded_weight, "weight")
+
+
+class ColumnParallelLinear(LinearBase):
+    """Split along the output dim (N): rank r holds rows r*N/tp:(r+1)*N/tp of y."""
+
+    def __init__(self, input_size: int, output_sizes: list[int] | int, bias: bool = False,
+                 linear_method: LinearMethodBase | None = None, params_dtype: torch.dtype | None = None,
+                 tp_size: int = 1, tp_rank: int = 0) -> None:
+        sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
+        super().__init__(input_size, sizes, bias, linear_method, params_dtype, output_shards=tp_size, tp_rank=tp_rank)
+
+    def _shard_index(self, shard_id: int | str) -> int:
+        return int(shard_id)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None) -> None:
+        output_dim = getattr(param, "output_dim", None)
+        if output_dim is None:
+            self._load_unsharded(param, loaded_weight, shard_id)
+            return
+        target = param.data
+        if shard_id is not None:
+            idx = self._shard_index(shard_id)
+            sizes = self.output_sizes_per_partition
+            offset, size = sum(sizes[:idx]), sizes[idx]
+            if getattr(param, "packed_dim", None) == output_dim:
+                offset, size = offset // param.pack_factor, size // param.pack_factor
+            target = target.narrow(output_dim, offset, size)
+        loaded = _narrow_for_rank(loaded_weight, output_dim, target.shape[output_dim], self.tp_size, self.tp_rank)
+        _copy_checked(target, loaded, f"shard {shard_id!r}" if shard_id is not None else "weight")
+
+    def _load_unsharded(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None) -> None:
+        # e.g. g_idx [K]: one copy serves all fused shards, so they have to agree.
+        seen = getattr(param, "_loaded_shards", None)
+        if seen:
+            if tuple(param.data.shape) != tuple(loaded_weight.shape) or not torch.equal(param.data, loaded_weight.to(param.dtype)):
+                raise ModelLoadError(f"shard {shard_id!r} disagrees with shard {seen[0]!r} on an unsharded tensor")
+        else:
+            _copy_checked(param.data, loaded_weight, f"shard {shard_id!r}")
+            param._loaded_shards = []
+        param._loaded_shards.append(shard_id)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs fused along N (gate_up: shard ids 0 and 1)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
+                 linear_method: LinearMethodBase | None = None, params_dtype: torch.dtype | None = None,
+                 tp_size: int = 1, tp_rank: int = 0) -> None:
+        super().__init__(input_size, output_sizes, bias, linear_method, params_dtype, tp_size, tp_rank)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections fused along N; shard ids "q", "k", "v".
+
+    With tensor parallelism each rank holds num_heads/tp query heads and
+    num_kv_heads/tp KV heads (KV heads are not replicated yet: tp must divide them).
+    """
+
+    _SHARD_IDS = {"q": 0, "k": 1, "v": 2}
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
+                 linear_method: LinearMethodBase | None = None, params_dtype: torch.dtype | None = None,
+                 tp_size: int = 1, tp_rank: int = 0) -> None:
+        if num_heads % tp_size or num_kv_heads % tp_size:
+            raise ConfigError(f"tensor_parallel_size {tp_size} must divide heads ({num_heads}) and KV heads ({num_kv_heads})")
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp_size
+        self.num_kv_heads = num_kv_heads // tp_size
+        sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        super().__init__(hidden_size, sizes, bias, linear_method, params_dtype, tp_size, tp_rank)
+
+    def _shard_index(self, shard_id: int | str) -> int:
+        if shard_id not in self._SHARD_IDS:
+            raise ModelLoadError(f"QKV shard id must be 'q', 'k' or 'v', got {shard_id!r}")
+        return self._SHARD_IDS[shard_id]
+
+
+class RowParallelLinear(LinearBase):
+    """Split along the input dim (K): rank r multiplies its slice of x; partial sums are reduced."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 linear_method: LinearMethodBase | None = None, params_dtype: torch.dtype | None = None,
+                 tp_size: int = 1, tp_rank: int = 0) -> None:
+        if bias and tp_size > 1:
+            # The bias must be added once, after the reduction; not needed by any model we run.
+            raise ConfigError("RowParallelLinear: bias with tensor_parallel_size > 1 is not supported")
+        super().__init__(input_size, [output_size], bias, linear_method, params_dtype, input_shards=tp_size, tp_rank=tp_rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K/tp] -> [..., N]
+        y = self.linear_method.apply(self, x)
+        if self.tp_size > 1:
+            torch.distributed.all_reduce(y)
+        return y
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None) -> None:
+        input_dim = getattr(param, "input_dim", None)
+        size = param.data.shape[input_dim] if input_dim is not None else 0
+        loaded = _narrow_for_rank(loaded_weight, input_dim, size, self.tp_size, self.tp_rank)
+        _copy_checked(param.data, loaded, "weight")
