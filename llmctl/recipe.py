@@ -1,0 +1,168 @@
+"""Recipes: one YAML file carrying a model and its quantize, eval, serve and bench settings.
+
+`load_recipe(path)` returns a frozen `Recipe` of validated config dataclasses. An
+unknown key, a wrong type or an invalid value is a `ConfigError` naming the field
+(`quantize.group_size: ...`). The schema is documented in recipes/README.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmctl.config import (
+    BenchConfig,
+    CacheConfig,
+    EvalConfig,
+    ModelConfig,
+    ParallelConfig,
+    QuantConfig,
+    SchedulerConfig,
+    ServeConfig,
+)
+from llmctl.errors import ConfigError
+
+# YAML section -> config class. `model.arch` is handled separately.
+_SECTIONS: dict[str, type] = {
+    "quantize": QuantConfig,
+    "eval": EvalConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "parallel": ParallelConfig,
+    "serve": ServeConfig,
+    "bench": BenchConfig,
+}
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(value: str | int, name: str = "size") -> int:
+    """'80GiB' -> 85899345920; '1.5GB' -> 1500000000; ints pass through."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a size like 16GiB, got {value!r}")
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(str(value))
+    unit = (m.group(2) or "").lower() if m else None
+    if not m or unit not in _UNITS:
+        raise ConfigError(f"{name}: expected a size like 16GiB or 512MB, got {value!r}")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    path: Path | None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Inline architecture (config.json fields) so a recipe can be planned without weights.
+    arch_config: dict[str, Any] | None = None
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    @property
+    def arch(self):  # -> ModelArch | None
+        if self.arch_config is None:
+            return None
+        from llmctl.models.arch import arch_from_config
+
+        return arch_from_config(self.arch_config, source=f"{self.path or self.name}: model.arch")
+
+
+def _check_type(value: Any, hint: Any, name: str) -> Any:
+    """Light type check of a YAML value against a dataclass field annotation."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, name)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, section: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"{section}.{key}: unknown field", hint=f"known fields: {', '.join(sorted(names))}")
+        if key == "kv_cache_memory" and value is not None:
+            value = parse_size(value, f"{section}.{key}")
+        kwargs[key] = _check_type(value, hints[key], f"{section}.{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{section}.{err}", hint=err.hint) from None
+
+
+def recipe_from_dict(raw: Any, path: Path | None = None) -> Recipe:
+    where = str(path) if path else "recipe"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    known = {"name", "model", *_SECTIONS}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown section {key!r}", hint=f"known sections: {', '.join(sorted(known))}")
+    model_raw = dict(raw.get("model") or {})
+    arch_config = model_raw.pop("arch", None)
+    if arch_config is not None and not isinstance(arch_config, dict):
+        raise ConfigError(f"{where}: model.arch must be a mapping of config.json fields")
+    if "path" in model_raw:
+        model_raw["model"] = str(model_raw.pop("path"))
+    sections = {attr: _build(cls, raw.get(key), key) for key, cls in _SECTIONS.items()
+                for attr in [("quant" if key == "quantize" else key)]}
+    recipe = Recipe(
+        name=str(raw.get("name") or (path.stem if path else "recipe")),
+        path=path,
+        model=_build(ModelConfig, model_raw, "model"),
+        arch_config=arch_config,
+        **sections,
+    )
+    if arch_config is not None:
+        recipe.arch  # validate now, not on first use
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe {p} does not exist", hint="see recipes/ for examples")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {p} is not valid YAML: {err}") from err
+    return recipe_from_dict(raw, p)
