@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from llmctl.errors import InvalidRequestError
+
+
+# vLLM's default cap on logprobs and prompt_logprobs per position.
+MAX_LOGPROBS = 20
 
 
 def _require(cond: bool, name: str, why: str) -> None:
@@ -12,8 +17,25 @@ def _require(cond: bool, name: str, why: str) -> None:
         raise InvalidRequestError(f"{name}: {why}")
 
 
+def _require_int(value: object, name: str) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool), name,
+             f"must be an integer, got {type(value).__name__} {value!r}")
+
+
+def _require_finite(value: object, name: str) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    _require(ok, name, f"must be a finite number, got {value!r}")
+
+
 @dataclass
 class SamplingParams:
+    """One request's sampling and stopping, validated on construction (InvalidRequestError names the field).
+
+    temperature 0 is greedy. `ignore_eos` is the engine's business (EOS then neither stops the
+    sequence nor is masked by min_tokens); the sampler masks EOS and stop_token_ids while
+    fewer than min_tokens tokens were generated. logprobs are the model's raw log-softmax.
+    """
+
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -36,8 +58,19 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        _require(isinstance(self.stop, (list, tuple)) or self.stop is None, "stop",
+                 f"must be a string or a list of strings, got {type(self.stop).__name__}")
         self.stop = list(self.stop or [])
+        _require(isinstance(self.stop_token_ids, (list, tuple)) or self.stop_token_ids is None, "stop_token_ids",
+                 f"must be a list of token ids, got {type(self.stop_token_ids).__name__}")
         self.stop_token_ids = list(self.stop_token_ids or [])
+        for name in ("n", "top_k", "min_tokens"):
+            _require_int(getattr(self, name), name)
+        for name in ("max_tokens", "seed", "logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _require_int(getattr(self, name), name)
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            _require_finite(getattr(self, name), name)
         if self.top_k == 0:
             self.top_k = -1
         _require(self.n >= 1, "n", f"must be at least 1, got {self.n}")
@@ -48,14 +81,27 @@ class SamplingParams:
         _require(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
         _require(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
         _require(self.repetition_penalty > 0.0, "repetition_penalty", f"must be positive, got {self.repetition_penalty}")
+        _require(self.seed is None or 0 <= self.seed < 2**64, "seed", f"must be in [0, 2**64), got {self.seed}")
         _require(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
         _require(self.min_tokens >= 0, "min_tokens", f"must be non-negative, got {self.min_tokens}")
         _require(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                  f"must not exceed max_tokens ({self.max_tokens}), got {self.min_tokens}")
-        _require(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", f"must be in [0, 20], got {self.logprobs}")
-        _require(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
-                 f"must be in [0, 20], got {self.prompt_logprobs}")
+        _require(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
+                 f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        _require(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
+                 f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         _require(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        _require(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
+                 "stop_token_ids", f"must be non-negative integer token ids, got {self.stop_token_ids}")
+
+    def all_stop_token_ids(self, eos_token_id: int | None) -> list[int]:
+        """Tokens that end the sequence: EOS (unless ignore_eos), then stop_token_ids."""
+        ids = [] if self.ignore_eos or eos_token_id is None else [eos_token_id]
+        return ids + [t for t in self.stop_token_ids if t not in ids]
+
+    def sample_seed(self, index: int) -> int | None:
+        """Seed of sample `index` of n: seed + index (as vLLM does), so the n samples differ."""
+        return None if self.seed is None else (self.seed + index) % 2**64
 
     @property
     def greedy(self) -> bool:

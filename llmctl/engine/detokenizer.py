@@ -1,0 +1,159 @@
+"""Turning a sequence's tokens into text as they arrive, and deciding when it stops.
+
+Per sequence, the engine keeps one `IncrementalDetokenizer` and, after each sampled token::
+
+    finish_reason, stop_reason = check_token_stop(params, seq.output_token_ids, eos_token_id, limit)
+    stop_str = detok.update([token_id], stop_terminated=finish_reason == "stop")
+    if stop_str is not None:
+        finish_reason, stop_reason = "stop", stop_str
+    delta = detok.get_next_output_text(finished=finish_reason is not None, delta=True)
+
+`limit` is the number of new tokens the sequence may have: params.max_tokens, capped by what
+is left of max_model_len. A stop token (EOS or one of stop_token_ids) is not detokenized
+unless include_stop_str_in_output, as in vLLM.
+
+Text is decoded over a sliding window of token ids (vLLM's prefix_offset / read_offset):
+the text of ids[prefix:] minus the text of ids[prefix:read] is new, unless it ends in U+FFFD,
+which means a character's bytes are split across tokens and the rest is still to come.
+Decoding a window that starts one token back keeps SentencePiece's leading-space rule
+consistent, so the pieces add up to tokenizer.decode(all ids).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from llmctl.engine.sampling_params import SamplingParams
+
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class Tokenizer(Protocol):
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+def check_token_stop(
+    params: SamplingParams,
+    output_token_ids: Sequence[int],
+    eos_token_id: int | None,
+    max_new_tokens: int | None,
+) -> tuple[str | None, int | None]:
+    """(finish_reason, stop_reason) after the latest token: ("stop", None) for EOS,
+    ("stop", token_id) for a stop token id, ("length", None) at max_new_tokens, else (None, None).
+
+    EOS and stop tokens count only once min_tokens tokens exist; ignore_eos disables EOS.
+    """
+    num_tokens = len(output_token_ids)
+    if num_tokens == 0:
+        return None, None
+    last = output_token_ids[-1]
+    if num_tokens >= params.min_tokens:
+        if not params.ignore_eos and eos_token_id is not None and last == eos_token_id:
+            return "stop", None
+        if last in params.stop_token_ids:
+            return "stop", last
+    if max_new_tokens is not None and num_tokens >= max_new_tokens:
+        return "length", None
+    return None, None
+
+
+def find_stop_string(text: str, num_new_chars: int, stop: Sequence[str]) -> tuple[str, int] | None:
+    """The earliest stop string that ends inside the last num_new_chars characters of text,
+    and where it starts; None if none does. Older text was checked on earlier calls."""
+    best: tuple[str, int] | None = None
+    for stop_str in stop:
+        start = text.find(stop_str, max(0, len(text) - num_new_chars - len(stop_str) + 1))
+        if start != -1 and (best is None or start < best[1]):
+            best = (stop_str, start)
+    return best
+
+
+class IncrementalDetokenizer:
+    """One sequence's output text, built token by token; see the module docstring."""
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams) -> None:
+        self.tokenizer = tokenizer
+        self.params = params
+        self.token_ids: list[int] = []
+        self.output_text = ""
+        self.stop_reason: str | None = None  # the stop string that ended the text
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self._num_output_tokens = 0
+        self._last_output_offset = 0
+        self._flushed = False
+        # While streaming, a stop string's first len-1 characters may be the start of a match
+        # the next token completes; they are held back unless the stop string is shown anyway.
+        held = params.stop and not params.include_stop_str_in_output
+        self.stop_buffer_length = max(len(s) for s in params.stop) - 1 if held else 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop_reason is not None
+
+    def update(self, new_token_ids: Sequence[int], stop_terminated: bool = False) -> str | None:
+        """Add sampled tokens; return the stop string if the text now contains one.
+
+        stop_terminated: the last token is EOS or a stop token id (`check_token_stop` said so);
+        it counts but is not decoded unless include_stop_str_in_output.
+        """
+        if self.stopped:
+            return self.stop_reason
+        self._num_output_tokens += len(new_token_ids)
+        if stop_terminated and not self.params.include_stop_str_in_output:
+            new_token_ids = list(new_token_ids)[:-1]
+        text_before = len(self.output_text)
+        for token_id in new_token_ids:
+            self.token_ids.append(token_id)
+            self.output_text += self._decode_next()
+        if self._num_output_tokens < self.params.min_tokens or not self.params.stop:
+            return None
+        match = find_stop_string(self.output_text, len(self.output_text) - text_before, self.params.stop)
+        if match is not None:
+            stop_str, start = match
+            end = start + len(stop_str) if self.params.include_stop_str_in_output else start
+            self.output_text = self.output_text[:end]
+            self.stop_reason = stop_str
+        return self.stop_reason
+
+    def get_next_output_text(self, finished: bool, delta: bool) -> str:
+        """The text to show now: everything (delta=False) or what is new since the last call.
+
+        While running, the last stop_buffer_length characters are held back; finished=True
+        releases them and any bytes still waiting for the rest of their character.
+        """
+        if finished:
+            self.flush()
+        end = len(self.output_text) - (0 if finished else self.stop_buffer_length)
+        if not delta:
+            return self.output_text[: max(end, 0)]
+        if end <= self._last_output_offset:
+            return ""
+        text = self.output_text[self._last_output_offset : end]
+        self._last_output_offset = end
+        return text
+
+    def flush(self) -> None:
+        """At the end, emit what was held for completion (an unfinished character decodes as
+        U+FFFD, as tokenizer.decode shows it). Idempotent; a stop string already cut the text."""
+        if self._flushed or self.stopped:
+            return
+        self._flushed = True
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.token_ids[self.prefix_offset :])
+        self.output_text += full_text[len(prefix_text) :]
+        self.prefix_offset = self.read_offset = len(self.token_ids)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        if not token_ids:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=self.params.skip_special_tokens)
+
+    def _decode_next(self) -> str:
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        new_text = self._decode(self.token_ids[self.prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
+            return ""
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.token_ids)
+        return new_text[len(prefix_text) :]

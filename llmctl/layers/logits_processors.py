@@ -1,0 +1,116 @@
+"""Batched logits transforms of the sampler: penalties, min_tokens, min-p, top-k/top-p, sampling.
+
+Every function works on a whole batch at once with per-row parameter tensors; none
+loops over the vocabulary in Python. Semantics follow vLLM (and, for the repetition
+penalty, Hugging Face), so the same request behaves the same on either server.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def bin_token_ids(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Count each token per row.
+
+    token_ids: [B, L] int64, padded with `vocab_size` (a slot that is cut off after counting).
+    Returns [B, V] int32 counts.
+    """
+    counts = torch.zeros(token_ids.shape[0], vocab_size + 1, dtype=torch.int32, device=token_ids.device)
+    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids, dtype=torch.int32))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(
+    logits: torch.Tensor,  # [B, V] fp32, modified in place
+    prompt_token_ids: torch.Tensor,  # [B, Lp] int64, padded with V
+    output_token_ids: torch.Tensor,  # [B, Lo] int64, padded with V
+    repetition_penalties: torch.Tensor,  # [B] fp32, 1.0 = off
+    frequency_penalties: torch.Tensor,  # [B] fp32, 0.0 = off
+    presence_penalties: torch.Tensor,  # [B] fp32, 0.0 = off
+) -> torch.Tensor:
+    """Repetition penalty over prompt + output (HF/vLLM: divide positive logits, multiply
+    negative ones); frequency and presence penalties over output tokens only (OpenAI)."""
+    vocab_size = logits.shape[1]
+    output_counts = bin_token_ids(output_token_ids, vocab_size)
+    output_mask = output_counts > 0
+    seen = bin_token_ids(prompt_token_ids, vocab_size) > 0
+    seen |= output_mask
+    rep = torch.where(seen, repetition_penalties.unsqueeze(1), 1.0)
+    logits.copy_(torch.where(logits > 0, logits / rep, logits * rep))
+    logits -= frequency_penalties.unsqueeze(1) * output_counts
+    logits -= presence_penalties.unsqueeze(1) * output_mask
+    return logits
+
+
+def apply_token_mask(
+    logits: torch.Tensor,  # [B, V], modified in place
+    rows: torch.Tensor,  # [M] int64
+    cols: torch.Tensor,  # [M] int64
+) -> torch.Tensor:
+    """Forbid (row, token) pairs: min_tokens uses it to hold back EOS and stop tokens."""
+    logits[rows, cols] = float("-inf")
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the row's top probability.
+
+    logits: [B, V], modified in place; min_p: [B] (0.0 = off).
+    """
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return logits.masked_fill_(probs < threshold, float("-inf"))
+
+
+def apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's top_k[i] largest logits (ties at the boundary are kept).
+
+    logits: [B, V]; top_k: [B] int64 in [1, V] (V = off). Uses topk, not a full sort.
+    """
+    max_k = int(top_k.max())
+    kth_values = logits.topk(max_k, dim=-1).values.gather(1, (top_k - 1).unsqueeze(1))
+    return logits.masked_fill_(logits < kth_values, float("-inf"))
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor,  # [B, V]
+    top_k: torch.Tensor | None,  # [B] int64 in [1, V], V = off
+    top_p: torch.Tensor | None,  # [B] fp32 in (0, 1], 1.0 = off
+) -> torch.Tensor:
+    """Top-k, then top-p on what top-k left (the order vLLM and HF use).
+
+    Top-p keeps the smallest set of most likely tokens whose mass reaches p: in ascending
+    order, a token is dropped while the mass at or below it is <= 1 - p.
+    """
+    if top_p is None:
+        return logits if top_k is None else apply_top_k_only(logits, top_k)
+    logits_sort, logits_idx = logits.sort(dim=-1, descending=False)
+    if top_k is not None:
+        kth_values = logits_sort.gather(1, (logits_sort.shape[1] - top_k).unsqueeze(1))
+        logits_sort.masked_fill_(logits_sort < kth_values, float("-inf"))
+    probs_sum = torch.softmax(logits_sort, dim=-1).cumsum(dim=-1)
+    top_p_mask = probs_sum <= (1.0 - top_p).unsqueeze(1)
+    top_p_mask[:, -1] = False  # the most likely token always survives
+    logits_sort.masked_fill_(top_p_mask, float("-inf"))
+    return logits_sort.scatter(1, logits_idx, logits_sort)
+
+
+def random_sample(
+    probs: torch.Tensor,  # [B, V] fp32
+    generators: dict[int, torch.Generator],
+) -> torch.Tensor:
+    """Exponential race: argmax(p / q) with q ~ Exp(1) is a draw from p.
+
+    Row i with a generator draws its V exponentials from that generator only, so its
+    result depends on its own seed and history, never on its neighbours. The other rows
+    share one batched draw from the global generator. Returns [B] int64.
+    """
+    q = torch.empty_like(probs)
+    if len(generators) != probs.shape[0]:
+        q.exponential_()
+    for row, generator in generators.items():
+        q[row].exponential_(generator=generator)
+    # Exp(1) can return exactly 0; p / 0 would be inf (or nan for p = 0) and win the race.
+    q.clamp_min_(torch.finfo(q.dtype).tiny)
+    return probs.div_(q).argmax(dim=-1)

@@ -1,0 +1,259 @@
+"""The sampler: one batched call per engine step turns logits into next tokens and logprobs.
+
+How the model runner uses it, once per step, for the B sequences that sample::
+
+    requests = [(seq.sampling_params, seq.prompt_token_ids, seq.output_token_ids, seq.generator)
+                for seq in sampling_seqs]
+    metadata = SamplingMetadata.build(requests, vocab_size=V, eos_token_id=tokenizer.eos_token_id,
+                                      device=logits.device)
+    out = sampler(logits, metadata)            # logits: [B, V], one row per sequence
+    next_ids = out.sampled_token_ids.tolist()  # [B]
+    if out.logprobs is not None:               # some row asked for logprobs
+        per_row = out.logprobs.tolists(metadata.num_logprobs)  # list[Logprobs | None]
+        sampled_logprob = out.logprobs.logprobs[:, 0]        # for cumulative_logprob
+
+A sequence with `params.seed` owns a generator made once with `make_generator(seed, device)`
+and kept for its whole life (n > 1: sample i uses `params.sample_seed(i)`); its state advances
+only when that sequence samples, so its tokens do not depend on the rest of the batch.
+
+Order of operations (vLLM's): raw logprobs (log-softmax of the model's logits, what
+clients compare) -> penalties -> min_tokens mask -> greedy argmax for temperature-0 rows ->
+temperature -> min-p -> top-k -> top-p -> exponential-race sample.
+
+Stopping is not the sampler's job: the engine checks EOS (skipped when `ignore_eos`),
+`stop_token_ids` and `max_tokens` with `llmctl.engine.detokenizer.check_token_stop`, and stop
+strings with `IncrementalDetokenizer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from llmctl.engine.outputs import Logprobs
+from llmctl.engine.sampling_params import SamplingParams
+from llmctl.errors import InvalidRequestError
+from llmctl.layers import logits_processors as lp
+
+SamplingRequest = tuple[SamplingParams, Sequence[int], Sequence[int], "torch.Generator | None"]
+_GREEDY_EPS = 1e-5
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The per-sequence generator of a seeded request, on the device the logits live on."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+@dataclass(frozen=True)
+class PenaltyTensors:
+    prompt_token_ids: torch.Tensor  # [B, Lp] int64, padded with V
+    output_token_ids: torch.Tensor  # [B, Lo] int64, padded with V
+    repetition_penalties: torch.Tensor  # [B] fp32
+    frequency_penalties: torch.Tensor  # [B] fp32
+    presence_penalties: torch.Tensor  # [B] fp32
+
+
+@dataclass(frozen=True)
+class SamplingMetadata:
+    """Everything the sampler needs for one step, as tensors; built once per step."""
+
+    temperature: torch.Tensor  # [B] fp32, greedy rows hold 1.0 so the division is a no-op
+    is_greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    all_random: bool
+    top_p: torch.Tensor | None  # [B] fp32; None when no row uses it
+    top_k: torch.Tensor | None  # [B] int64 in [1, V]; None when no row uses it
+    min_p: torch.Tensor | None  # [B] fp32; None when no row uses it
+    penalties: PenaltyTensors | None
+    min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # ([M] rows, [M] token ids) to forbid
+    generators: dict[int, torch.Generator]  # row -> generator, seeded random rows only
+    num_logprobs: tuple[int | None, ...]  # per row, params.logprobs
+    max_num_logprobs: int | None  # None: no row wants logprobs
+
+    @classmethod
+    def build(
+        cls,
+        requests: Sequence[SamplingRequest],
+        vocab_size: int,
+        eos_token_id: int | None,
+        device: torch.device | str = "cpu",
+    ) -> "SamplingMetadata":
+        """requests: (params, prompt_token_ids, output_token_ids, generator) per row."""
+        params = [r[0] for r in requests]
+        greedy = [p.greedy for p in params]
+
+        def floats(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        top_k = [vocab_size if p.top_k < 1 else min(p.top_k, vocab_size) for p in params]
+        use_top_p = any(p.top_p < 1.0 and not g for p, g in zip(params, greedy))
+        use_top_k = any(k < vocab_size and not g for k, g in zip(top_k, greedy))
+        use_min_p = any(p.min_p > 0.0 and not g for p, g in zip(params, greedy))
+        generators: dict[int, torch.Generator] = {}
+        for row, (p, _, _, gen) in enumerate(requests):
+            if p.seed is not None and not p.greedy:
+                if gen is None:
+                    raise InvalidRequestError(f"seed: row {row} has seed {p.seed} but no generator; "
+                                              "create one per sequence with make_generator()")
+                generators[row] = gen
+        num_logprobs = tuple(p.logprobs for p in params)
+        wanted = [k for k in num_logprobs if k is not None]
+        return cls(
+            temperature=floats([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
+            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            all_greedy=all(greedy),
+            all_random=not any(greedy),
+            top_p=floats([p.top_p for p in params]) if use_top_p else None,
+            top_k=torch.tensor(top_k, dtype=torch.int64, device=device) if use_top_k else None,
+            min_p=floats([p.min_p for p in params]) if use_min_p else None,
+            penalties=_build_penalties(requests, vocab_size, device),
+            min_tokens_mask=_build_min_tokens_mask(requests, vocab_size, eos_token_id, device),
+            generators=generators,
+            num_logprobs=num_logprobs,
+            max_num_logprobs=max(wanted) if wanted else None,
+        )
+
+
+def _pad(rows: list[Sequence[int]], pad: int, device: torch.device | str) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows], dtype=torch.int64, device=device)
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _build_penalties(requests: Sequence[SamplingRequest], vocab_size: int, device) -> PenaltyTensors | None:
+    if not any(_has_penalty(r[0]) for r in requests):
+        return None
+    # Histories of rows without penalties are left out: their counts are never used.
+    prompts = [r[1] if r[0].repetition_penalty != 1.0 else () for r in requests]
+    outputs = [r[2] if _has_penalty(r[0]) else () for r in requests]
+    params = [r[0] for r in requests]
+    return PenaltyTensors(
+        prompt_token_ids=_pad(prompts, vocab_size, device),
+        output_token_ids=_pad(outputs, vocab_size, device),
+        repetition_penalties=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device),
+        frequency_penalties=torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=device),
+        presence_penalties=torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=device),
+    )
+
+
+def _build_min_tokens_mask(requests, vocab_size: int, eos_token_id: int | None, device):
+    rows: list[int] = []
+    cols: list[int] = []
+    for row, (p, _, output_ids, _) in enumerate(requests):
+        if len(output_ids) >= p.min_tokens:
+            continue
+        for token_id in p.all_stop_token_ids(eos_token_id):
+            if not 0 <= token_id < vocab_size:
+                raise InvalidRequestError(f"stop_token_ids: {token_id} is outside the vocabulary [0, {vocab_size})")
+            rows.append(row)
+            cols.append(token_id)
+    if not rows:
+        return None
+    return (torch.tensor(rows, dtype=torch.int64, device=device), torch.tensor(cols, dtype=torch.int64, device=device))
+
+
+@dataclass(frozen=True)
+class LogprobsTensors:
+    """Per row: column 0 is the sampled token, columns 1..K the top-K by raw logprob."""
+
+    token_ids: torch.Tensor  # [B, 1 + K] int64
+    logprobs: torch.Tensor  # [B, 1 + K] fp32
+
+    def tolists(self, num_logprobs: Sequence[int | None]) -> list[Logprobs | None]:
+        """One dict per row (sampled token first, then its top num_logprobs[i]); None if not asked."""
+        ids, lps = self.token_ids.tolist(), self.logprobs.tolist()
+        result: list[Logprobs | None] = []
+        for row_ids, row_lps, k in zip(ids, lps, num_logprobs):
+            result.append(None if k is None else _as_dict(row_ids[: 1 + k], row_lps[: 1 + k]))
+        return result
+
+
+def _as_dict(ids: list[int], lps: list[float]) -> Logprobs:
+    entry: Logprobs = {}
+    for token_id, logprob in zip(ids, lps):
+        entry.setdefault(token_id, logprob)
+    return entry
+
+
+def gather_logprobs(
+    logprobs: torch.Tensor,  # [B, V] log-softmax
+    token_ids: torch.Tensor,  # [B] int64, the token whose logprob comes first
+    num_logprobs: int,
+) -> LogprobsTensors:
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+    if num_logprobs == 0:
+        return LogprobsTensors(token_ids.unsqueeze(1), chosen)
+    top = logprobs.topk(num_logprobs, dim=-1)  # sorted, largest first
+    return LogprobsTensors(torch.cat([token_ids.unsqueeze(1), top.indices], 1), torch.cat([chosen, top.values], 1))
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [B] int64
+    logprobs: LogprobsTensors | None  # None when no row asked for logprobs
+
+
+class Sampler(nn.Module):
+    """logits [B, V] + SamplingMetadata -> SamplerOutput. Never modifies its input."""
+
+    def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+        logits = logits.to(torch.float32, copy=True)  # [B, V]
+        raw_logprobs = None if metadata.max_num_logprobs is None else torch.log_softmax(logits, dim=-1)
+        if metadata.penalties is not None:
+            pen = metadata.penalties
+            lp.apply_penalties(logits, pen.prompt_token_ids, pen.output_token_ids,
+                               pen.repetition_penalties, pen.frequency_penalties, pen.presence_penalties)
+        if metadata.min_tokens_mask is not None:
+            lp.apply_token_mask(logits, *metadata.min_tokens_mask)
+        sampled = self.sample(logits, metadata)
+        logprobs = None
+        if raw_logprobs is not None:
+            logprobs = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
+        return SamplerOutput(sampled, logprobs)
+
+    @staticmethod
+    def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """logits: [B, V] fp32 after penalties (modified in place). Returns [B] int64."""
+        greedy = None if metadata.all_random else logits.argmax(dim=-1)
+        if metadata.all_greedy:
+            return greedy
+        logits.div_(metadata.temperature.unsqueeze(1))
+        if metadata.min_p is not None:
+            lp.apply_min_p(logits, metadata.min_p)
+        logits = lp.apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
+        sampled = lp.random_sample(torch.softmax(logits, dim=-1), metadata.generators)
+        return sampled if greedy is None else torch.where(metadata.is_greedy, greedy, sampled)
+
+
+_PROMPT_LOGPROBS_ROWS = 512  # rows per log-softmax: [512, V] fp32 keeps peak memory bounded
+
+
+def compute_prompt_logprobs(
+    logits: torch.Tensor,  # [P, V]: row j is the model output at prompt position start + j
+    prompt_token_ids: Sequence[int],
+    num_logprobs: int,
+    start: int = 0,
+) -> list[Logprobs | None]:
+    """Prompt logprobs for the positions these rows predict, as `RequestOutput.prompt_logprobs` holds them.
+
+    Row j predicts prompt token start + j + 1; the row at the last prompt position predicts a
+    generated token and is ignored. The entry for position 0 is None (nothing predicts it),
+    so chunks computed at start = 0, c, 2c, ... concatenate to the whole prompt's list.
+    """
+    result: list[Logprobs | None] = [None] if start == 0 else []
+    num_rows = min(logits.shape[0], len(prompt_token_ids) - 1 - start)
+    for lo in range(0, max(num_rows, 0), _PROMPT_LOGPROBS_ROWS):
+        hi = min(lo + _PROMPT_LOGPROBS_ROWS, num_rows)
+        logprobs = torch.log_softmax(logits[lo:hi].float(), dim=-1)
+        targets = torch.tensor(prompt_token_ids[start + lo + 1 : start + hi + 1], dtype=torch.int64,
+                               device=logits.device)
+        result.extend(gather_logprobs(logprobs, targets, num_logprobs).tolists([num_logprobs] * (hi - lo)))
+    return result
