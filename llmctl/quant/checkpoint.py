@@ -1,0 +1,197 @@
+"""GPTQ checkpoint directories: `quantize_config.json`, config.json, sharded safetensors.
+
+`GPTQCheckpointConfig` is the quantization config as AutoGPTQ/GPTQModel write it
+(and as transformers/vLLM read it). `CheckpointWriter` streams tensors into shards
+inside a temp dir next to the destination and renames it into place at the end, so
+an interrupted run leaves no half checkpoint; the source model is only read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmctl import __version__
+from llmctl.errors import ModelLoadError, QuantizationError
+
+# Files of a HF model dir worth carrying over besides config.json and the weights.
+_COPY_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken", ".py")
+_NEVER_COPY = {"config.json", "quantize_config.json", "model.safetensors.index.json", "llmctl_eval.json"}
+DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
+
+
+@dataclass(frozen=True)
+class GPTQCheckpointConfig:
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    sym: bool = True
+    checkpoint_format: str = "gptq"
+    damp_percent: float = 0.01
+    true_sequential: bool = True
+    static_groups: bool = False
+    lm_head: bool = False
+    act_group_aware: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise ModelLoadError(f"quantization_config.bits must be 2, 3, 4 or 8, got {self.bits}")
+        if self.checkpoint_format not in ("gptq", "gptq_v2"):
+            raise ModelLoadError(
+                f"quantization_config.checkpoint_format {self.checkpoint_format!r} is not supported",
+                hint="llmctl reads GPTQ checkpoints in format gptq (v1) or gptq_v2",
+            )
+
+    @property
+    def zero_offset(self) -> int:
+        return 1 if self.checkpoint_format == "gptq" else 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTQCheckpointConfig":
+        fmt = d.get("checkpoint_format") or d.get("format") or "gptq"
+        meta = d.get("meta") or {}
+        return cls(
+            bits=int(d.get("bits", 4)), group_size=int(d.get("group_size", 128)),
+            desc_act=bool(d.get("desc_act", False)), sym=bool(d.get("sym", True)),
+            checkpoint_format=str(fmt).lower(), damp_percent=float(d.get("damp_percent") or 0.01),
+            true_sequential=bool(d.get("true_sequential", True)), static_groups=bool(d.get("static_groups", False)),
+            lm_head=bool(d.get("lm_head", False)),
+            act_group_aware=bool(d.get("act_group_aware", meta.get("act_group_aware", False))),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """What goes into quantize_config.json and config.json `quantization_config`."""
+        return {
+            "bits": self.bits, "group_size": self.group_size, "desc_act": self.desc_act, "sym": self.sym,
+            "lm_head": self.lm_head, "quant_method": "gptq", "checkpoint_format": self.checkpoint_format,
+            "pack_dtype": "int32", "damp_percent": self.damp_percent, "true_sequential": self.true_sequential,
+            "static_groups": self.static_groups,
+            "meta": {"quantizer": [f"llmctl:{__version__}"], "act_group_aware": self.act_group_aware,
+                     "damp_percent": self.damp_percent, "true_sequential": self.true_sequential,
+                     "static_groups": self.static_groups},
+        }
+
+
+def read_gptq_config(model_dir: str | Path) -> GPTQCheckpointConfig | None:
+    """The GPTQ config of a model dir (config.json first, then quantize_config.json), or None."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if config_path.is_file():
+        qc = json.loads(config_path.read_text()).get("quantization_config")
+        if qc and str(qc.get("quant_method", "gptq")).lower() == "gptq":
+            return GPTQCheckpointConfig.from_dict(qc)
+    legacy = model_dir / "quantize_config.json"
+    if legacy.is_file():
+        return GPTQCheckpointConfig.from_dict(json.loads(legacy.read_text()))
+    return None
+
+
+def _safetensors_save(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+class CheckpointWriter:
+    """Writes one checkpoint dir atomically. Use as a context manager.
+
+    Tensors added with `add` are flushed to `model-0000i.safetensors` shards whenever
+    the buffer passes `max_shard_bytes`; `commit` writes the index (or renames a single
+    shard to `model.safetensors`), the configs, copies the tokenizer files and renames
+    the temp dir onto `out_dir`. Leaving the block without `commit` deletes the temp dir.
+    """
+
+    def __init__(self, out_dir: str | Path, overwrite: bool = False,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+        self.out_dir = Path(out_dir).resolve()
+        check_output_dir(self.out_dir, overwrite)
+        self.overwrite = overwrite
+        self.max_shard_bytes = max_shard_bytes
+        self.tmp_dir: Path | None = None
+        self._buffer: dict = {}
+        self._buffer_bytes = 0
+        self._weight_map: dict[str, str] = {}
+        self._shards: list[str] = []
+        self.total_bytes = 0
+
+    def __enter__(self) -> "CheckpointWriter":
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tmp_dir is not None and self.tmp_dir.exists():
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def add(self, tensors: dict) -> None:
+        for name, t in tensors.items():
+            if name in self._weight_map or name in self._buffer:
+                raise QuantizationError(f"tensor {name} written twice")
+            self._buffer[name] = t.detach().contiguous().cpu()
+            self._buffer_bytes += t.numel() * t.element_size()
+        if self._buffer_bytes >= self.max_shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        name = f"model-{len(self._shards) + 1:05d}.safetensors"
+        _safetensors_save(self._buffer, self.tmp_dir / name)
+        self._weight_map.update({k: name for k in self._buffer})
+        self._shards.append(name)
+        self.total_bytes += self._buffer_bytes
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def commit(self, source_dir: str | Path, config: dict[str, Any], qconfig: GPTQCheckpointConfig,
+               extra_files: dict[str, Any] | None = None) -> Path:
+        """Finish the checkpoint and move it to `out_dir`; returns `out_dir`."""
+        self._flush()
+        tmp = self.tmp_dir
+        if len(self._shards) == 1:
+            (tmp / self._shards[0]).rename(tmp / "model.safetensors")
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(self._shards):05d}.safetensors" for i in range(len(self._shards))]
+            renamed = dict(zip(self._shards, names))
+            for old, new in renamed.items():
+                (tmp / old).rename(tmp / new)
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {k: renamed[v] for k, v in sorted(self._weight_map.items())}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        copy_tokenizer_files(Path(source_dir), tmp)
+        config = dict(config, quantization_config=qconfig.to_dict(), torch_dtype="float16")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "quantize_config.json").write_text(json.dumps(qconfig.to_dict(), indent=2))
+        for name, payload in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(payload, indent=2))
+        return self._move_into_place()
+
+    def _move_into_place(self) -> Path:
+        old = None
+        if self.out_dir.exists():
+            if not self.overwrite:
+                raise QuantizationError(f"output dir {self.out_dir} appeared while quantizing; not replacing it")
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
+            os.replace(self.out_dir, old / "x")
+        os.replace(self.tmp_dir, self.out_dir)
+        self.tmp_dir = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out_dir
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not overwrite:
+        raise QuantizationError(f"output dir {out_dir} already exists", hint="pass --overwrite to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QuantizationError(f"output path {out_dir} exists and is not a directory")
+
+
+def copy_tokenizer_files(source_dir: Path, dest_dir: Path) -> None:
+    for path in sorted(source_dir.iterdir()):
+        if path.is_file() and path.suffix in _COPY_SUFFIXES and path.name not in _NEVER_COPY:
+            shutil.copy2(path, dest_dir / path.name)

@@ -1,0 +1,85 @@
+"""The GPTQ linear method: parameters in the AutoGPTQ/GPTQModel layout, and the matmul.
+
+On CUDA (2/4/8 bits) `apply` runs the Triton W4A16 kernels on weights prepared once
+in `process_weights_after_loading`; elsewhere it dequantizes with the torch
+reference and multiplies, recomputing the dense weight every call so no fp32 copy
+of the model ever stays resident.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Any
+
+import torch
+from torch import nn
+
+from kernels.reference import dequantize_gptq
+from llmctl.errors import ModelLoadError
+from llmctl.layers.linear import LinearMethodBase, create_bias, set_weight_attrs
+from llmctl.quant.checkpoint import GPTQCheckpointConfig
+
+
+def _pack_factor(bits: int) -> int | Fraction:
+    # 3-bit packs 32 codes into 3 words; a Fraction keeps `offset // pack_factor` exact.
+    return Fraction(32, 3) if bits == 3 else 32 // bits
+
+
+class GPTQLinearMethod(LinearMethodBase):
+    """One instance serves every linear of a GPTQ checkpoint (see llmctl.layers.linear)."""
+
+    def __init__(self, quant_config: dict[str, Any] | GPTQCheckpointConfig) -> None:
+        if not isinstance(quant_config, GPTQCheckpointConfig):
+            quant_config = GPTQCheckpointConfig.from_dict(quant_config)
+        self.config = quant_config
+
+    def create_weights(
+        self, layer: nn.Module, input_size: int, output_sizes: list[int], bias: bool, params_dtype: torch.dtype
+    ) -> None:
+        bits, gs = self.config.bits, self.config.group_size
+        factor = _pack_factor(bits)
+        out_size = sum(output_sizes)
+        group_size = gs if gs > 0 else input_size
+        if input_size % group_size:
+            raise ModelLoadError(f"group_size {gs} does not divide in_features {input_size}")
+        if input_size % 32 and bits == 3 or input_size * bits % 32 or out_size * bits % 32:
+            raise ModelLoadError(f"a {out_size}x{input_size} linear cannot hold {bits}-bit packed weights")
+        num_groups = input_size // group_size
+
+        def param(shape: tuple[int, ...], dtype: torch.dtype, attrs: dict[str, Any], name: str) -> None:
+            p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+            set_weight_attrs(p, attrs)
+            layer.register_parameter(name, p)
+
+        param((input_size * bits // 32, out_size), torch.int32,
+              {"input_dim": 0, "output_dim": 1, "packed_dim": 0, "pack_factor": factor}, "qweight")
+        param((num_groups, out_size * bits // 32), torch.int32,
+              {"input_dim": 0, "output_dim": 1, "packed_dim": 1, "pack_factor": factor}, "qzeros")
+        param((num_groups, out_size), torch.float16, {"input_dim": 0, "output_dim": 1}, "scales")
+        param((input_size,), torch.int32, {"input_dim": 0, "output_dim": None}, "g_idx")
+        # Checkpoints written without act-order may omit g_idx; groups are then in order.
+        layer.g_idx.data.copy_(torch.arange(input_size, dtype=torch.int32) // group_size)
+        if bias:
+            create_bias(layer, out_size, params_dtype)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        layer.w4a16 = None
+        if layer.qweight.is_cuda and self.config.bits in (2, 4, 8):
+            from kernels.w4a16 import prepare_w4a16_weights
+
+            layer.w4a16 = prepare_w4a16_weights(
+                layer.qweight.data, layer.qzeros.data, layer.scales.data, layer.g_idx.data,
+                bits=self.config.bits, zero_offset=self.config.zero_offset,
+            )
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N]
+        bias = getattr(layer, "bias", None)
+        prepared = getattr(layer, "w4a16", None)
+        if prepared is not None and x.dtype in (torch.float16, torch.bfloat16):
+            from kernels.w4a16 import w4a16_matmul
+
+            return w4a16_matmul(x, prepared, bias.to(x.dtype) if bias is not None else None)
+        weight = dequantize_gptq(layer.qweight, layer.qzeros, layer.scales.to(torch.float32), layer.g_idx,
+                                 bits=self.config.bits, zero_offset=self.config.zero_offset)  # [K, N]
+        return torch.nn.functional.linear(x, weight.t().to(x.dtype), bias)
