@@ -94,3 +94,109 @@ def test_dequantize_and_matmul_reference(zero_offset: int) -> None:
     out = w4a16_matmul_reference(x, pack_qweight(q, 4), pack_qzeros(z, 4), s, g_idx, bias, 4, zero_offset)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), x.float() @ expect + bias.float(), rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+from kernels.w4a16 import prepare_w4a16_weights, w4a16_matmul  # noqa: E402
+
+GEMV_SMALL = dict(BLOCK_N=16, BLOCK_KW=4, num_warps=1, num_stages=1)
+GEMM_SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=1, num_stages=1)
+
+
+def _random_gptq(k: int, n: int, group: int, act_order: bool, gen: torch.Generator, bits: int = 4):
+    """Fresh random GPTQ tensors; group=-1 means one group over all of K."""
+    gs = k if group == -1 else group
+    num_groups = -(-k // gs)
+    q = torch.randint(0, 2**bits, (k, n), generator=gen, dtype=torch.int32)
+    z = torch.randint(0, 2**bits - 1, (num_groups, n), generator=gen, dtype=torch.int32)
+    s = (torch.rand(num_groups, n, generator=gen) * 0.02 + 0.002).half()
+    order = torch.randperm(k, generator=gen) if act_order else torch.arange(k)
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = (torch.arange(k) // gs).int()  # GPTQ's act-order: group by quantization order
+    return pack_qweight(q, bits), pack_qzeros(z, bits), s, g_idx
+
+
+def _check(m, k, n, group, act_order, path, config, *, bias=True, zero_offset=1, seed=0, dtype=torch.float16):
+    gen = torch.Generator().manual_seed(seed)
+    qweight, qzeros, scales, g_idx = _random_gptq(k, n, group, act_order, gen)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    ref = w4a16_matmul_reference(x.float(), qweight, qzeros, scales, g_idx, None if b is None else b.float(),
+                                 4, zero_offset)
+    weights = prepare_w4a16_weights(qweight, qzeros, scales, g_idx, 4, zero_offset)
+    assert (weights.perm is not None) == (act_order and group != -1)  # one group: nothing to permute
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    got = w4a16_matmul(x, weights, b, path=path, config=config, out=out)
+    assert got.shape == (m, n) and got.dtype == dtype
+    assert not torch.isnan(got).any(), "unwritten output elements"
+    rel = (got.float() - ref).norm() / ref.norm()
+    # bf16 output alone rounds away up to 2**-9 of each element; fp16 up to 2**-12.
+    tol = 1e-3 if dtype == torch.float16 else 4e-3
+    assert rel <= tol, f"relative error {rel:.2e} (seed {seed})"
+
+
+# (M, K, N, group, act_order, path, config): every path, every group size, K not a tile multiple.
+CASES = [
+    (1, 320, 72, 128, False, "gemv", dict(GEMV_SMALL, SPLIT_K=1)),
+    (1, 320, 72, 128, True, "gemv", dict(GEMV_SMALL, SPLIT_K=3)),
+    (3, 96, 24, 32, True, "gemv", dict(GEMV_SMALL, SPLIT_K=2)),
+    (1, 200, 8, -1, False, "gemv", dict(GEMV_SMALL, SPLIT_K=2)),
+    (17, 192, 24, 64, False, "gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=0)),
+    (17, 192, 24, 64, True, "gemm", dict(GEMM_SMALL, SPLIT_K=2, SWAP_AB=1)),
+    (3, 320, 72, 128, True, "gemm", dict(GEMM_SMALL, BLOCK_K=64, SPLIT_K=3, SWAP_AB=0)),
+    (1, 96, 8, 32, False, "gemm", dict(GEMM_SMALL, BLOCK_K=64, SPLIT_K=1, SWAP_AB=1)),  # groups inside a tile
+    (3, 200, 24, -1, True, "gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=0)),
+    (17, 320, 72, 128, True, "dequant", {}),
+    (3, 96, 24, 32, False, "dequant", {}),
+]
+
+
+@pytest.mark.parametrize("m,k,n,group,act_order,path,config", CASES)
+def test_w4a16_paths_match_reference(m, k, n, group, act_order, path, config) -> None:
+    _check(m, k, n, group, act_order, path, config, seed=hash((m, k, n, group, path)) % 1000)
+
+
+def test_irregular_groups_take_the_gather_path() -> None:
+    """A g_idx whose sorted runs differ in length keeps g_idx and gathers per k on every path."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    k, n = 96, 24
+    qweight, qzeros, scales, _ = _random_gptq(k, n, 32, False, gen)
+    g_idx = torch.randint(0, 3, (k,), generator=gen, dtype=torch.int32)
+    g_idx[:3] = torch.tensor([0, 1, 2], dtype=torch.int32)
+    weights = prepare_w4a16_weights(qweight, qzeros, scales, g_idx)
+    assert weights.g_idx is not None and weights.perm is None
+    x = torch.randn(3, k, generator=gen).half()
+    ref = w4a16_matmul_reference(x.float(), qweight, qzeros, scales, g_idx)
+    for path, config in (("gemv", dict(GEMV_SMALL, SPLIT_K=2)), ("gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=0)),
+                         ("dequant", {})):
+        out = torch.full((3, n), float("nan"), dtype=torch.float16)
+        got = w4a16_matmul(x, weights, path=path, config=config, out=out)
+        assert (got.float() - ref).norm() / ref.norm() <= 1e-3, path
+
+
+def test_v2_zeros_no_bias_and_default_dispatch() -> None:
+    seed = int(torch.randint(0, 10**6, ()))
+    _check(1, 128, 24, 64, True, None, None, bias=False, zero_offset=0, seed=seed)
+    _check(5, 128, 24, 64, False, None, None, bias=True, zero_offset=0, seed=seed + 1)
+
+
+def test_bf16_activations_gemv() -> None:
+    # bf16 is upcast right after loading, so the arithmetic is fp32 in the interpreter too.
+    _check(3, 128, 24, 32, True, "gemv", dict(GEMV_SMALL, SPLIT_K=2), seed=int(torch.randint(0, 10**6, ())),
+           dtype=torch.bfloat16)
+
+
+def test_launcher_rejects_bad_input() -> None:
+    gen = torch.Generator().manual_seed(0)
+    weights = prepare_w4a16_weights(*_random_gptq(64, 8, 32, False, gen))
+    with pytest.raises(ValueError, match="input features"):
+        w4a16_matmul(torch.randn(2, 32).half(), weights)
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        w4a16_matmul(torch.randn(2, 64), weights)
+    with pytest.raises(ValueError, match="bias"):
+        w4a16_matmul(torch.randn(2, 64).half(), weights, torch.zeros(9).half())
+    with pytest.raises(ValueError, match="qweight"):
+        prepare_w4a16_weights(weights.qweight.float(), weights.qzeros, weights.scales, None)
+    with pytest.raises(ValueError, match="g_idx"):
+        prepare_w4a16_weights(weights.qweight, weights.qzeros, weights.scales, torch.zeros(63, dtype=torch.int32))

@@ -1,0 +1,184 @@
+"""W4A16 matmul over GPTQ weights: load-time preparation, per-M dispatch, the public launcher.
+
+Public API (what `GPTQLinear` calls on CUDA):
+
+    weights = prepare_w4a16_weights(qweight, qzeros, scales, g_idx, bits=4, zero_offset=1)
+    out = w4a16_matmul(x, weights, bias=None)          # x: [..., K] fp16/bf16 -> [..., N]
+
+Layout after preparation (`W4A16Weights`): the checkpoint's own tensors, unchanged when g_idx is
+in order. With act-order, K is permuted once at load time, as vLLM does: rows of `qweight` are
+sorted by group so that every group is a contiguous run of `group_size` rows again, and `perm`
+(int32 [K]) records where each row came from; kernels read x[:, perm[k]] instead of x[:, k].
+
+    checkpoint  k:  0  1  2  3  4  5  ...      g_idx: 1 0 1 0 ...
+    prepared    k': 1  3  ...  0  2  ...       perm:  [1, 3, ..., 0, 2, ...]   groups: 0 0 ... 1 1 ...
+
+Only a g_idx whose sorted form is not runs of one size (never written by GPTQ) keeps `g_idx` and
+takes the slower per-k gather. Paths, chosen by M from kernels/configs/w4a16.json:
+`gemv` (split-K, no tensor cores), `gemm` (tensor cores, split-K at small M) and `dequant`
+(dequantize to fp16, then cuBLAS), with thresholds and tile sizes measured per GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernels.reference import pack_qweight, unpack_qweight
+
+PATHS = ("gemv", "gemm", "dequant")
+TRITON_BITS = (2, 4, 8)
+_CONFIG_FILE = Path(__file__).parent / "configs" / "w4a16.json"
+
+
+@dataclass(frozen=True)
+class W4A16Weights:
+    """GPTQ weights in the layout the kernels read (see the module docstring)."""
+
+    qweight: torch.Tensor  # int32 [K*bits/32, N], rows in group order
+    qzeros: torch.Tensor  # int32 [G, N*bits/32]
+    scales: torch.Tensor  # fp16/bf16 [G, N]
+    perm: torch.Tensor | None  # int32 [K]: source column of x for each prepared row
+    g_idx: torch.Tensor | None  # int32 [K]: only for irregular groups, else None
+    bits: int
+    group_size: int  # rows per group after preparation (K when the checkpoint has one group)
+    zero_offset: int  # 1 for checkpoint format gptq (v1), 0 for gptq_v2
+    in_features: int
+    out_features: int
+
+
+def _uniform_group_size(sorted_g_idx: torch.Tensor, num_groups: int, vals: int) -> int | None:
+    """The run length if sorted g_idx is arange(K) // size (last run may be short), else None."""
+    k = sorted_g_idx.numel()
+    size = int((sorted_g_idx == 0).sum())
+    if size == 0 or size % vals or -(-k // size) != num_groups:
+        return None
+    expect = torch.arange(k, device=sorted_g_idx.device) // size
+    return size if torch.equal(sorted_g_idx.to(torch.long), expect) else None
+
+
+def prepare_w4a16_weights(
+    qweight: torch.Tensor,  # int32 [K*bits/32, N]
+    qzeros: torch.Tensor,  # int32 [G, N*bits/32]
+    scales: torch.Tensor,  # fp16/bf16 [G, N]
+    g_idx: torch.Tensor | None,  # int [K]; None means groups in order (size K/G)
+    bits: int = 4,
+    zero_offset: int = 1,
+) -> W4A16Weights:
+    """Check a GPTQ linear's tensors and put them in kernel order (once, at load time)."""
+    if bits not in TRITON_BITS:
+        raise ValueError(f"bits={bits}: the Triton kernels support {TRITON_BITS}; use kernels.reference for others")
+    for name, t in (("qweight", qweight), ("qzeros", qzeros)):
+        if t.dtype != torch.int32 or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
+    if scales.dtype not in (torch.float16, torch.bfloat16) or scales.dim() != 2:
+        raise ValueError(f"scales must be 2-D fp16/bf16, got {scales.dtype} {tuple(scales.shape)}")
+    vals = 32 // bits
+    k, n = qweight.shape[0] * vals, qweight.shape[1]
+    num_groups = scales.shape[0]
+    if scales.shape[1] != n or qzeros.shape != (num_groups, n // vals) or n % vals:
+        raise ValueError(f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not fit qweight [{k // vals}, {n}]")
+    if g_idx is None:
+        g_idx = torch.arange(k, device=qweight.device) // -(-k // num_groups)
+    if g_idx.shape != (k,):
+        raise ValueError(f"g_idx must have shape [{k}], got {tuple(g_idx.shape)}")
+    if int(g_idx.min()) < 0 or int(g_idx.max()) >= num_groups:
+        raise ValueError(f"g_idx values must lie in [0, {num_groups})")
+    perm = None
+    sorted_g, order = torch.sort(g_idx.to(torch.long), stable=True)
+    group_size = _uniform_group_size(sorted_g, num_groups, vals)
+    kept_g_idx = None
+    if group_size is None:
+        kept_g_idx = g_idx.to(torch.int32).contiguous()
+        group_size = k
+    elif not torch.equal(order, torch.arange(k, device=order.device)):
+        perm = order.to(torch.int32).contiguous()
+        qweight = pack_qweight(unpack_qweight(qweight, bits)[order], bits)
+    return W4A16Weights(
+        qweight=qweight.contiguous(), qzeros=qzeros.contiguous(), scales=scales.contiguous(), perm=perm,
+        g_idx=kept_g_idx, bits=bits, group_size=group_size, zero_offset=zero_offset, in_features=k, out_features=n,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _load_tables() -> dict:
+    if not _CONFIG_FILE.exists():
+        return {}
+    return json.loads(_CONFIG_FILE.read_text())
+
+
+# Used where no tuned table names the GPU (and under the CPU interpreter).
+DEFAULT_TABLE = [
+    {"max_m": 1, "path": "gemv", "config": dict(BLOCK_N=128, BLOCK_KW=16, SPLIT_K=8, num_warps=4, num_stages=2)},
+    {"max_m": 64, "path": "gemm", "config": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SWAP_AB=0, GROUP_M=8, num_warps=4, num_stages=3)},
+    {"max_m": 1024, "path": "gemm", "config": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, SWAP_AB=0, GROUP_M=8, num_warps=8, num_stages=3)},
+    {"max_m": None, "path": "dequant", "config": {}},
+]
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def select_path(m: int, n: int, k: int, device: torch.device) -> tuple[str, dict]:
+    """(path, config) for an [m, k] x [k, n] product: the tuned table for this GPU and shape."""
+    per_device = _load_tables().get("devices", {}).get(device_name(device), {})
+    table = per_device.get(f"{n}x{k}") or per_device.get("default") or DEFAULT_TABLE
+    for row in table:
+        if row["max_m"] is None or m <= row["max_m"]:
+            return row["path"], dict(row["config"])
+    return table[-1]["path"], dict(table[-1]["config"])
+
+
+def w4a16_matmul(
+    x: torch.Tensor,  # [..., K] fp16/bf16
+    weights: W4A16Weights,
+    bias: torch.Tensor | None = None,  # [N]
+    *,
+    path: str | None = None,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,  # [M, N]; for tests (poisoned outputs) and the tuner
+) -> torch.Tensor:
+    """x @ dequant(W) (+ bias) -> [..., N] in x's dtype, fp32 accumulation."""
+    from kernels.w4a16_dequant import w4a16_dequant_matmul
+    from kernels.w4a16_gemm import w4a16_gemm
+    from kernels.w4a16_gemv import w4a16_gemv
+
+    k, n = weights.in_features, weights.out_features
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be fp16 or bf16, got {x.dtype}")
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} input features, the weights {k}")
+    if x.device != weights.qweight.device:
+        raise ValueError(f"x is on {x.device}, the weights on {weights.qweight.device}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous [{n}] tensor, got {tuple(bias.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if out is None:
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    elif out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{m}, {n}] {x.dtype} tensor")
+    if m == 0:
+        return out.reshape(*lead, n)
+    if path is None:
+        path, picked = select_path(m, n, k, x.device)
+        config = config or picked
+    elif config is None:
+        config = next((dict(row["config"]) for row in DEFAULT_TABLE if row["path"] == path), {})
+    if path == "gemv":
+        w4a16_gemv(x2, weights, bias, out, config)
+    elif path == "gemm":
+        w4a16_gemm(x2, weights, bias, out, config)
+    elif path == "dequant":
+        w4a16_dequant_matmul(x2, weights, bias, out)
+    else:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    return out.reshape(*lead, n)

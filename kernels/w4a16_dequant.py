@@ -1,0 +1,73 @@
+"""Dequantize GPTQ weights to a dense [K, N] matrix on the GPU, for the cuBLAS path at large M.
+
+When M is large the matmul is compute-bound and cuBLAS beats a fused Triton GEMM by more than
+the cost of writing the fp16 weight once. Rows come out in checkpoint order (act-order undone),
+so the product needs no gather of x.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.w4a16_gemm import _dequant_tile
+
+DEQUANT_CONFIG = dict(BLOCK_K=64, BLOCK_N=128, num_warps=4)
+
+
+@triton.jit
+def _w4a16_dequant_kernel(
+    # pointers
+    qweight_ptr, scales_ptr, qzeros_ptr, perm_ptr, g_idx_ptr, out_ptr,
+    # sizes
+    N, K,
+    # meta
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    n_mask = offs_n < N
+    w = _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, ks, k0, k_mask, offs_n, n_mask, N,
+                      BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K)
+    if HAS_PERM:
+        rows = tl.load(perm_ptr + ks, mask=k_mask, other=0)
+    else:
+        rows = ks
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
+
+
+def w4a16_dequantize(w, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense weight [K, N] in `dtype`, rows in checkpoint order."""
+    k, n = w.in_features, w.out_features
+    if out is None:
+        out = torch.empty(k, n, device=w.qweight.device, dtype=dtype)
+    cfg = DEQUANT_CONFIG
+    grid = (triton.cdiv(k, cfg["BLOCK_K"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    dummy = w.qweight
+    _w4a16_dequant_kernel[grid](
+        w.qweight, w.scales, w.qzeros,
+        w.perm if w.perm is not None else dummy, w.g_idx if w.g_idx is not None else dummy, out,
+        n, k,
+        BITS=w.bits, GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset,
+        HAS_PERM=w.perm is not None, HAS_G_IDX=w.g_idx is not None,
+        BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def w4a16_dequant_matmul(
+    x: torch.Tensor,  # [M, K] fp16/bf16
+    w,  # W4A16Weights
+    bias: torch.Tensor | None,  # [N] or None
+    out: torch.Tensor,  # [M, N] x.dtype
+) -> torch.Tensor:
+    """Dequantize once, then let cuBLAS do the product."""
+    dense = w4a16_dequantize(w, x.dtype)
+    if bias is not None:
+        return torch.addmm(bias.to(x.dtype), x, dense, out=out)
+    return torch.mm(x, dense, out=out)

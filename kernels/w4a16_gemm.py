@@ -1,0 +1,153 @@
+"""Tiled W4A16 GEMM on tensor cores, with optional split-K for the mid-size M of batched decode.
+
+Each program dequantizes a [BLOCK_K, BLOCK_N] weight tile in registers and feeds it to `tl.dot`
+with a [BLOCK_M, BLOCK_K] activation tile. With SWAP_AB the product is computed transposed
+(W^T x^T), so the dequantized tile is the left operand: Hopper's wgmma reads its left operand
+from registers, and a small M becomes the cheap N side of the instruction.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+GEMM_CONFIGS = [
+    dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SWAP_AB=swap, GROUP_M=8, num_warps=nw, num_stages=st)
+    for bm, bn, bk, nw, st, sk, swap in (
+        # batched decode: small M, split-K to fill the SMs
+        (16, 64, 128, 4, 3, 4, 0), (16, 128, 128, 4, 3, 2, 0), (16, 64, 128, 4, 3, 8, 0),
+        (16, 128, 64, 4, 4, 4, 1), (32, 128, 128, 4, 3, 4, 1), (32, 64, 128, 4, 3, 2, 0),
+        (64, 128, 64, 4, 4, 2, 1), (64, 64, 128, 4, 3, 1, 0), (64, 128, 128, 8, 3, 1, 0),
+        # prefill: large tiles
+        (128, 128, 64, 8, 3, 1, 0), (128, 256, 64, 8, 3, 1, 0), (128, 128, 128, 8, 3, 1, 0),
+        (256, 128, 64, 8, 3, 1, 0), (64, 256, 64, 8, 4, 1, 1), (128, 128, 64, 4, 4, 1, 0),
+    )
+]
+
+
+@triton.jit
+def _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, ks, k0, k_mask, offs_n, n_mask, N,
+                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+                  HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fp32 weight tile W[ks, offs_n]: [BLOCK_K, BLOCK_N]."""
+    VALS: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    MAGIC: tl.constexpr = 8388608.0
+    tile_mask = k_mask[:, None] & n_mask[None, :]
+    # Each word is loaded VALS times; the repeats hit L1 and keep the tile in one layout.
+    w = tl.load(qweight_ptr + (ks // VALS)[:, None] * N + offs_n[None, :], mask=tile_mask, other=0)
+    q = (((w >> ((ks % VALS) * BITS)[:, None]) & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+    zero_shift = (offs_n % VALS) * BITS
+    if HAS_G_IDX:
+        g = tl.load(g_idx_ptr + ks, mask=k_mask, other=0)[:, None]
+        s_mask = tile_mask
+    elif GROUP_SIZE % BLOCK_K == 0:
+        # The whole tile lies in one group (k0 is a multiple of BLOCK_K): one row of scales.
+        g = tl.zeros([1, 1], dtype=tl.int32) + k0 // GROUP_SIZE
+        s_mask = n_mask[None, :]
+    else:
+        g = (ks // GROUP_SIZE)[:, None]
+        s_mask = tile_mask
+    s = tl.load(scales_ptr + g * N + offs_n[None, :], mask=s_mask, other=0.0).to(tl.float32)
+    zw = tl.load(qzeros_ptr + g * (N // VALS) + (offs_n // VALS)[None, :], mask=s_mask, other=0)
+    zm = ((zw >> zero_shift[None, :]) & MASK).to(tl.float32) + (ZERO_OFFSET + MAGIC)
+    return (q - zm) * s
+
+
+@triton.jit
+def _w4a16_gemm_kernel(
+    # pointers
+    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, perm_ptr, g_idx_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, K, k_per_split,
+    # strides
+    stride_xm, stride_om,
+    # meta
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # Grouped ordering: programs that run together share weight tiles in L2.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_id = pid // (GROUP_M * num_pid_n)
+    first_m = group_id * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_rows)
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < k_end
+        if HAS_PERM:
+            xk = tl.load(perm_ptr + ks, mask=k_mask, other=0)
+        else:
+            xk = ks
+        a = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, ks, k0, k_mask, offs_n, n_mask, N,
+                          BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K).to(a.dtype)
+        if SWAP_AB:
+            acc = tl.dot(tl.trans(b), tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, b, acc)
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask, sem="relaxed")
+
+
+def w4a16_gemm(
+    x: torch.Tensor,  # [M, K] fp16/bf16, unit stride along K
+    w,  # W4A16Weights
+    bias: torch.Tensor | None,  # [N] or None
+    out: torch.Tensor,  # [M, N] x.dtype; written, never read
+    config: dict,
+) -> torch.Tensor:
+    """Launch the tiled GEMM (split-K when config["SPLIT_K"] > 1)."""
+    m, k = x.shape
+    n = w.out_features
+    block_k = config["BLOCK_K"]
+    split_k = config["SPLIT_K"]
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    target = out
+    if split_k > 1:
+        target = out.zero_() if out.dtype == torch.float16 else torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), split_k)
+    dummy = w.qweight
+    _w4a16_gemm_kernel[grid](
+        x, w.qweight, w.scales, w.qzeros,
+        w.perm if w.perm is not None else dummy, w.g_idx if w.g_idx is not None else dummy,
+        bias if bias is not None else dummy, target,
+        m, n, k, k_per_split,
+        x.stride(0), target.stride(0),
+        BITS=w.bits, GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset,
+        HAS_PERM=w.perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
+        SPLIT_K=split_k, SWAP_AB=bool(config.get("SWAP_AB", 0)), BLOCK_M=config["BLOCK_M"],
+        BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 8),
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    if target is not out:
+        out.copy_(target)
+    return out

@@ -1,0 +1,129 @@
+"""Split-K GEMV for W4A16 at small M: one activation row per program, no tensor cores.
+
+Decode is memory-bound, so the kernel's only job is to keep enough packed-weight loads in flight:
+the grid is (N / BLOCK_N) x SPLIT_K x M and each program streams a [BLOCK_KW, BLOCK_N] tile of
+int32 words per step. The dequantized weight never leaves registers; partial sums of the SPLIT_K
+programs meet in the output through atomic adds (the output is zeroed first).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# The configurations the tuner sweeps (kernels/configs/*.json records the winners per GPU).
+GEMV_CONFIGS = [
+    dict(BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=nw, num_stages=st)
+    for bn, bkw, nw in ((64, 16, 4), (128, 16, 4), (128, 32, 4), (256, 16, 8), (64, 32, 4))
+    for sk in (1, 4, 8, 16)
+    for st in (1, 2)
+]
+
+
+@triton.jit
+def _magic_to_float(q):
+    # Exact int -> fp32 without the quarter-rate I2F: OR the code into the mantissa of 2**23.
+    # The caller subtracts 2**23 (folded into the zero point).
+    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    # pointers
+    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, perm_ptr, g_idx_ptr, bias_ptr, out_ptr,
+    # sizes
+    N, K, rows_per_split,
+    # strides
+    stride_xm, stride_om,
+    # meta
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+):
+    VALS: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    MAGIC: tl.constexpr = 8388608.0
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_KW)
+    row_start = pid_k * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, K // VALS)
+    zero_shift = (offs_n % VALS) * BITS
+    x_row = x_ptr + pid_m * stride_xm
+    acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_KW):
+        rows = r0 + offs_r
+        r_mask = rows < row_end
+        tile_mask = r_mask[:, None] & n_mask[None, :]
+        w = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :], mask=tile_mask, other=0)
+        if not HAS_G_IDX:
+            # Every word of a row lies in one group (GROUP_SIZE % VALS == 0): one scale per word.
+            g = (rows * VALS) // GROUP_SIZE
+            s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+            zw = tl.load(qzeros_ptr + g[:, None] * (N // VALS) + (offs_n // VALS)[None, :], mask=tile_mask, other=0)
+            zm = ((zw >> zero_shift[None, :]) & MASK).to(tl.float32) + (ZERO_OFFSET + MAGIC)
+        for j in tl.static_range(VALS):
+            k = rows * VALS + j
+            if HAS_PERM:
+                xk = tl.load(perm_ptr + k, mask=r_mask, other=0)
+            else:
+                xk = k
+            xv = tl.load(x_row + xk, mask=r_mask, other=0.0).to(tl.float32)
+            if HAS_G_IDX:
+                g = tl.load(g_idx_ptr + k, mask=r_mask, other=0)
+                s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+                zw = tl.load(qzeros_ptr + g[:, None] * (N // VALS) + (offs_n // VALS)[None, :], mask=tile_mask, other=0)
+                zm = ((zw >> zero_shift[None, :]) & MASK).to(tl.float32) + (ZERO_OFFSET + MAGIC)
+            q = _magic_to_float((w >> (j * BITS)) & MASK)
+            acc += xv[:, None] * ((q - zm) * s)
+    out = tl.sum(acc, axis=0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        out += tl.where(pid_k == 0, bias, 0.0)
+    out_ptrs = out_ptr + pid_m * stride_om + offs_n
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.atomic_add(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=n_mask, sem="relaxed")
+
+
+def w4a16_gemv(
+    x: torch.Tensor,  # [M, K] fp16/bf16, unit stride along K
+    w,  # W4A16Weights
+    bias: torch.Tensor | None,  # [N] or None
+    out: torch.Tensor,  # [M, N] x.dtype; written, never read (zeroed here when SPLIT_K > 1)
+    config: dict,
+) -> torch.Tensor:
+    """Launch the GEMV kernel; fp16 partials meet in `out`, bf16 ones in an fp32 buffer."""
+    m, k = x.shape
+    n = w.out_features
+    vals = 32 // w.bits
+    split_k = config["SPLIT_K"]
+    block_kw = config["BLOCK_KW"]
+    k_rows = k // vals
+    rows_per_split = triton.cdiv(triton.cdiv(k_rows, split_k), block_kw) * block_kw
+    split_k = triton.cdiv(k_rows, rows_per_split)
+    target = out
+    if split_k > 1:
+        # bf16 atomics round every partial to 8 bits of mantissa: sum bf16 in fp32 instead.
+        target = out.zero_() if out.dtype == torch.float16 else torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, config["BLOCK_N"]), split_k, m)
+    dummy = w.qweight
+    _w4a16_gemv_kernel[grid](
+        x, w.qweight, w.scales, w.qzeros,
+        w.perm if w.perm is not None else dummy, w.g_idx if w.g_idx is not None else dummy,
+        bias if bias is not None else dummy, target,
+        n, k, rows_per_split,
+        x.stride(0), target.stride(0),
+        BITS=w.bits, GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset,
+        HAS_PERM=w.perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
+        SPLIT_K=split_k, BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    if target is not out:
+        out.copy_(target)
+    return out
