@@ -16,6 +16,7 @@ attends causally to every position up to its own, all read through the block tab
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -131,3 +132,117 @@ def paged_attention_reference(
         if end - start > 1:
             out[start:end] = _prefill_one_reference(q[start:end], k_cache, v_cache, block_tables[b], seq_len, scale)
     return out
+
+
+def paged_attention_triton(
+    q: torch.Tensor,  # [T, H, Dh]
+    k: torch.Tensor,  # [T, Hkv, Dh]
+    v: torch.Tensor,  # [T, Hkv, Dh]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, Dh]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, Dh]
+    slot_mapping: torch.Tensor,  # [T] int64
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    query_start_loc: torch.Tensor,  # [B + 1] int32
+    seq_lens: torch.Tensor,  # [B] int32, context length after this step
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Same contract as `paged_attention_reference`, in Triton; no host synchronization."""
+    from kernels.cache_write import reshape_and_cache
+    from kernels.decode_attention import paged_decode_attention
+    from kernels.prefill_attention import paged_prefill_attention
+
+    reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
+    if max_query_len == 1:
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale)
+    return paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale)
+
+
+def random_paged_batch(
+    context_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
+    block_size: int, dtype: torch.dtype, device: str | torch.device = "cpu", seed: int = 0,
+) -> dict:
+    """Keyword arguments for `paged_attention_*`: shuffled block ids, random cache contents
+    (sequence b had context_lens[b] tokens cached) and query_lens[b] new tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [c + n for c, n in zip(context_lens, query_lens)]
+    per_seq = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(per_seq) + 2
+    ids = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, slots = [], []
+    for seq_len, context_len, n in zip(seq_lens, context_lens, per_seq):
+        blocks, ids = ids[:n], ids[n:]
+        tables.append(blocks + [0] * (max(per_seq) - n))
+        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(context_len, seq_len)]
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    def ints(values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    num_tokens = sum(query_lens)
+    return dict(
+        q=rand(num_tokens, num_heads, head_dim), k=rand(num_tokens, num_kv_heads, head_dim),
+        v=rand(num_tokens, num_kv_heads, head_dim),
+        k_cache=rand(num_blocks, block_size, num_kv_heads, head_dim),
+        v_cache=rand(num_blocks, block_size, num_kv_heads, head_dim),
+        slot_mapping=ints(slots, torch.int64), block_tables=ints(tables, torch.int32),
+        query_start_loc=ints([0, *itertools.accumulate(query_lens)], torch.int32),
+        seq_lens=ints(seq_lens, torch.int32), max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+        scale=head_dim**-0.5,
+    )
+
+
+def compare_with_reference(batch: dict) -> tuple[float, bool]:
+    """Run both paths on copies of one batch -> (max |triton - torch|, caches equal)."""
+    ref_batch = dict(batch, k_cache=batch["k_cache"].clone(), v_cache=batch["v_cache"].clone())
+    tri_batch = dict(batch, k_cache=batch["k_cache"].clone(), v_cache=batch["v_cache"].clone())
+    expected = paged_attention_reference(**ref_batch).float()
+    actual = paged_attention_triton(**tri_batch).float()
+    same_cache = torch.equal(ref_batch["k_cache"], tri_batch["k_cache"]) and torch.equal(
+        ref_batch["v_cache"], tri_batch["v_cache"]
+    )
+    return (actual - expected).abs().max().item(), same_cache
+
+
+SELFCHECK_CASES = {
+    "prefill": ([0, 0, 0, 0], [1, 77, 300, 1024]),
+    "prefix hit / chunk": ([64, 512, 17], [100, 33, 250]),
+    "decode": ([5, 900, 3000, 0, 63] * 7, [1] * 35),
+    "mixed": ([40, 700, 0, 2047, 16], [1, 1, 129, 1, 64]),
+}
+
+
+def selfcheck(device: str = "cuda") -> bool:
+    """Triton vs the torch path on `device`, then decode timings at Llama-3-8B shapes."""
+    import triton.testing
+
+    ok = True
+    print(f"device: {torch.cuda.get_device_name(device) if device != 'cpu' else 'cpu'}")
+    for (heads, kv_heads, head_dim), dtype, (name, (contexts, queries)) in itertools.product(
+        [(32, 8, 128), (9, 3, 64)], [torch.float16, torch.bfloat16], SELFCHECK_CASES.items()
+    ):
+        batch = random_paged_batch(contexts, queries, heads, kv_heads, head_dim, 16, dtype, device)
+        err, same_cache = compare_with_reference(batch)
+        good = same_cache and err < (2e-2 if dtype == torch.float16 else 6e-2)
+        ok &= good
+        print(f"{'ok ' if good else 'BAD'} H={heads} Hkv={kv_heads} Dh={head_dim} {str(dtype):14} {name:18} "
+              f"max|err|={err:.2e} cache_equal={same_cache}")
+    if device == "cpu":
+        return ok
+    print("decode, H=32 Hkv=8 Dh=128 fp16, block 16, seq_len 1024: time per layer call")
+    for num_seqs in (1, 32, 128):
+        batch = random_paged_batch([1023] * num_seqs, [1] * num_seqs, 32, 8, 128, 16, torch.float16, device)
+        kv_bytes = 2 * num_seqs * 1024 * 8 * 128 * 2
+        for label, fn in (("triton", paged_attention_triton), ("torch", paged_attention_reference)):
+            ms = triton.testing.do_bench(lambda: fn(**batch), warmup=25, rep=100)
+            print(f"  B={num_seqs:4d} {label:7s} {ms * 1e3:9.1f} us  {kv_bytes / ms / 1e6:8.1f} GB/s of KV read")
+    return ok
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(0 if selfcheck("cuda" if torch.cuda.is_available() else "cpu") else 1)

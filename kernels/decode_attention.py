@@ -1,0 +1,186 @@
+"""Triton decode attention over block tables (one new token per sequence), GQA-aware and
+split-K (flash-decoding): program (seq, kv head, split) runs an fp32 online softmax for
+all query heads of its group over one slice of the context, read through the block
+table; a second kernel merges the slices by their log-sum-exp."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# A slice shorter than this costs more to merge than it saves in parallelism.
+MIN_TOKENS_PER_SPLIT = 256
+MAX_SPLITS = 32
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def decode_config(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> dict:
+    """Block sizes and the number of context slices: enough programs to fill the GPU."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        block_n, num_warps = 64, 4
+    else:
+        target, block_n, num_warps = 1, 16, 4
+    by_occupancy = triton.cdiv(target, num_seqs * num_kv_heads)
+    by_length = triton.cdiv(max_seq_len, MIN_TOKENS_PER_SPLIT)
+    return {"num_splits": max(1, min(by_occupancy, by_length, MAX_SPLITS)), "BLOCK_N": block_n, "num_warps": num_warps}
+
+
+@triton.jit
+def _paged_decode_kernel(
+    # pointers
+    out_ptr, part_out_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    # sizes
+    qk_scale, head_dim, tokens_per_split,
+    # strides
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch, stride_bt,
+    stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+    # meta
+    QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start = split * tokens_per_split
+    end = tl.minimum(seq_len, start + tokens_per_split)
+
+    groups = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, BLOCK_D)
+    heads = kv_head * QUERIES_PER_KV + groups
+    head_mask = groups < QUERIES_PER_KV
+    dim_mask = dims < head_dim
+    q_offs = seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + dims[None, :]
+    q = tl.load(q_ptr + q_offs, mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for tile in range(start, end, BLOCK_N):
+        pos = tile + tl.arange(0, BLOCK_N)
+        pos_mask = pos < end
+        block = tl.load(table + pos // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)
+        kv_offs = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        kv_mask = pos_mask[:, None] & dim_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [G, N], log2 units
+        s = tl.where(pos_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out_mask = head_mask[:, None] & dim_mask[None, :]
+    # An empty slice (past this sequence's end) has l_i == 0: weight 0 in the merge.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    if SPLIT:
+        part = seq.to(tl.int64) * stride_pt + heads * stride_ph + split * stride_ps
+        tl.store(part_out_ptr + part[:, None] + dims[None, :], acc, mask=out_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        lse_offs = seq.to(tl.int64) * stride_lt + heads * stride_lh + split
+        tl.store(part_lse_ptr + lse_offs, lse, mask=head_mask)
+    else:
+        o_offs = seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    # pointers
+    out_ptr, part_out_ptr, part_lse_ptr,
+    # sizes
+    num_splits, head_dim,
+    # strides
+    stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
+    # meta
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    split_mask = splits < num_splits
+    part = seq.to(tl.int64) * stride_pt + head * stride_ph + splits * stride_ps
+    lse_offs = seq.to(tl.int64) * stride_lt + head * stride_lh + splits
+    lse = tl.load(part_lse_ptr + lse_offs, mask=split_mask, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
+    weight = weight / tl.sum(weight, 0)
+    mask = split_mask[:, None] & (dims < head_dim)[None, :]
+    parts = tl.load(part_out_ptr + part[:, None] + dims[None, :], mask=mask, other=0.0)
+    out = tl.sum(parts * weight[:, None], 0)
+    o_offs = seq.to(tl.int64) * stride_ot + head * stride_oh + dims
+    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=dims < head_dim)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, H, Dh], the one new token of each sequence
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, Dh]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, Dh]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32, context length including the new token
+    max_seq_len: int,
+    scale: float,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,  # [*q.shape], written in full when given
+) -> torch.Tensor:
+    """-> [B, H, Dh] in q's dtype. The new token's K/V must already be in the cache."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert k_cache.shape[3] == head_dim and v_cache.shape == k_cache.shape, (
+        f"cache {tuple(k_cache.shape)} does not hold head_dim {head_dim}"
+    )
+    assert num_heads % num_kv_heads == 0, f"{num_heads} heads not a multiple of {num_kv_heads} KV heads"
+    assert block_tables.shape[0] == num_seqs and seq_lens.shape == (num_seqs,)
+    assert block_tables.dtype == seq_lens.dtype == torch.int32
+    assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}"
+    config = decode_config(num_seqs, num_kv_heads, max_seq_len, q.device)
+    num_splits = num_splits or config["num_splits"]
+    block_n = config["BLOCK_N"]
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
+    split = num_splits > 1
+    # Per-slice outputs [B, H, S, Dh] (normalized) and log2-sum-exps [B, H, S].
+    parts = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        out, parts, lse, q, k_cache, v_cache, block_tables, seq_lens,
+        scale * LOG2E, head_dim, tokens_per_split,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
+        QUERIES_PER_KV=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), BLOCK_D=block_d,
+        BLOCK_N=block_n, SPLIT=split, DOT_FP32=interpreting() or q.dtype == torch.float32,
+        num_warps=config["num_warps"],
+    )
+    if split:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            out, parts, lse, num_splits, head_dim,
+            out.stride(0), out.stride(1), parts.stride(0), parts.stride(1), parts.stride(2),
+            lse.stride(0), lse.stride(1),
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        )
+    return out
