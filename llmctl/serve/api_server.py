@@ -1,0 +1,129 @@
+"""The FastAPI app (`create_app`) and the uvicorn runner (`run_server`) of `llmctl serve`.
+
+Routes as vLLM serves them: /v1/completions, /v1/chat/completions, /v1/models,
+/tokenize, /detokenize, /health, /version, /metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from llmctl import __version__
+from llmctl.config import ServeConfig
+from llmctl.errors import InvalidRequestError
+from llmctl.serve.errors import error_response, install_error_handlers
+from llmctl.serve.metrics import ServerMetrics
+from llmctl.serve.middleware import GuardMiddleware
+from llmctl.serve.openai_serving_chat import OpenAIServingChat, apply_chat_template
+from llmctl.serve.openai_serving_completion import OpenAIServingCompletion
+from llmctl.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from llmctl.serve.serving_common import ServingContext
+
+logger = logging.getLogger("llmctl.serve")
+
+
+def create_app(ctx: ServingContext, metrics: ServerMetrics, config: ServeConfig,
+               shutdown_grace_s: float | None = None) -> FastAPI:
+    """The app for one served model. The engine thread starts with the app and stops with it."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        ctx.engine.start()
+        try:
+            yield
+        finally:
+            await ctx.engine.shutdown(shutdown_grace_s if shutdown_grace_s is not None else config.shutdown_grace_s)
+
+    app = FastAPI(title="llmctl", version=__version__, lifespan=lifespan)
+    app.state.ctx = ctx
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    _add_openai_routes(app, ctx)
+    _add_utility_routes(app, ctx, metrics)
+    app.add_middleware(GuardMiddleware, api_key=config.api_key, max_request_bytes=config.max_request_bytes)
+    return app
+
+
+def _add_openai_routes(app: FastAPI, ctx: ServingContext) -> None:
+    completion = OpenAIServingCompletion(ctx)
+    chat = OpenAIServingChat(ctx)
+
+    @app.post("/v1/completions")
+    async def create_completion(req: CompletionRequest, raw_request: Request):
+        return await completion.create_completion(req, raw_request)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(req: ChatCompletionRequest, raw_request: Request):
+        return await chat.create_chat_completion(req, raw_request)
+
+    @app.get("/v1/models")
+    async def show_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name, root=ctx.model_path, max_model_len=ctx.max_model_len)
+                               for name in ctx.served_model_names])
+
+
+def _add_utility_routes(app: FastAPI, ctx: ServingContext, metrics: ServerMetrics) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        if not ctx.engine.is_running:
+            reason = ctx.engine._dead_reason() or "the engine loop is not running"
+            return error_response(reason, 503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": __version__})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
+        ctx.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise InvalidRequestError("prompt: give exactly one of prompt and messages")
+        if req.messages is not None:
+            ids = apply_chat_template(ctx, req.messages, req.add_generation_prompt)
+        else:
+            ids = ctx.encode(req.prompt, req.add_special_tokens)
+        strs = [ctx.token_text(t) for t in ids] if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=ctx.max_model_len, tokens=ids, token_strs=strs)
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        ctx.check_model(req.model)
+        ctx.check_token_ids(req.tokens, "tokens")
+        return DetokenizeResponse(prompt=ctx.decode(req.tokens, skip_special_tokens=False))
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, which would end the
+    process with a signal status; a server told to stop that stopped cleanly exits 0."""
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+
+def run_server(app: FastAPI, config: ServeConfig, log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM: stop accepting, let in-flight requests finish for
+    `shutdown_grace_s`, then cancel (aborting them in the engine) and return."""
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                               timeout_graceful_shutdown=config.shutdown_grace_s, access_log=False)
+    _Server(uv_config).run()
