@@ -13,12 +13,18 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 # A slice shorter than this costs more to merge than it saves in parallelism.
-MIN_TOKENS_PER_SPLIT = 256
+MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 32
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def dot_in_fp32(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Tensor-core dots in the input dtype on the GPU; fp32 where the interpreter's half
+    arithmetic is wrong, for fp32 inputs and when q and the cache disagree."""
+    return interpreting() or q.dtype == torch.float32 or q.dtype != k_cache.dtype
 
 
 def decode_config(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> dict:
@@ -173,7 +179,7 @@ def paged_decode_attention(
         parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
         QUERIES_PER_KV=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), BLOCK_D=block_d,
-        BLOCK_N=block_n, SPLIT=split, DOT_FP32=interpreting() or q.dtype == torch.float32,
+        BLOCK_N=block_n, SPLIT=split, DOT_FP32=dot_in_fp32(q, k_cache),
         num_warps=config["num_warps"],
     )
     if split:

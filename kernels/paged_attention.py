@@ -39,9 +39,11 @@ def write_kv_cache_reference(
 
 def _gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:
     # cache: [NB, bs, Hkv, Dh], block_tables: [B, >=num_blocks] -> [B, Hkv, num_blocks*bs, Dh]
-    rows = cache[block_tables[:, :num_blocks].to(torch.long)]  # [B, n, bs, Hkv, Dh]
-    b, n, bs, hkv, dh = rows.shape
-    return rows.view(b, n * bs, hkv, dh).transpose(1, 2)
+    ids = block_tables[:, :num_blocks]
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    # index_select on the flat id list is ~2x faster than advanced indexing on the CPU.
+    rows = cache.index_select(0, ids.reshape(-1).to(device=cache.device, dtype=torch.long))
+    return rows.view(ids.shape[0], ids.shape[1] * block_size, num_kv_heads, head_dim).transpose(1, 2)
 
 
 def _decode_reference(
@@ -220,7 +222,7 @@ def selfcheck(device: str = "cuda") -> bool:
     import triton.testing
 
     ok = True
-    print(f"device: {torch.cuda.get_device_name(device) if device != 'cpu' else 'cpu'}")
+    print(f"device: {torch.cuda.get_device_name(device)}")
     for (heads, kv_heads, head_dim), dtype, (name, (contexts, queries)) in itertools.product(
         [(32, 8, 128), (9, 3, 64)], [torch.float16, torch.bfloat16], SELFCHECK_CASES.items()
     ):
@@ -230,8 +232,6 @@ def selfcheck(device: str = "cuda") -> bool:
         ok &= good
         print(f"{'ok ' if good else 'BAD'} H={heads} Hkv={kv_heads} Dh={head_dim} {str(dtype):14} {name:18} "
               f"max|err|={err:.2e} cache_equal={same_cache}")
-    if device == "cpu":
-        return ok
     print("decode, H=32 Hkv=8 Dh=128 fp16, block 16, seq_len 1024: time per layer call")
     for num_seqs in (1, 32, 128):
         batch = random_paged_batch([1023] * num_seqs, [1] * num_seqs, 32, 8, 128, 16, torch.float16, device)
@@ -245,4 +245,7 @@ def selfcheck(device: str = "cuda") -> bool:
 if __name__ == "__main__":
     import sys
 
-    sys.exit(0 if selfcheck("cuda" if torch.cuda.is_available() else "cpu") else 1)
+    if not torch.cuda.is_available():
+        print("no CUDA device: the CPU interpreter checks are tests/test_kernels_paged_attention.py")
+        sys.exit(2)
+    sys.exit(0 if selfcheck("cuda") else 1)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import LOG2E, interpreting
+from kernels.decode_attention import LOG2E, dot_in_fp32
 
 
 def prefill_config(max_query_len: int, queries_per_kv: int, device: torch.device) -> dict:
@@ -135,7 +135,7 @@ def paged_prefill_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         QUERIES_PER_KV=queries_per_kv, BLOCK_SIZE=block_size, BLOCK_M=config["BLOCK_M"], BLOCK_Q=block_q,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=config["BLOCK_N"],
-        DOT_FP32=interpreting() or q.dtype == torch.float32,
+        DOT_FP32=dot_in_fp32(q, k_cache),
         num_warps=config["num_warps"], num_stages=config.get("num_stages", 1),
     )
     return out
