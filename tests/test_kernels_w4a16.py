@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 
-if not os.environ.get("CUDA_VISIBLE_DEVICES") and "TRITON_INTERPRET" not in os.environ:
-    # Must be set before triton is imported anywhere in this process.
-    os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Must be set before triton is imported: the kernels then run in the CPU interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 from kernels.reference import (
     dequantize_gptq,
@@ -124,10 +125,12 @@ def _check(m, k, n, group, act_order, path, config, *, bias=True, zero_offset=1,
     b = torch.randn(n, generator=gen).to(dtype) if bias else None
     ref = w4a16_matmul_reference(x.float(), qweight, qzeros, scales, g_idx, None if b is None else b.float(),
                                  4, zero_offset)
-    weights = prepare_w4a16_weights(qweight, qzeros, scales, g_idx, 4, zero_offset)
+    weights = prepare_w4a16_weights(qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), g_idx.to(DEVICE),
+                                    4, zero_offset)
     assert (weights.perm is not None) == (act_order and group != -1)  # one group: nothing to permute
-    out = torch.full((m, n), float("nan"), dtype=dtype)
-    got = w4a16_matmul(x, weights, b, path=path, config=config, out=out)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    got = w4a16_matmul(x.to(DEVICE), weights, None if b is None else b.to(DEVICE), path=path, config=config,
+                       out=out).cpu()
     assert got.shape == (m, n) and got.dtype == dtype
     assert not torch.isnan(got).any(), "unwritten output elements"
     rel = (got.float() - ref).norm() / ref.norm()
@@ -164,14 +167,14 @@ def test_irregular_groups_take_the_gather_path() -> None:
     qweight, qzeros, scales, _ = _random_gptq(k, n, 32, False, gen)
     g_idx = torch.randint(0, 3, (k,), generator=gen, dtype=torch.int32)
     g_idx[:3] = torch.tensor([0, 1, 2], dtype=torch.int32)
-    weights = prepare_w4a16_weights(qweight, qzeros, scales, g_idx)
+    weights = prepare_w4a16_weights(qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), g_idx.to(DEVICE))
     assert weights.g_idx is not None and weights.perm is None
     x = torch.randn(3, k, generator=gen).half()
     ref = w4a16_matmul_reference(x.float(), qweight, qzeros, scales, g_idx)
     for path, config in (("gemv", dict(GEMV_SMALL, SPLIT_K=2)), ("gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=0)),
                          ("dequant", {})):
-        out = torch.full((3, n), float("nan"), dtype=torch.float16)
-        got = w4a16_matmul(x, weights, path=path, config=config, out=out)
+        out = torch.full((3, n), float("nan"), dtype=torch.float16, device=DEVICE)
+        got = w4a16_matmul(x.to(DEVICE), weights, path=path, config=config, out=out).cpu()
         assert (got.float() - ref).norm() / ref.norm() <= 1e-3, path
 
 
@@ -200,3 +203,52 @@ def test_launcher_rejects_bad_input() -> None:
         prepare_w4a16_weights(weights.qweight.float(), weights.qzeros, weights.scales, None)
     with pytest.raises(ValueError, match="g_idx"):
         prepare_w4a16_weights(weights.qweight, weights.qzeros, weights.scales, torch.zeros(63, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_every_tuned_config_at_llama_shapes(dtype: torch.dtype, act_order: bool) -> None:
+    """Every configuration the tuner may pick, at a real shape, against the fp32 reference on the GPU."""
+    from kernels.w4a16_dequant import w4a16_dequantize
+    from kernels.w4a16_tune import candidates, random_layer
+
+    k, n = 4096, 6144
+    w = random_layer(n, k, 128, act_order, DEVICE, seed=int(torch.randint(0, 10**6, ())))
+    dense = w4a16_dequantize(w, torch.float32)
+    # The full sweep once (fp16, in order, no bias: the kernels the tuner compiles); one
+    # configuration per kind of launch for the other variants, with a bias.
+    full = dtype == torch.float16 and not act_order
+    bias = None if full else torch.randn(n, device=DEVICE, dtype=dtype)
+    for m in (1, 3, 16, 100, 300):
+        x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+        ref = x.float() @ dense + (0 if bias is None else bias.float())
+        kinds = {}
+        for path, config in candidates(m):
+            kinds.setdefault((path, config.get("SPLIT_K", 1) > 1, config.get("SWAP_AB", 0)), (path, config))
+        for path, config in candidates(m) if full else kinds.values():
+            out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
+            got = w4a16_matmul(x, w, bias, path=path, config=config, out=out)
+            rel = float((got.float() - ref).norm() / ref.norm())
+            tol = 2e-3 if dtype == torch.float16 else 8e-3
+            assert rel <= tol and not torch.isnan(got).any(), f"{path} {config} M={m}: rel err {rel:.2e}"
+
+
+def test_tuner_table_picks_fastest_and_merges_rows() -> None:
+    from kernels.w4a16_tune import build_table
+
+    a, b = {"BLOCK_N": 64}, {"BLOCK_N": 128}
+    recs = []
+    for (n, k), times in {(8, 32): {1: (1.0, 2.0), 2: (1.0, 2.0), 64: (3.0, 1.0)},
+                          (16, 32): {1: (2.0, 1.5), 2: (1.0, 2.0), 64: (3.0, 1.0)}}.items():
+        for m, (ta, tb) in times.items():
+            recs += [dict(n=n, k=k, m=m, path="gemv", config=a, ms=ta, rel_err=1e-4),
+                     dict(n=n, k=k, m=m, path="gemm", config=b, ms=tb, rel_err=1e-4),
+                     dict(n=n, k=k, m=m, path="gemm", config={"BLOCK_N": 1}, ms=0.1, rel_err=0.5),  # wrong: never picked
+                     dict(n=n, k=k, m=m, path="gemm", config={"BLOCK_N": 2}, error="OutOfResources")]
+    table = build_table(recs)
+    assert table["8x32"] == [{"max_m": 2, "path": "gemv", "config": a}, {"max_m": None, "path": "gemm", "config": b}]
+    assert table["16x32"][0] == {"max_m": 1, "path": "gemm", "config": b}
+    # geomean at M=1: a = sqrt(1*2), b = sqrt(2*1.5): a wins
+    assert table["default"] == [{"max_m": 2, "path": "gemv", "config": a}, {"max_m": None, "path": "gemm", "config": b}]

@@ -1,0 +1,145 @@
+"""Measure every W4A16 path and configuration on a GPU and record the per-M winners.
+
+The result is the dispatch table of kernels/configs/w4a16.json: for each GPU name, rows of
+{max_m, path, config} (one list for the benchmark's layer shapes, keyed "NxK", and a "default"
+list that is best by geometric mean over them). Thresholds between paths come out of this
+measurement, not out of guesses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+
+import torch
+
+from kernels.w4a16 import (
+    _CONFIG_FILE,
+    W4A16Weights,
+    _load_tables,
+    device_name,
+    prepare_w4a16_weights,
+    w4a16_matmul,
+)
+from kernels.w4a16_dequant import w4a16_dequantize
+from kernels.w4a16_gemm import GEMM_CONFIGS
+from kernels.w4a16_gemv import GEMV_CONFIGS
+
+GEMV_MAX_M = 4  # beyond this the GEMV rereads the weights once per row and cannot win
+DEQUANT_MIN_M = 64
+
+
+def random_layer(n: int, k: int, group_size: int, act_order: bool, device: torch.device, seed: int = 0) -> W4A16Weights:
+    """A GPTQ linear with random codes, zeros and scales, prepared for the kernels."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    gs = k if group_size == -1 else group_size
+    num_groups = -(-k // gs)
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=gen, device=device, dtype=torch.int32)
+    qzeros = torch.randint(-(2**31), 2**31 - 1, (num_groups, n // 8), generator=gen, device=device, dtype=torch.int32)
+    scales = (torch.rand(num_groups, n, generator=gen, device=device) * 0.01 + 0.001).half()
+    order = torch.randperm(k, generator=gen, device=device) if act_order else torch.arange(k, device=device)
+    g_idx = torch.empty(k, dtype=torch.int32, device=device)
+    g_idx[order] = (torch.arange(k, device=device) // gs).int()
+    return prepare_w4a16_weights(qweight, qzeros, scales, g_idx, 4, 1)
+
+
+def time_ms(fn: Callable[[], object], rep_ms: int = 20, warmup_ms: int = 5) -> float:
+    """Median device time of fn in ms, L2 flushed before every call (triton.testing.do_bench)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def candidates(m: int) -> list[tuple[str, dict]]:
+    """The (path, config) pairs worth timing at this M."""
+    out: list[tuple[str, dict]] = []
+    if m <= GEMV_MAX_M:
+        out += [("gemv", c) for c in GEMV_CONFIGS]
+    for c in GEMM_CONFIGS:
+        if c["BLOCK_M"] > max(16, 4 * m) or (c["SPLIT_K"] > 1 and m > 256):
+            continue
+        out.append(("gemm", c))
+    if m >= DEQUANT_MIN_M:
+        out.append(("dequant", {}))
+    return out
+
+
+def sweep(shapes: list[tuple[int, int]], ms: list[int], group_size: int = 128, rep_ms: int = 15,
+          log: Callable[[str], None] = print) -> list[dict]:
+    """Time every candidate on every (N, K) and M; each result also carries its error against fp32."""
+    device = torch.device("cuda")
+    records = []
+    for n, k in shapes:
+        w = random_layer(n, k, group_size, False, device)
+        dense = w4a16_dequantize(w, torch.float32)
+        for m in ms:
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            ref = x.float() @ dense
+            best = math.inf
+            for path, config in candidates(m):
+                rec = dict(n=n, k=k, m=m, path=path, config=config)
+                try:
+                    out = w4a16_matmul(x, w, path=path, config=config)
+                    rec["rel_err"] = float((out.float() - ref).norm() / ref.norm())
+                    rec["ms"] = time_ms(lambda: w4a16_matmul(x, w, path=path, config=config), rep_ms)
+                    best = min(best, rec["ms"] if rec["rel_err"] < 5e-3 else math.inf)
+                except Exception as err:  # a config the compiler or the chip rejects is skipped
+                    rec["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+                records.append(rec)
+            log(f"tune N={n} K={k} M={m}: best {best * 1e3:.1f} us over {len(candidates(m))} candidates")
+    return records
+
+
+def _key(rec: dict) -> str:
+    return json.dumps([rec["path"], rec["config"]], sort_keys=True)
+
+
+def _rows(best_per_m: dict[int, tuple[str, dict]]) -> list[dict]:
+    """Per-M winners as table rows; neighbours with the same choice merge into one row."""
+    rows: list[dict] = []
+    for m in sorted(best_per_m):
+        path, config = best_per_m[m]
+        if rows and rows[-1]["path"] == path and rows[-1]["config"] == config:
+            rows[-1]["max_m"] = m
+        else:
+            rows.append({"max_m": m, "path": path, "config": config})
+    rows[-1]["max_m"] = None
+    return rows
+
+
+def build_table(records: list[dict]) -> dict[str, list[dict]]:
+    """{"NxK": rows, ..., "default": rows}: fastest valid candidate per M, per shape and by geomean."""
+    ok = [r for r in records if "ms" in r and r["rel_err"] < 5e-3]
+    shapes = sorted({(r["n"], r["k"]) for r in ok})
+    ms = sorted({r["m"] for r in ok})
+    table: dict[str, list[dict]] = {}
+    for n, k in shapes:
+        best = {}
+        for m in ms:
+            mine = [r for r in ok if (r["n"], r["k"], r["m"]) == (n, k, m)]
+            if mine:
+                win = min(mine, key=lambda r: r["ms"])
+                best[m] = (win["path"], win["config"])
+        table[f"{n}x{k}"] = _rows(best)
+    default = {}
+    for m in ms:
+        by_key: dict[str, list[float]] = {}
+        for r in ok:
+            if r["m"] == m:
+                by_key.setdefault(_key(r), []).append(r["ms"])
+        full = {key: v for key, v in by_key.items() if len(v) == len(shapes)}
+        if full:
+            win = min(full, key=lambda key: sum(math.log(t) for t in full[key]))
+            default[m] = tuple(json.loads(win))
+    table["default"] = _rows(default)
+    return table
+
+
+def write_table(table: dict[str, list[dict]], device: torch.device, path=_CONFIG_FILE) -> None:
+    """Merge this GPU's table into the JSON file, keeping other GPUs' entries."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault("devices", {})[device_name(device)] = table
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    _load_tables.cache_clear()
