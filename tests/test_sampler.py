@@ -16,7 +16,7 @@ LOG_PROBS = PROBS.log()
 
 
 def run(logits, requests, eos=EOS):
-    meta = SamplingMetadata.build(requests, vocab_size=logits.shape[1], eos_token_id=eos)
+    meta = SamplingMetadata.build(requests, vocab_size=logits.shape[1], eos_token_id=eos, device=logits.device)
     return Sampler()(logits, meta), meta
 
 
@@ -80,6 +80,15 @@ def test_min_p_drops_tokens_below_fraction_of_top(min_p, kept):
     torch.testing.assert_close(got, expected, atol=0.015, rtol=0)
 
 
+def test_top_k_rows_beside_rows_without_top_k():
+    torch.manual_seed(0)
+    n = 4000
+    reqs = [(SamplingParams(top_k=2), [], [], None), (SamplingParams(), [], [], None)] * n
+    out, _ = run(LOG_PROBS.expand(len(reqs), -1).clone(), reqs, eos=None)
+    ids = out.sampled_token_ids.view(n, 2)
+    assert set(ids[:, 0].tolist()) == {0, 1} and set(ids[:, 1].tolist()) == {0, 1, 2, 3}
+
+
 def test_mixed_batch_applies_each_rows_own_parameters():
     torch.manual_seed(0)
     n = 6000
@@ -138,9 +147,10 @@ def test_stop_token_outside_vocab_and_seed_without_generator_are_rejected():
         SamplingMetadata.build([(SamplingParams(seed=1), [], [], None)], 10, None)
 
 
-def _seeded_run(layout: list[tuple[str, SamplingParams]], steps: int, vocab: int = 300) -> dict[str, list[int]]:
+def _seeded_run(layout: list[tuple[str, SamplingParams]], steps: int, vocab: int = 300,
+                device: str = "cpu") -> dict[str, list[int]]:
     """Decode `steps` tokens for each named row; a row's logits depend only on its name and step."""
-    gens = {name: make_generator(p.seed) for name, p in layout if p.seed is not None}
+    gens = {name: make_generator(p.seed, device) for name, p in layout if p.seed is not None}
     history: dict[str, list[int]] = {name: [] for name, _ in layout}
     for step in range(steps):
         rows = []
@@ -149,23 +159,24 @@ def _seeded_run(layout: list[tuple[str, SamplingParams]], steps: int, vocab: int
             rows.append(torch.randn(vocab, generator=g) * 2)
         torch.manual_seed(1000 + step + len(layout))  # neighbours draw differently in every layout
         reqs = [(p, [1, 2], history[name], gens.get(name)) for name, p in layout]
-        out, _ = run(torch.stack(rows), reqs, eos=None)
+        out, _ = run(torch.stack(rows).to(device), reqs, eos=None)
         for (name, _), token in zip(layout, out.sampled_token_ids.tolist()):
             history[name].append(token)
     return history
 
 
-def test_seed_reproduces_whatever_else_is_in_the_batch():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_seed_reproduces_whatever_else_is_in_the_batch(device):
     a = SamplingParams(seed=7, temperature=0.9, top_p=0.95)
     b = SamplingParams(seed=8, top_k=50, repetition_penalty=1.1)
     batch1 = [("a", a), ("x", SamplingParams()), ("b", b)]
     batch2 = [("y", SamplingParams(temperature=0.0)), ("b", b), ("z", SamplingParams(seed=9)),
               ("w", SamplingParams(top_k=3)), ("a", a)]
     batch3 = [("a", a)]
-    r1, r2, r3 = _seeded_run(batch1, 40), _seeded_run(batch2, 40), _seeded_run(batch3, 40)
+    r1, r2, r3 = (_seeded_run(b, 40, device=device) for b in (batch1, batch2, batch3))
     assert r1["a"] == r2["a"] == r3["a"]
     assert r1["b"] == r2["b"]
-    other_seed = _seeded_run([("a", SamplingParams(seed=70, temperature=0.9, top_p=0.95))], 40)
+    other_seed = _seeded_run([("a", SamplingParams(seed=70, temperature=0.9, top_p=0.95))], 40, device=device)
     assert other_seed["a"] != r1["a"]
     assert len(set(r1["a"])) > 5  # really sampled, not a degenerate greedy run
 
@@ -233,3 +244,14 @@ def test_full_vocab_batch_with_every_feature():
     assert ids[0].item() in top40 and ids[0] != 0
     assert ids[2] == logits[2].argmax() and ids[3] == logits[3].argmax()
     assert out.logprobs.token_ids.shape == (4, 21)
+
+
+@pytest.mark.gpu
+def test_greedy_and_logprobs_on_cuda_match_cpu():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 49152)
+    reqs = [(SamplingParams(temperature=0.0, repetition_penalty=1.3, logprobs=5), list(range(50)), [7, 8], None)] * 8
+    cpu, meta = run(logits, reqs)
+    gpu, _ = run(logits.cuda(), reqs)
+    assert torch.equal(cpu.sampled_token_ids, gpu.sampled_token_ids.cpu())
+    torch.testing.assert_close(cpu.logprobs.logprobs, gpu.logprobs.logprobs.cpu(), atol=1e-5, rtol=0)

@@ -66,10 +66,13 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """Keep each row's top_k[i] largest logits (ties at the boundary are kept).
 
-    logits: [B, V]; top_k: [B] int64 in [1, V] (V = off). Uses topk, not a full sort.
+    logits: [B, V]; top_k: [B] int64 in [1, V] (V = off). Uses topk, not a full sort: rows
+    with top-k off must not make every row pay for a top-V.
     """
-    max_k = int(top_k.max())
-    kth_values = logits.topk(max_k, dim=-1).values.gather(1, (top_k - 1).unsqueeze(1))
+    no_top_k = top_k == logits.shape[1]
+    k = top_k.masked_fill(no_top_k, 1)
+    kth_values = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+    kth_values.masked_fill_(no_top_k.unsqueeze(1), float("-inf"))
     return logits.masked_fill_(logits < kth_values, float("-inf"))
 
 

@@ -100,6 +100,8 @@ class SamplingMetadata:
                 if gen is None:
                     raise InvalidRequestError(f"seed: row {row} has seed {p.seed} but no generator; "
                                               "create one per sequence with make_generator()")
+                if gen.device.type != torch.device(device).type:
+                    raise InvalidRequestError(f"seed: row {row}'s generator is on {gen.device}, the logits on {device}")
                 generators[row] = gen
         num_logprobs = tuple(p.logprobs for p in params)
         wanted = [k for k in num_logprobs if k is not None]
