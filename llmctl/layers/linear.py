@@ -165,7 +165,7 @@ def _narrow_for_rank(loaded: torch.Tensor, dim: int | None, size: int, tp_size: 
     return loaded.narrow(dim, rank * size, size)
 
 
-def _copy_checked(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
+def copy_checked(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
     if tuple(target.shape) != tuple(source.shape):
         raise ModelLoadError(f"{what}: shape {tuple(source.shape)} does not match the expected {tuple(target.shape)}")
     target.copy_(source)
@@ -179,7 +179,7 @@ class ReplicatedLinear(LinearBase):
         super().__init__(input_size, [output_size], bias, linear_method, params_dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None) -> None:
-        _copy_checked(param.data, loaded_weight, "weight")
+        copy_checked(param.data, loaded_weight, "weight")
 
 
 class ColumnParallelLinear(LinearBase):
@@ -208,7 +208,7 @@ class ColumnParallelLinear(LinearBase):
                 offset, size = offset // param.pack_factor, size // param.pack_factor
             target = target.narrow(output_dim, offset, size)
         loaded = _narrow_for_rank(loaded_weight, output_dim, target.shape[output_dim], self.tp_size, self.tp_rank)
-        _copy_checked(target, loaded, f"shard {shard_id!r}" if shard_id is not None else "weight")
+        copy_checked(target, loaded, f"shard {shard_id!r}" if shard_id is not None else "weight")
 
     def _load_unsharded(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None) -> None:
         # e.g. g_idx [K]: one copy serves all fused shards, so they have to agree.
@@ -217,7 +217,7 @@ class ColumnParallelLinear(LinearBase):
             if tuple(param.data.shape) != tuple(loaded_weight.shape) or not torch.equal(param.data, loaded_weight.to(param.dtype)):
                 raise ModelLoadError(f"shard {shard_id!r} disagrees with shard {seen[0]!r} on an unsharded tensor")
         else:
-            _copy_checked(param.data, loaded_weight, f"shard {shard_id!r}")
+            copy_checked(param.data, loaded_weight, f"shard {shard_id!r}")
             param._loaded_shards = []
         param._loaded_shards.append(shard_id)
 
@@ -279,4 +279,4 @@ class RowParallelLinear(LinearBase):
         input_dim = getattr(param, "input_dim", None)
         size = param.data.shape[input_dim] if input_dim is not None else 0
         loaded = _narrow_for_rank(loaded_weight, input_dim, size, self.tp_size, self.tp_rank)
-        _copy_checked(param.data, loaded, "weight")
+        copy_checked(param.data, loaded, "weight")

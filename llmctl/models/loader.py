@@ -1,0 +1,220 @@
+"""Model resolution and loading: a model argument -> a local HF dir -> our model with its weights.
+
+Only safetensors are read (single file or sharded with an index); pickle never is.
+Every failure is a `ModelLoadError` naming the path and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from llmctl.errors import ConfigError, ModelLoadError
+from llmctl.models.arch import ModelArch, arch_from_config, read_config_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmctl.models.default import ProgressCallback
+    from llmctl.models.llama import LlamaForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+# Tensors some checkpoints carry that we recompute instead of loading.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def resolve_model_path(model: str | None, progress: ProgressCallback | None = None) -> Path:
+    """`default` or None: the embedded SmolLM2 (converted on first use); else a local dir."""
+    if model is None or model.strip().lower() == "default":
+        from llmctl.models.default import ensure_default_model
+
+        return ensure_default_model(progress)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model path {model} does not exist",
+            hint="pass a local Hugging Face model dir (no hub downloads) or `default` for the embedded SmolLM2",
+        )
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {model} is not a directory", hint="pass a Hugging Face model dir")
+    return path
+
+
+def read_quant_config(model_dir: Path, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """`quantization_config` from config.json, else quantize_config.json (AutoGPTQ), else None."""
+    if cfg.get("quantization_config"):
+        return dict(cfg["quantization_config"])
+    path = Path(model_dir) / "quantize_config.json"
+    if not path.is_file():
+        return None
+    try:
+        qcfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
+    qcfg.setdefault("quant_method", "gptq")  # AutoGPTQ's file predates the key
+    return qcfg
+
+
+def resolve_dtype(dtype: str | torch.dtype, arch: ModelArch) -> torch.dtype:
+    """"auto" is the checkpoint's own dtype."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = arch.torch_dtype if dtype == "auto" else dtype
+    name = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}.get(name, name)
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype: must be auto, float32, float16 or bfloat16, got {name!r}")
+    return getattr(torch, name)
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files to read: those of the index, else model.safetensors, else every *.safetensors."""
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ModelLoadError(f"{index}: not a valid safetensors index ({err})") from err
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (model_dir / f).is_file()]
+        if missing:
+            raise ModelLoadError(
+                f"{index} lists shard(s) that are missing: {', '.join(missing)}",
+                hint="the download or copy is incomplete",
+            )
+        return [model_dir / f for f in files]
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
+    files = sorted(p for p in model_dir.glob("*.safetensors") if not p.name.startswith("consolidated"))
+    if files:
+        return files
+    pickles = sorted(p.name for pattern in _PICKLE_PATTERNS for p in model_dir.glob(pattern))
+    if pickles:
+        raise ModelLoadError(
+            f"{model_dir} has only pickle weights ({', '.join(pickles[:3])}); llmctl loads safetensors only and never unpickles",
+            hint="convert once with transformers: model.save_pretrained(dir, safe_serialization=True)",
+        )
+    raise ModelLoadError(f"{model_dir} has no weight files (*.safetensors)")
+
+
+def iterate_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """(tensor name, CPU tensor, file) for every tensor of every file."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name), path
+        except SafetensorError as err:
+            raise ModelLoadError(
+                f"{path} is not a readable safetensors file ({err})", hint="the file may be truncated or corrupt"
+            ) from err
+
+
+def _expected_tensors(model: LlamaForCausalLM) -> dict[str, tuple[str, Any]]:
+    """Checkpoint tensor name -> (our parameter name, shard id) for every parameter to fill."""
+    expected: dict[str, tuple[str, Any]] = {}
+    for name, _ in model.named_parameters():  # tied lm_head is a duplicate and drops out
+        for ours, theirs, shard_id in model.stacked_params_mapping:
+            if f".{ours}." in name:
+                for ours2, theirs2, shard2 in model.stacked_params_mapping:
+                    if ours2 == ours:
+                        expected[name.replace(f".{ours}.", f".{theirs2}.")] = (name, shard2)
+                break
+        else:
+            expected[name] = (name, None)
+    return expected
+
+
+def load_weights(model: LlamaForCausalLM, files: list[Path]) -> None:
+    """Fill every parameter of `model` from `files`; strict both ways (nothing missing, nothing unknown)."""
+    params = dict(model.named_parameters())
+    expected = _expected_tensors(model)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for name, tensor, path in iterate_weights(files):
+        if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and model.arch.tie_word_embeddings):
+            continue
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        param_name, shard_id = expected[name]
+        param = params[param_name]
+        loader = getattr(param, "weight_loader", None)
+        try:
+            if loader is None:
+                from llmctl.layers.linear import copy_checked
+
+                copy_checked(param.data, tensor, "weight")
+            else:
+                loader(param, tensor, shard_id)
+        except ModelLoadError as err:
+            raise ModelLoadError(f"{path}: tensor {name}: {err}", hint="the checkpoint does not match its config.json") from err
+        loaded.add(name)
+    _check_complete(files[0].parent, expected, loaded, unexpected, params)
+
+
+def _check_complete(model_dir: Path, expected: dict, loaded: set[str], unexpected: list[str], params: dict) -> None:
+    missing = [n for n in expected if n not in loaded and not getattr(params[expected[n][0]], "ignore_missing", False)]
+    if missing:
+        raise ModelLoadError(
+            f"{model_dir}: {len(missing)} tensor(s) missing from the checkpoint: {', '.join(sorted(missing)[:5])}",
+            hint="the checkpoint is incomplete or does not match its config.json",
+        )
+    if unexpected:
+        raise ModelLoadError(
+            f"{model_dir}: {len(unexpected)} tensor(s) the model has no place for: {', '.join(sorted(unexpected)[:5])}",
+            hint="the checkpoint does not match its config.json (or uses an unsupported layout)",
+        )
+
+
+def _resolve_device(device: str) -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"device: {device!r} is not a device ({err})") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} asked for, but CUDA is not available here", hint="use --device cpu")
+    return dev
+
+
+def load_model(model_dir: Path | str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LlamaForCausalLM:
+    """Build our model for a local HF dir and load its safetensors weights (dense or GPTQ)."""
+    import torch
+
+    from llmctl.models.llama import LlamaForCausalLM
+
+    model_dir = Path(model_dir)
+    cfg = read_config_json(model_dir)
+    arch = arch_from_config(cfg, source=str(model_dir / "config.json"))
+    quant_config = read_quant_config(model_dir, cfg)
+    files = weight_files(model_dir)
+    torch_dtype = resolve_dtype(dtype, arch)
+    with torch.device(_resolve_device(device)):
+        model = LlamaForCausalLM(arch, quant_config=quant_config, dtype=torch_dtype)
+    load_weights(model, files)
+    for module in model.modules():
+        hook = getattr(module, "process_weights_after_loading", None)
+        if callable(hook):
+            hook()
+    return model.eval()
+
+
+def load_tokenizer(model_dir: Path | str) -> Any:
+    """The model's tokenizer (with its chat template), from local files only."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"{model_dir}: cannot load the tokenizer ({err})", hint="a model dir needs tokenizer.json or its tokenizer files") from err
