@@ -17,3 +17,18 @@ def default_model_dir() -> Path:
     from llmctl.models.default import ensure_default_model
 
     return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def default_model(default_model_dir: Path):
+    """llmctl's own model for the default checkpoint, fp32 on the CPU, loaded once."""
+    from llmctl.models.loader import load_model
+
+    return load_model(default_model_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_model_dir: Path):
+    from llmctl.models.loader import load_tokenizer
+
+    return load_tokenizer(default_model_dir)

@@ -26,6 +26,9 @@ Contract a quant method follows (`llmctl.quant.gptq_linear.GPTQLinearMethod` is 
   divides shard offsets by `pack_factor` if `packed_dim == output_dim`; a tensor
   with no output_dim is copied whole and must be identical across the fused
   shards (it is checked). Create parameters with `requires_grad=False`.
+    * `ignore_missing=True` lets a checkpoint omit the tensor (e.g. `g_idx` of a
+      checkpoint without act-order); `create_weights` must then fill its default.
+      Every other parameter must be in the checkpoint or loading fails.
 - If `bias`, register `bias` [N] (see `create_bias`); `apply` adds it.
 - `apply(layer, x)`: x [..., K] in the model dtype -> y [..., N] in the model dtype.
 - `process_weights_after_loading(layer)`: called once after every tensor is loaded;
