@@ -157,9 +157,11 @@ def test_bad_configurations_are_rejected():
     sched = make(max_num_seqs=2)
     with pytest.raises(InvalidRequestError, match="max_num_seqs"):
         sched.add_request("wide", [1, 2, 3], params(n=3))
-    sched.add_request("dup", [1, 2, 3], params())
+    (dup,) = sched.add_request("dup", [1, 2, 3], params())
     with pytest.raises(InvalidRequestError, match="dup"):
         sched.add_request("dup", [1, 2, 3], params())
+    assert sched.abort("dup") == [dup]
+    assert_idle(sched)
 
 
 def test_chunked_prefill_splits_a_long_prompt_while_decodes_continue():

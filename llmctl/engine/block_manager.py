@@ -158,10 +158,8 @@ class BlockManager:
 
     def append_slot(self, seq: Sequence) -> None:
         """Make every uncomputed token of `seq` writable: new blocks past the table's
-        end, and a private copy of any shared block it would write into."""
-        if not self.can_append(seq):
-            raise CacheCapacityError(f"append_slot: no free KV block for sequence {seq.seq_id}",
-                                     hint="call can_append first")
+        end, and a private copy of any shared block it would write into. Call
+        `can_append` first: running out of blocks midway raises CacheCapacityError."""
         table = seq.block_table
         for i in range(seq.num_computed_tokens // self.block_size, len(table)):
             if self.blocks[table[i]].ref_count > 1:
@@ -215,7 +213,9 @@ class BlockManager:
         """The (src_block, dst_block) copies recorded since the last call, in order.
 
         The model runner must copy every layer's K and V of src into dst before the
-        step's forward pass.
+        step's forward pass. No block is both a source and a destination in one list
+        (sources stay out of the free queues until this call), so the copies may run
+        as one batched gather/scatter.
         """
         copies, self._blocks_to_copy = self._blocks_to_copy, []
         for block_id in self._cow_sources:

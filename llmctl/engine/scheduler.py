@@ -48,6 +48,7 @@ class ScheduledSequence:
     num_new_tokens: int
     do_sample: bool  # the chunk reaches the sequence's last token: sample one token from its logits
 
+    # The views below read `seq` live: use them before `update_from_output`.
     @property
     def token_ids(self) -> list[int]:
         return self.seq.token_ids[self.start_pos:self.start_pos + self.num_new_tokens]
