@@ -5,6 +5,7 @@ table; a second kernel merges the slices by their log-sum-exp."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,10 +28,15 @@ def dot_in_fp32(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     return interpreting() or q.dtype == torch.float32 or q.dtype != k_cache.dtype
 
 
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def decode_config(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> dict:
     """Block sizes and the number of context slices: enough programs to fill the GPU."""
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
         block_n, num_warps = 64, 4
     else:
         target, block_n, num_warps = 1, 16, 4

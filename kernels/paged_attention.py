@@ -217,12 +217,8 @@ SELFCHECK_CASES = {
 }
 
 
-def selfcheck(device: str = "cuda") -> bool:
-    """Triton vs the torch path on `device`, then decode timings at Llama-3-8B shapes."""
-    import triton.testing
-
+def _check_accuracy(device: str) -> bool:
     ok = True
-    print(f"device: {torch.cuda.get_device_name(device)}")
     for (heads, kv_heads, head_dim), dtype, (name, (contexts, queries)) in itertools.product(
         [(32, 8, 128), (9, 3, 64)], [torch.float16, torch.bfloat16], SELFCHECK_CASES.items()
     ):
@@ -232,13 +228,38 @@ def selfcheck(device: str = "cuda") -> bool:
         ok &= good
         print(f"{'ok ' if good else 'BAD'} H={heads} Hkv={kv_heads} Dh={head_dim} {str(dtype):14} {name:18} "
               f"max|err|={err:.2e} cache_equal={same_cache}")
-    print("decode, H=32 Hkv=8 Dh=128 fp16, block 16, seq_len 1024: time per layer call")
+    return ok
+
+
+def _time(label: str, batch: dict, work: str) -> None:
+    """`work`: 'kv' (decode: report KV bytes read per second) or 'flops' (prefill)."""
+    import triton.testing
+
+    lens = batch["seq_lens"].tolist()
+    queries = batch["query_start_loc"].diff().tolist()
+    heads, head_dim = batch["q"].shape[1:]
+    kv_heads = batch["k"].shape[1]
+    for name, fn in (("triton", paged_attention_triton), ("torch", paged_attention_reference)):
+        ms = triton.testing.do_bench(lambda: fn(**batch), warmup=25, rep=100)
+        if work == "kv":
+            rate = f"{2 * sum(lens) * kv_heads * head_dim * batch['k_cache'].element_size() / ms / 1e6:8.1f} GB/s KV"
+        else:
+            visible = sum(q * (n - q) + q * (q + 1) / 2 for q, n in zip(queries, lens))
+            rate = f"{4 * heads * head_dim * visible / ms / 1e9:8.1f} TFLOP/s"
+        print(f"  {label:28s} {name:7s} {ms * 1e3:9.1f} us  {rate}")
+
+
+def selfcheck(device: str = "cuda") -> bool:
+    """Triton vs the torch path on `device`, then timings at Llama-3-8B shapes (one layer)."""
+    print(f"device: {torch.cuda.get_device_name(device)}")
+    ok = _check_accuracy(device)
+    print("one layer call (cache write + attention), H=32 Hkv=8 Dh=128 fp16, block 16")
     for num_seqs in (1, 32, 128):
         batch = random_paged_batch([1023] * num_seqs, [1] * num_seqs, 32, 8, 128, 16, torch.float16, device)
-        kv_bytes = 2 * num_seqs * 1024 * 8 * 128 * 2
-        for label, fn in (("triton", paged_attention_triton), ("torch", paged_attention_reference)):
-            ms = triton.testing.do_bench(lambda: fn(**batch), warmup=25, rep=100)
-            print(f"  B={num_seqs:4d} {label:7s} {ms * 1e3:9.1f} us  {kv_bytes / ms / 1e6:8.1f} GB/s of KV read")
+        _time(f"decode B={num_seqs} seq 1024", batch, "kv")
+    prefills = (("prefill 1 x 1024", [0], [1024]), ("prefill 4 x (512 cached + 512)", [512] * 4, [512] * 4))
+    for label, contexts, queries in prefills:
+        _time(label, random_paged_batch(contexts, queries, 32, 8, 128, 16, torch.float16, device), "flops")
     return ok
 
 
