@@ -67,6 +67,10 @@ def llmctl_error_response(err: LlmctlError) -> JSONResponse:
     return error_response(message, err.status_code, param_of(err))
 
 
+def _is_type_tag(part: object) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LlmctlError)
     async def _llmctl(_: Request, err: LlmctlError) -> JSONResponse:
@@ -77,7 +81,8 @@ def install_error_handlers(app: FastAPI) -> None:
         # vLLM answers schema errors with 400, not FastAPI's 422: the openai client
         # then raises BadRequestError as it would against OpenAI.
         first = err.errors()[0] if err.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # pydantic puts union members into the location (`prompt.list[int]`): keep field names only
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid request')}" if param else str(first.get("msg", err))
         return error_response(message, 400, param)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmac
 import json
 
-from llmctl.serve.errors import RequestTooLargeError, error_body
+from llmctl.serve.errors import error_body
 
 
 async def _send_error(send, message: str, status_code: int, extra_headers: list | None = None) -> None:
@@ -41,20 +41,29 @@ class GuardMiddleware:
             await _send_error(send, f"the request body has {int(length)} bytes, over the limit of "
                                     f"{self.max_request_bytes}", 413)
             return
-        await self.app(scope, self._limited(receive), send)
+        await self._call_limited(scope, receive, send)
 
-    def _limited(self, receive):
-        """Chunked bodies carry no length up front: count as they arrive."""
+    async def _call_limited(self, scope, receive, send) -> None:
+        """Chunked bodies carry no length up front: count as they arrive. Past the limit,
+        answer 413 here and tell the app the client left, so it stops reading."""
         received = 0
-        limit = self.max_request_bytes
+        answered = False
 
-        async def wrapped():
-            nonlocal received
+        async def limited_receive():
+            nonlocal received, answered
+            if answered:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit:
-                    raise RequestTooLargeError(f"the request body is over the limit of {limit} bytes")
+                if received > self.max_request_bytes:
+                    answered = True
+                    await _send_error(send, f"the request body is over the limit of {self.max_request_bytes} bytes", 413)
+                    return {"type": "http.disconnect"}
             return message
 
-        return wrapped
+        async def guarded_send(message) -> None:
+            if not answered:
+                await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)

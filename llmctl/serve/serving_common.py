@@ -21,6 +21,12 @@ from llmctl.serve.protocol import SamplingFields
 T = TypeVar("T")
 
 
+class ClientDisconnectedError(LlmctlError):
+    """Nobody reads this answer; nginx's 499 for the log."""
+
+    status_code = 499
+
+
 @dataclass
 class ServingContext:
     """The one model this server serves and the engine it runs on."""
@@ -174,6 +180,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         watch_task.cancel()
         if not work_task.done():
             work_task.cancel()
+            await asyncio.gather(work_task, return_exceptions=True)
     if work_task.cancelled():
-        raise asyncio.CancelledError("client disconnected")
+        raise ClientDisconnectedError("the client disconnected before the response was ready")
     return work_task.result()
