@@ -91,6 +91,8 @@ def assert_idle(sched: Scheduler) -> None:
     assert bm.num_free_blocks == bm.num_blocks
     assert all(block.ref_count == 0 for block in bm.blocks)
     assert sched.get_stats().kv_cache_usage == 0.0
+    # No bookkeeping outlives its sequences (a long-running server would leak it).
+    assert not sched._requests and not sched._pending_children and not bm._num_offered
 
 
 def test_single_request_prefill_then_decodes_until_max_tokens():

@@ -130,7 +130,7 @@ class Scheduler:
             raise InvalidRequestError(f"request_id: {parent.request_id!r} is already being served")
         if parent.num_prompt_tokens > self.max_model_len:
             raise InvalidRequestError(
-                f"prompt: {parent.num_prompt_tokens} tokens is longer than max_model_len ({self.max_model_len})",
+                f"prompt: {parent.num_prompt_tokens} tokens, more than max_model_len ({self.max_model_len})",
                 hint="shorten the prompt or raise max_model_len")
         if len(seqs) > self.config.max_num_seqs:
             raise InvalidRequestError(f"n: {len(seqs)} samples exceed max_num_seqs ({self.config.max_num_seqs})")
