@@ -64,7 +64,7 @@ def _decode_reference(
     positions = torch.arange(num_blocks * block_size, device=q.device)
     mask = positions[None, :] < seq_lens.to(q.device)[:, None]  # [B, L]
     # The G query heads sharing a KV head act as G query rows of that head: no K/V repeat.
-    group = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim).to(keys.dtype)
+    group = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim).to(keys.dtype)
     out = F.scaled_dot_product_attention(group, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
     return out.reshape(num_seqs, num_heads, head_dim)
 
