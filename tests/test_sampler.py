@@ -72,6 +72,25 @@ def test_top_p_applies_after_top_k():
     assert frequencies(SamplingParams(top_k=2, top_p=0.6)).tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
+def test_top_k_top_p_candidates_path_matches_full_sort():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 2000) * 3
+    top_k = torch.randint(1, 120, (64,))
+    top_p = torch.rand(64) * 0.9 + 0.1
+    fast = lp.apply_top_k_top_p(logits.clone(), top_k, top_p, max_top_k=int(top_k.max()))
+    full = lp.apply_top_k_top_p(logits.clone(), top_k, top_p)
+    assert torch.equal(fast.isfinite(), full.isfinite())
+    assert torch.equal(fast[fast.isfinite()], logits[fast.isfinite()])
+    kept = fast.isfinite().sum(1)
+    assert (kept <= top_k).all() and (kept < top_k).any() and (kept > 1).any()
+
+
+def test_top_p_after_top_k_on_a_large_vocab():
+    row = torch.cat([LOG_PROBS, torch.full((60,), -30.0)])  # V = 64 takes the top-k candidates path
+    assert frequencies(SamplingParams(top_k=2, top_p=0.6), row)[:4].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert (frequencies(SamplingParams(top_k=3, top_p=0.75), row)[:3] > 0).tolist() == [True, True, False]
+
+
 @pytest.mark.parametrize("min_p, kept", [(0.35, 2), (0.2, 3), (0.05, 4)])
 def test_min_p_drops_tokens_below_fraction_of_top(min_p, kept):
     got = frequencies(SamplingParams(min_p=min_p))

@@ -63,15 +63,17 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill_(probs < threshold, float("-inf"))
 
 
-def apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+def apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int | None = None) -> torch.Tensor:
     """Keep each row's top_k[i] largest logits (ties at the boundary are kept).
 
-    logits: [B, V]; top_k: [B] int64 in [1, V] (V = off). Uses topk, not a full sort: rows
-    with top-k off must not make every row pay for a top-V.
+    logits: [B, V]; top_k: [B] int64 in [1, V] (V = off); max_top_k: max(top_k) when no row
+    is off (saves a device sync). Uses topk, not a full sort: rows with top-k off must not
+    make every row pay for a top-V.
     """
     no_top_k = top_k == logits.shape[1]
     k = top_k.masked_fill(no_top_k, 1)
-    kth_values = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+    num = max_top_k if max_top_k is not None else int(k.max())
+    kth_values = logits.topk(num, dim=-1).values.gather(1, (k - 1).unsqueeze(1))
     kth_values.masked_fill_(no_top_k.unsqueeze(1), float("-inf"))
     return logits.masked_fill_(logits < kth_values, float("-inf"))
 
@@ -80,6 +82,7 @@ def apply_top_k_top_p(
     logits: torch.Tensor,  # [B, V]
     top_k: torch.Tensor | None,  # [B] int64 in [1, V], V = off
     top_p: torch.Tensor | None,  # [B] fp32 in (0, 1], 1.0 = off
+    max_top_k: int | None = None,  # max(top_k) when every row has top-k on
 ) -> torch.Tensor:
     """Top-k, then top-p on what top-k left (the order vLLM and HF use).
 
@@ -87,7 +90,9 @@ def apply_top_k_top_p(
     order, a token is dropped while the mass at or below it is <= 1 - p.
     """
     if top_p is None:
-        return logits if top_k is None else apply_top_k_only(logits, top_k)
+        return logits if top_k is None else apply_top_k_only(logits, top_k, max_top_k)
+    if top_k is not None and max_top_k is not None and max_top_k * 8 <= logits.shape[1]:
+        return _top_k_top_p_on_candidates(logits, top_k, top_p, max_top_k)
     logits_sort, logits_idx = logits.sort(dim=-1, descending=False)
     if top_k is not None:
         kth_values = logits_sort.gather(1, (logits_sort.shape[1] - top_k).unsqueeze(1))
@@ -97,6 +102,19 @@ def apply_top_k_top_p(
     top_p_mask[:, -1] = False  # the most likely token always survives
     logits_sort.masked_fill_(top_p_mask, float("-inf"))
     return logits_sort.scatter(1, logits_idx, logits_sort)
+
+
+def _top_k_top_p_on_candidates(logits, top_k, top_p, max_top_k: int) -> torch.Tensor:
+    """Top-p within each row's top-k only: a topk of max_top_k instead of a sort of V
+    (top_k=50 with top_p is the common request). Same result as the sort path, except that
+    ties at the k-th value keep exactly k tokens."""
+    values, indices = logits.topk(max_top_k, dim=-1)  # [B, K], largest first
+    ranks = torch.arange(max_top_k, device=logits.device)
+    values.masked_fill_(ranks >= top_k.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(values, dim=-1)
+    # Descending: a token stays while the mass strictly above it is still below p.
+    values.masked_fill_(probs.cumsum(dim=-1) - probs >= top_p.unsqueeze(1), float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(1, indices, values)
 
 
 def random_sample(

@@ -68,6 +68,7 @@ class SamplingMetadata:
     all_random: bool
     top_p: torch.Tensor | None  # [B] fp32; None when no row uses it
     top_k: torch.Tensor | None  # [B] int64 in [1, V]; None when no row uses it
+    max_top_k: int | None  # max(top_k) when every row has one (greedy rows count as 1)
     min_p: torch.Tensor | None  # [B] fp32; None when no row uses it
     penalties: PenaltyTensors | None
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # ([M] rows, [M] token ids) to forbid
@@ -90,9 +91,11 @@ class SamplingMetadata:
         def floats(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
 
-        top_k = [vocab_size if p.top_k < 1 else min(p.top_k, vocab_size) for p in params]
+        # Greedy rows take k = 1: their draw is discarded, and a small k keeps top-k cheap.
+        top_k = [1 if g else vocab_size if p.top_k < 1 else min(p.top_k, vocab_size) for p, g in zip(params, greedy)]
         use_top_p = any(p.top_p < 1.0 and not g for p, g in zip(params, greedy))
         use_top_k = any(k < vocab_size and not g for k, g in zip(top_k, greedy))
+        max_top_k = max(top_k) if use_top_k and max(top_k) < vocab_size else None
         use_min_p = any(p.min_p > 0.0 and not g for p, g in zip(params, greedy))
         generators: dict[int, torch.Generator] = {}
         for row, (p, _, _, gen) in enumerate(requests):
@@ -112,6 +115,7 @@ class SamplingMetadata:
             all_random=not any(greedy),
             top_p=floats([p.top_p for p in params]) if use_top_p else None,
             top_k=torch.tensor(top_k, dtype=torch.int64, device=device) if use_top_k else None,
+            max_top_k=max_top_k,
             min_p=floats([p.min_p for p in params]) if use_min_p else None,
             penalties=_build_penalties(requests, vocab_size, device),
             min_tokens_mask=_build_min_tokens_mask(requests, vocab_size, eos_token_id, device),
@@ -230,7 +234,7 @@ class Sampler(nn.Module):
         logits.div_(metadata.temperature.unsqueeze(1))
         if metadata.min_p is not None:
             lp.apply_min_p(logits, metadata.min_p)
-        logits = lp.apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
+        logits = lp.apply_top_k_top_p(logits, metadata.top_k, metadata.top_p, metadata.max_top_k)
         sampled = lp.random_sample(torch.softmax(logits, dim=-1), metadata.generators)
         return sampled if greedy is None else torch.where(metadata.is_greedy, greedy, sampled)
 
