@@ -197,3 +197,41 @@ def test_block_table_too_narrow_is_rejected():
     meta = dataclasses.replace(meta, block_tables=meta.block_tables[:, :2])
     with pytest.raises(AttentionShapeError, match="block_tables"):
         world.step([(0, 0, 9)], meta)
+
+
+def test_llama_steps_through_the_cache_match_its_dense_forward():
+    """A shrunk Llama: chunked prefill, then a decode, paged, equals one dense pass."""
+    from llmctl.models.arch import ModelArch
+    from llmctl.models.llama import LlamaForCausalLM
+
+    torch.manual_seed(7)
+    arch = ModelArch(
+        architecture="LlamaForCausalLM", vocab_size=100, hidden_size=96, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+        tie_word_embeddings=False, attention_bias=False, torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(arch)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.1)
+    seq_len, block_size, blocks = 20, 4, [3, 9, 1, 6, 0]
+    ids = torch.randint(0, arch.vocab_size, (seq_len,))
+    with torch.no_grad():
+        dense = model(ids[None], torch.arange(seq_len)[None])[0]
+    for layer in model.model.layers:
+        layer.self_attn.attn.k_cache = torch.zeros(10, block_size, 2, 16)
+        layer.self_attn.attn.v_cache = torch.zeros(10, block_size, 2, 16)
+    outs = []
+    slots = [blocks[p // block_size] * block_size + p % block_size for p in range(seq_len)]
+    for start, end in [(0, 7), (7, 19), (19, 20)]:
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots[start:end]),
+            block_tables=torch.tensor([blocks], dtype=torch.int32),
+            query_start_loc=torch.tensor([0, end - start], dtype=torch.int32),
+            seq_lens=torch.tensor([end], dtype=torch.int32),
+            max_query_len=end - start, max_seq_len=end, block_size=block_size,
+        )
+        with attention_metadata(meta), torch.no_grad():
+            outs.append(model(ids[start:end], torch.arange(start, end)))
+    torch.testing.assert_close(torch.cat(outs), dense, atol=1e-5, rtol=1e-5)
