@@ -1,9 +1,73 @@
-"""`llmctl serve`."""
+"""`llmctl serve`: the OpenAI-compatible server, with vLLM's flag names."""
 
 from __future__ import annotations
 
-from llmctl.cli.common import not_implemented
+import os
+from typing import Annotated, Optional
+
+import typer
+
+_ENGINE = "Engine"
+_SERVER = "Server"
 
 
-def serve() -> None:
-    not_implemented("serve")
+def serve(
+    model: Annotated[Optional[str], typer.Argument(help="Model dir, GPTQ checkpoint, recipe YAML or `default`.")] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Recipe YAML (model, cache, scheduler, serve).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1: local only).", rich_help_panel=_SERVER)] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).", rich_help_panel=_SERVER)] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="The model name clients send.", rich_help_panel=_SERVER)] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer KEY` on /v1 (or set LLMCTL_API_KEY).", rich_help_panel=_SERVER)] = None,
+    max_request_bytes: Annotated[Optional[int], typer.Option(help="Largest request body accepted (413 past it).", rich_help_panel=_SERVER)] = None,
+    shutdown_grace_s: Annotated[Optional[float], typer.Option(help="Seconds in-flight requests get to finish on SIGTERM/SIGINT.", rich_help_panel=_SERVER)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | float16 | bfloat16.", rich_help_panel=_ENGINE)] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel=_ENGINE)] = None,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Context length (default: the model's).", rich_help_panel=_ENGINE)] = None,
+    max_num_seqs: Annotated[Optional[int], typer.Option(help="Most sequences in one batch.", rich_help_panel=_ENGINE)] = None,
+    max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="Most tokens in one step.", rich_help_panel=_ENGINE)] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="KV-cache block size in tokens.", rich_help_panel=_ENGINE)] = None,
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="Share of GPU memory the engine may take.", rich_help_panel=_ENGINE)] = None,
+    kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV-cache budget, e.g. 2GiB (the CPU's budget).", rich_help_panel=_ENGINE)] = None,
+    enable_prefix_caching: Annotated[Optional[bool], typer.Option("--enable-prefix-caching/--no-enable-prefix-caching", help="Reuse KV blocks of shared prompt prefixes.", rich_help_panel=_ENGINE)] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.", rich_help_panel=_SERVER)] = "info",
+) -> None:
+    from llmctl.recipe import parse_size
+    from llmctl.serve.launcher import build_configs
+
+    flags = dict(host=host, port=port, served_model_name=served_model_name, api_key=api_key or os.environ.get("LLMCTL_API_KEY"),
+                 max_request_bytes=max_request_bytes, shutdown_grace_s=shutdown_grace_s, dtype=dtype, device=device,
+                 max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                 block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
+                 kv_cache_memory=parse_size(kv_cache_memory, "--kv-cache-memory") if kv_cache_memory else None,
+                 enable_prefix_caching=enable_prefix_caching)
+    engine_config, serve_config = build_configs(model, recipe, **flags)
+    _run(engine_config, serve_config, model, log_level)
+
+
+def _run(engine_config, serve_config, model_arg: str | None, log_level: str) -> None:
+    from rich.console import Console
+
+    from llmctl.engine.llm_engine import LLMEngine
+    from llmctl.serve.api_server import run_server
+    from llmctl.serve.launcher import build_app, model_dir_of
+    from llmctl.serve.startup import quant_check
+
+    console = Console(stderr=True, highlight=False)
+
+    def progress(event: str, info: dict) -> None:
+        console.print(info.get("message", event), markup=False)
+
+    with console.status("loading the model"):
+        engine = LLMEngine(engine_config, progress=progress)
+    check = quant_check(model_dir_of(engine))
+    for line in check.lines:
+        style = "bold red" if line.startswith("WARNING") else ("green" if "PASSED" in line else "")
+        console.print(line, style=style or None, markup=False)
+    app = build_app(engine, serve_config, model_arg=model_arg)
+    names = ", ".join(app.state.ctx.served_model_names)
+    console.print(f"serving {names} on http://{serve_config.host}:{serve_config.port}/v1"
+                  f"{' (API key required)' if serve_config.api_key else ''}", markup=False)
+    if serve_config.host not in ("127.0.0.1", "localhost", "::1") and not serve_config.api_key:
+        console.print(f"WARNING: bound to {serve_config.host} with no --api-key: anyone who reaches this port can use it",
+                      style="bold red", markup=False)
+    run_server(app, serve_config, log_level=log_level)

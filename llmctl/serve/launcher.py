@@ -1,0 +1,59 @@
+"""From settings to a running server: configs from a recipe plus flags, the app around a
+loaded `LLMEngine`. The CLI and the tests build servers the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from llmctl.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, ServeConfig
+
+
+def _override(config: Any, values: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(config)}
+    given = {k: v for k, v in values.items() if k in names and v is not None}
+    return dataclasses.replace(config, **given) if given else config
+
+
+def build_configs(model: str | None, recipe_path: str | None = None,
+                  **flags: Any) -> tuple[EngineConfig, ServeConfig]:
+    """Recipe values first, then every flag that was given (None means not given)."""
+    model_cfg, cache, scheduler, parallel, serve = ModelConfig(), CacheConfig(), SchedulerConfig(), ParallelConfig(), ServeConfig()
+    if recipe_path:
+        from llmctl.recipe import load_recipe
+
+        recipe = load_recipe(recipe_path)
+        model_cfg, cache, scheduler, parallel, serve = recipe.model, recipe.cache, recipe.scheduler, recipe.parallel, recipe.serve
+    if model:
+        flags["model"] = model
+    engine_config = EngineConfig(
+        model=_override(model_cfg, flags), cache=_override(cache, flags),
+        scheduler=_override(scheduler, flags), parallel=_override(parallel, flags))
+    return engine_config, _override(serve, flags)
+
+
+def build_app(engine: Any, serve_config: ServeConfig, served_model_name: str | None = None,
+              model_arg: str | None = None):
+    """The FastAPI app serving a loaded `LLMEngine`; the engine thread starts with the app."""
+    from llmctl.engine.async_engine import AsyncEngine
+    from llmctl.serve.api_server import create_app
+    from llmctl.serve.metrics import ServerMetrics
+    from llmctl.serve.serving_common import ServingContext
+
+    names = [served_model_name or serve_config.served_model_name or engine.model_name]
+    if model_arg and model_arg not in names and not served_model_name and not serve_config.served_model_name:
+        names.append(model_arg)  # `llmctl serve ./dir` answers to the dir name and to `./dir`, as vLLM does
+    metrics = ServerMetrics(names[0])
+    scheduler = engine.config.scheduler
+    async_engine = AsyncEngine(engine, max_num_unfinished=scheduler.max_num_seqs + scheduler.max_waiting,
+                               step_hook=metrics.record_step)
+    ctx = ServingContext(
+        engine=async_engine, tokenizer=engine.tokenizer, served_model_names=names,
+        model_path=str(engine.model_dir) if engine.model_dir else engine.model_name,
+        max_model_len=engine.max_model_len, vocab_size=engine.arch.vocab_size)
+    return create_app(ctx, metrics, serve_config)
+
+
+def model_dir_of(engine: Any) -> Path | None:
+    return Path(engine.model_dir) if getattr(engine, "model_dir", None) else None

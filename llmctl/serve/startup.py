@@ -1,0 +1,77 @@
+"""What the server says about itself at start: the KV plan, and for a GPTQ checkpoint the
+accuracy check `llmctl quantize` stored beside it (`llmctl_eval.json`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+EVAL_FILE = "llmctl_eval.json"
+
+
+@dataclass(frozen=True)
+class QuantCheck:
+    """`passed` is None when there is nothing to say (not a GPTQ checkpoint)."""
+
+    is_gptq: bool
+    passed: bool | None
+    lines: list[str]
+
+
+def _gptq_config(model_dir: Path) -> dict | None:
+    qc = model_dir / "quantize_config.json"
+    if qc.is_file():
+        return json.loads(qc.read_text())
+    cfg = model_dir / "config.json"
+    if cfg.is_file():
+        quant = json.loads(cfg.read_text()).get("quantization_config") or {}
+        if quant.get("quant_method") == "gptq":
+            return quant
+    return None
+
+
+def _passed(report: dict) -> bool | None:
+    for key in ("passed", "pass", "ok"):
+        if isinstance(report.get(key), bool):
+            return report[key]
+    status = report.get("status") or report.get("verdict")
+    if isinstance(status, str):
+        return status.lower() in ("pass", "passed", "ok")
+    return None
+
+
+def _flat_numbers(report: dict, prefix: str = "") -> list[str]:
+    """`name: value` for the numbers in the report (a nested dict is flattened one level)."""
+    out = []
+    for key, value in report.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out.append(f"{prefix}{key}: {value:.4g}" if isinstance(value, float) else f"{prefix}{key}: {value}")
+        elif isinstance(value, dict) and not prefix:
+            out.extend(_flat_numbers(value, f"{key}."))
+    return out
+
+
+def quant_check(model_dir: Path | None) -> QuantCheck:
+    if model_dir is None or not Path(model_dir).is_dir():
+        return QuantCheck(False, None, [])
+    quant = _gptq_config(Path(model_dir))
+    if quant is None:
+        return QuantCheck(False, None, [])
+    head = (f"GPTQ {quant.get('bits', '?')}-bit, group size {quant.get('group_size', '?')}, "
+            f"desc_act={quant.get('desc_act', False)}, sym={quant.get('sym', True)}")
+    report_path = Path(model_dir) / EVAL_FILE
+    if not report_path.is_file():
+        return QuantCheck(True, False, [head, f"WARNING: no accuracy check ({EVAL_FILE} is missing): this checkpoint "
+                                              f"was never compared with its original; run `llmctl eval {model_dir}`"])
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return QuantCheck(True, False, [head, f"WARNING: {report_path} is unreadable ({err})"])
+    passed = _passed(report) if isinstance(report, dict) else None
+    numbers = _flat_numbers(report)[:8] if isinstance(report, dict) else []
+    verdict = {True: "accuracy check: PASSED", False: "WARNING: accuracy check FAILED: this checkpoint is worse "
+               "than its gate allows", None: f"WARNING: {EVAL_FILE} states no verdict"}[passed]
+    return QuantCheck(True, passed, [head, verdict, *numbers])
