@@ -126,6 +126,12 @@ def device_name(device: torch.device) -> str:
 
 def select_path(m: int, n: int, k: int, device: torch.device) -> tuple[str, dict]:
     """(path, config) for an [m, k] x [k, n] product: the tuned table for this GPU and shape."""
+    path, config = _select_path(m, n, k, device)
+    return path, dict(config)
+
+
+@functools.lru_cache(maxsize=4096)
+def _select_path(m: int, n: int, k: int, device: torch.device) -> tuple[str, dict]:
     per_device = _load_tables().get("devices", {}).get(device_name(device), {})
     table = per_device.get(f"{n}x{k}") or per_device.get("default") or DEFAULT_TABLE
     for row in table:
@@ -169,7 +175,7 @@ def w4a16_matmul(
     if m == 0:
         return out.reshape(*lead, n)
     if path is None:
-        path, picked = select_path(m, n, k, x.device)
+        path, picked = _select_path(m, n, k, x.device)  # not copied: the launchers only read it
         config = config or picked
     elif config is None:
         config = next((dict(row["config"]) for row in DEFAULT_TABLE if row["path"] == path), {})

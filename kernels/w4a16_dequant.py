@@ -31,8 +31,8 @@ def _w4a16_dequant_kernel(
     ks = k0 + tl.arange(0, BLOCK_K)
     k_mask = ks < K
     n_mask = offs_n < N
-    w = _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, ks, k0, k_mask, offs_n, n_mask, N,
-                      BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K)
+    w = _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, K, offs_n, n_mask, N,
+                      BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, True)
     if HAS_PERM:
         rows = tl.load(perm_ptr + ks, mask=k_mask, other=0)
     else:

@@ -13,31 +13,44 @@ import triton
 import triton.language as tl
 
 GEMM_CONFIGS = [
-    dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SWAP_AB=swap, GROUP_M=8, num_warps=nw, num_stages=st)
+    dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SWAP_AB=swap, GROUP_M=8, PACKED_LOAD=packed,
+         num_warps=nw, num_stages=st)
     for bm, bn, bk, nw, st, sk, swap in (
         # batched decode: small M, split-K to fill the SMs
         (16, 64, 128, 4, 3, 4, 0), (16, 128, 128, 4, 3, 2, 0), (16, 64, 128, 4, 3, 8, 0),
         (16, 128, 64, 4, 4, 4, 1), (32, 128, 128, 4, 3, 4, 1), (32, 64, 128, 4, 3, 2, 0),
         (64, 128, 64, 4, 4, 2, 1), (64, 64, 128, 4, 3, 1, 0), (64, 128, 128, 8, 3, 1, 0),
         # prefill: large tiles
-        (128, 128, 64, 8, 3, 1, 0), (128, 256, 64, 8, 3, 1, 0), (128, 128, 128, 8, 3, 1, 0),
-        (256, 128, 64, 8, 3, 1, 0), (64, 256, 64, 8, 4, 1, 1), (128, 128, 64, 4, 4, 1, 0),
+        (128, 128, 64, 8, 3, 1, 0), (128, 256, 64, 8, 3, 1, 0), (128, 128, 128, 8, 2, 1, 0),
+        (256, 128, 64, 8, 3, 1, 0), (64, 256, 64, 8, 3, 1, 1), (128, 128, 64, 4, 4, 1, 0),
     )
+    for packed in (1, 0)
 ]
 
 
 @triton.jit
-def _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, ks, k0, k_mask, offs_n, n_mask, N,
+def _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N,
                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-                  HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The fp32 weight tile W[ks, offs_n]: [BLOCK_K, BLOCK_N]."""
+                  HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
+    """The fp32 weight tile W[k0:k0+BLOCK_K, offs_n]: [BLOCK_K, BLOCK_N]. k0 and k_end are multiples of 32/BITS."""
     VALS: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     MAGIC: tl.constexpr = 8388608.0
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_mask = ks < k_end
     tile_mask = k_mask[:, None] & n_mask[None, :]
-    # Each word is loaded VALS times; the repeats hit L1 and keep the tile in one layout.
-    w = tl.load(qweight_ptr + (ks // VALS)[:, None] * N + offs_n[None, :], mask=tile_mask, other=0)
-    q = (((w >> ((ks % VALS) * BITS)[:, None]) & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+    if PACKED_LOAD:
+        # Load each word once and split it in registers: [BLOCK_K/VALS, VALS, BLOCK_N] -> [BLOCK_K, BLOCK_N].
+        rows = k0 // VALS + tl.arange(0, BLOCK_K // VALS)
+        w = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :],
+                    mask=(rows * VALS < k_end)[:, None] & n_mask[None, :], other=0)
+        shifts = tl.arange(0, VALS) * BITS
+        q = tl.reshape((w[:, None, :] >> shifts[None, :, None]) & MASK, [BLOCK_K, w.shape[1]])
+    else:
+        # Each word is loaded VALS times; the repeats hit L1 and keep the tile in one layout.
+        w = tl.load(qweight_ptr + (ks // VALS)[:, None] * N + offs_n[None, :], mask=tile_mask, other=0)
+        q = (w >> ((ks % VALS) * BITS)[:, None]) & MASK
+    q = (q | 0x4B000000).to(tl.float32, bitcast=True)
     zero_shift = (offs_n % VALS) * BITS
     if HAS_G_IDX:
         g = tl.load(g_idx_ptr + ks, mask=k_mask, other=0)[:, None]
@@ -67,7 +80,7 @@ def _w4a16_gemm_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, PACKED_LOAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -98,8 +111,8 @@ def _w4a16_gemm_kernel(
         else:
             xk = ks
         a = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, ks, k0, k_mask, offs_n, n_mask, N,
-                          BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K).to(a.dtype)
+        b = _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N,
+                          BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, PACKED_LOAD).to(a.dtype)
         if SWAP_AB:
             acc = tl.dot(tl.trans(b), tl.trans(a), acc)
         else:
@@ -146,6 +159,7 @@ def w4a16_gemm(
         HAS_PERM=w.perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
         SPLIT_K=split_k, SWAP_AB=bool(config.get("SWAP_AB", 0)), BLOCK_M=config["BLOCK_M"],
         BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 8),
+        PACKED_LOAD=bool(config.get("PACKED_LOAD", 1)),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if target is not out:

@@ -27,7 +27,8 @@ def kernels(
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated M values.")] = "1,2,4,8,16,32,64,128,256,1024,4096",
     group_size: Annotated[int, typer.Option(help="GPTQ group size: -1, 32, 64 or 128.")] = 128,
     act_order: Annotated[bool, typer.Option(help="Also time act-order (permuted K) weights.")] = True,
-    rep_ms: Annotated[int, typer.Option(help="Milliseconds of repetitions per timing.")] = 50,
+    reps: Annotated[int, typer.Option(help="CUDA-graph replays per timing (the median is kept).")] = 20,
+    eager: Annotated[bool, typer.Option(help="Also time eager launches (host overhead included).")] = True,
     tune: Annotated[bool, typer.Option(help="First sweep every kernel configuration and write this GPU's table "
                                             "to kernels/configs/w4a16.json.")] = False,
     output_json: Annotated[Optional[Path], typer.Option(help="Write all rows and the summary here.")] = None,
@@ -45,7 +46,7 @@ def kernels(
         ms = tuple(int(v) for v in batch_sizes.split(",") if v.strip())
     except ValueError:
         raise ConfigError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
-    cfg = KernelBenchConfig(batch_sizes=ms, group_size=group_size, act_order=act_order, rep_ms=rep_ms)
+    cfg = KernelBenchConfig(batch_sizes=ms, group_size=group_size, act_order=act_order, reps=reps, eager=eager)
     err = Console(stderr=True)
     records = None
     if tune:
