@@ -126,8 +126,7 @@ def test_repetition_penalty_over_prompt_and_output():
     logits = torch.tensor([[2.0, -1.0, 1.9, 0.5, -0.5]])
     reqs = [(SamplingParams(temperature=0.0, repetition_penalty=1.25), [0], [1], None)]
     pen = SamplingMetadata.build(reqs, vocab_size=5, eos_token_id=None).penalties
-    got = lp.apply_penalties(logits.clone(), pen.prompt_token_ids, pen.output_token_ids,
-                             pen.repetition_penalties, pen.frequency_penalties, pen.presence_penalties)
+    got = lp.apply_penalties(logits.clone(), pen)
     # Prompt token 0 (positive) is divided, output token 1 (negative) multiplied, the rest untouched.
     torch.testing.assert_close(got, torch.tensor([[1.6, -1.25, 1.9, 0.5, -0.5]]))
     assert run(logits, reqs, eos=None)[0].sampled_token_ids.item() == 2
@@ -139,13 +138,34 @@ def test_frequency_and_presence_penalties_count_output_only():
     prompt, output = [3, 3, 3], [0, 0, 0, 1]
     params = SamplingParams(temperature=0.0, frequency_penalty=0.5, presence_penalty=0.25)
     pen = SamplingMetadata.build([(params, prompt, output, None)], 4, None).penalties
-    got = lp.apply_penalties(logits.clone(), pen.prompt_token_ids, pen.output_token_ids,
-                             pen.repetition_penalties, pen.frequency_penalties, pen.presence_penalties)
+    got = lp.apply_penalties(logits.clone(), pen)
     # token 0: 2 - 3*0.5 - 0.25; token 1: 1 - 0.5 - 0.25; token 3 (prompt only): untouched.
     torch.testing.assert_close(got, torch.tensor([[0.25, 0.25, 0.0, 1.5]]))
     assert run(logits, [(params, prompt, output, None)], eos=None)[0].sampled_token_ids.item() == 3
     negative = SamplingParams(temperature=0.0, presence_penalty=-2.0)
     assert run(logits, [(negative, [], [1], None)], eos=None)[0].sampled_token_ids.item() == 1
+
+
+def test_penalties_match_a_per_token_reference_on_random_histories():
+    rng = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 100, generator=rng) * 3
+    reqs = []
+    for row in range(6):
+        prompt = torch.randint(0, 30, (int(torch.randint(0, 40, (1,), generator=rng)),), generator=rng).tolist()
+        output = torch.randint(20, 60, (int(torch.randint(0, 40, (1,), generator=rng)),), generator=rng).tolist()
+        params = SamplingParams(repetition_penalty=[1.0, 1.3, 0.7][row % 3], frequency_penalty=[0.0, 0.4, -0.3][row // 2],
+                                presence_penalty=[0.5, 0.0, -1.0][(row + 1) % 3])
+        reqs.append((params, prompt, output, None))
+    expected = logits.clone()
+    for row, (params, prompt, output, _) in enumerate(reqs):
+        for token in set(prompt) | set(output):
+            value = expected[row, token]
+            penalty = params.repetition_penalty
+            expected[row, token] = value / penalty if value > 0 else value * penalty
+        for token in set(output):
+            expected[row, token] -= output.count(token) * params.frequency_penalty + params.presence_penalty
+    pen = SamplingMetadata.build(reqs, 100, None).penalties
+    torch.testing.assert_close(lp.apply_penalties(logits.clone(), pen), expected)
 
 
 def test_min_tokens_masks_eos_and_stop_tokens_until_reached():

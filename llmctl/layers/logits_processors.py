@@ -7,39 +7,42 @@ penalty, Hugging Face), so the same request behaves the same on either server.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-def bin_token_ids(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Count each token per row.
+@dataclass(frozen=True)
+class PenaltyTensors:
+    """Token histories as flat (row, token id) pairs: no padding to the longest history."""
 
-    token_ids: [B, L] int64, padded with `vocab_size` (a slot that is cut off after counting).
-    Returns [B, V] int32 counts.
-    """
-    counts = torch.zeros(token_ids.shape[0], vocab_size + 1, dtype=torch.int32, device=token_ids.device)
-    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids, dtype=torch.int32))
-    return counts[:, :vocab_size]
+    prompt_rows: torch.Tensor  # [Np] int64
+    prompt_token_ids: torch.Tensor  # [Np] int64
+    output_rows: torch.Tensor  # [No] int64
+    output_token_ids: torch.Tensor  # [No] int64
+    repetition_penalties: torch.Tensor  # [B] fp32, 1.0 = off
+    frequency_penalties: torch.Tensor  # [B] fp32, 0.0 = off
+    presence_penalties: torch.Tensor  # [B] fp32, 0.0 = off
 
 
-def apply_penalties(
-    logits: torch.Tensor,  # [B, V] fp32, modified in place
-    prompt_token_ids: torch.Tensor,  # [B, Lp] int64, padded with V
-    output_token_ids: torch.Tensor,  # [B, Lo] int64, padded with V
-    repetition_penalties: torch.Tensor,  # [B] fp32, 1.0 = off
-    frequency_penalties: torch.Tensor,  # [B] fp32, 0.0 = off
-    presence_penalties: torch.Tensor,  # [B] fp32, 0.0 = off
-) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, penalties: PenaltyTensors) -> torch.Tensor:
     """Repetition penalty over prompt + output (HF/vLLM: divide positive logits, multiply
-    negative ones); frequency and presence penalties over output tokens only (OpenAI)."""
+    negative ones); frequency and presence penalties over output tokens only (OpenAI).
+
+    logits: [B, V] fp32 contiguous, modified in place. Works on the N history entries, not on
+    B x V: a [B, V] count tensor per step would cost more than the sampling itself on a CPU.
+    """
     vocab_size = logits.shape[1]
-    output_counts = bin_token_ids(output_token_ids, vocab_size)
-    output_mask = output_counts > 0
-    seen = bin_token_ids(prompt_token_ids, vocab_size) > 0
-    seen |= output_mask
-    rep = torch.where(seen, repetition_penalties.unsqueeze(1), 1.0)
-    logits.copy_(torch.where(logits > 0, logits / rep, logits * rep))
-    logits -= frequency_penalties.unsqueeze(1) * output_counts
-    logits -= presence_penalties.unsqueeze(1) * output_mask
+    flat = logits.view(-1)
+    output_keys = penalties.output_rows * vocab_size + penalties.output_token_ids  # [No] flat positions
+    seen = torch.unique(torch.cat([penalties.prompt_rows * vocab_size + penalties.prompt_token_ids, output_keys]))
+    rep = penalties.repetition_penalties[seen // vocab_size]
+    values = flat[seen]
+    flat[seen] = torch.where(values > 0, values / rep, values * rep)
+    # Once per occurrence: count * frequency_penalty.
+    flat.index_add_(0, output_keys, -penalties.frequency_penalties[penalties.output_rows])
+    present = torch.unique(output_keys)
+    flat.index_add_(0, present, -penalties.presence_penalties[present // vocab_size])
     return logits
 
 

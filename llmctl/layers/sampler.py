@@ -27,9 +27,11 @@ strings with `IncrementalDetokenizer`.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,15 +52,6 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
 
 
 @dataclass(frozen=True)
-class PenaltyTensors:
-    prompt_token_ids: torch.Tensor  # [B, Lp] int64, padded with V
-    output_token_ids: torch.Tensor  # [B, Lo] int64, padded with V
-    repetition_penalties: torch.Tensor  # [B] fp32
-    frequency_penalties: torch.Tensor  # [B] fp32
-    presence_penalties: torch.Tensor  # [B] fp32
-
-
-@dataclass(frozen=True)
 class SamplingMetadata:
     """Everything the sampler needs for one step, as tensors; built once per step."""
 
@@ -70,7 +63,7 @@ class SamplingMetadata:
     top_k: torch.Tensor | None  # [B] int64 in [1, V]; None when no row uses it
     max_top_k: int | None  # max(top_k) when every row has one (greedy rows count as 1)
     min_p: torch.Tensor | None  # [B] fp32; None when no row uses it
-    penalties: PenaltyTensors | None
+    penalties: lp.PenaltyTensors | None
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # ([M] rows, [M] token ids) to forbid
     generators: dict[int, torch.Generator]  # row -> generator, seeded random rows only
     num_logprobs: tuple[int | None, ...]  # per row, params.logprobs
@@ -117,7 +110,7 @@ class SamplingMetadata:
             top_k=torch.tensor(top_k, dtype=torch.int64, device=device) if use_top_k else None,
             max_top_k=max_top_k,
             min_p=floats([p.min_p for p in params]) if use_min_p else None,
-            penalties=_build_penalties(requests, vocab_size, device),
+            penalties=_build_penalties(requests, device),
             min_tokens_mask=_build_min_tokens_mask(requests, vocab_size, eos_token_id, device),
             generators=generators,
             num_logprobs=num_logprobs,
@@ -125,28 +118,35 @@ class SamplingMetadata:
         )
 
 
-def _pad(rows: list[Sequence[int]], pad: int, device: torch.device | str) -> torch.Tensor:
-    width = max(1, max(len(r) for r in rows))
-    return torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows], dtype=torch.int64, device=device)
+def _flatten(histories: list[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N] row of each token, [N] token ids): one pass over the ids, no padding."""
+    lengths = [len(h) for h in histories]
+    ids = np.fromiter(itertools.chain.from_iterable(histories), dtype=np.int64, count=sum(lengths))
+    rows = np.repeat(np.arange(len(histories), dtype=np.int64), lengths)
+    return torch.from_numpy(rows).to(device), torch.from_numpy(ids).to(device)
 
 
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
-def _build_penalties(requests: Sequence[SamplingRequest], vocab_size: int, device) -> PenaltyTensors | None:
+def _build_penalties(requests: Sequence[SamplingRequest], device) -> lp.PenaltyTensors | None:
+    """Histories are read in Python once per step: O(total tokens) for rows with penalties."""
     if not any(_has_penalty(r[0]) for r in requests):
         return None
     # Histories of rows without penalties are left out: their counts are never used.
-    prompts = [r[1] if r[0].repetition_penalty != 1.0 else () for r in requests]
-    outputs = [r[2] if _has_penalty(r[0]) else () for r in requests]
+    prompt_rows, prompt_ids = _flatten([r[1] if r[0].repetition_penalty != 1.0 else () for r in requests], device)
+    output_rows, output_ids = _flatten([r[2] if _has_penalty(r[0]) else () for r in requests], device)
     params = [r[0] for r in requests]
-    return PenaltyTensors(
-        prompt_token_ids=_pad(prompts, vocab_size, device),
-        output_token_ids=_pad(outputs, vocab_size, device),
-        repetition_penalties=torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=device),
-        frequency_penalties=torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=device),
-        presence_penalties=torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=device),
+
+    def floats(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    return lp.PenaltyTensors(
+        prompt_rows=prompt_rows, prompt_token_ids=prompt_ids, output_rows=output_rows, output_token_ids=output_ids,
+        repetition_penalties=floats([p.repetition_penalty for p in params]),
+        frequency_penalties=floats([p.frequency_penalty for p in params]),
+        presence_penalties=floats([p.presence_penalty for p in params]),
     )
 
 
@@ -214,9 +214,7 @@ class Sampler(nn.Module):
         logits = logits.to(torch.float32, copy=True)  # [B, V]
         raw_logprobs = None if metadata.max_num_logprobs is None else torch.log_softmax(logits, dim=-1)
         if metadata.penalties is not None:
-            pen = metadata.penalties
-            lp.apply_penalties(logits, pen.prompt_token_ids, pen.output_token_ids,
-                               pen.repetition_penalties, pen.frequency_penalties, pen.presence_penalties)
+            lp.apply_penalties(logits, metadata.penalties)
         if metadata.min_tokens_mask is not None:
             lp.apply_token_mask(logits, *metadata.min_tokens_mask)
         sampled = self.sample(logits, metadata)
