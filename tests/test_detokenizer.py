@@ -151,3 +151,4 @@ def test_check_token_stop():
     assert check_token_stop(params, [1, 1, 1], eos, 3) == ("length", None)  # the context is full
     assert check_token_stop(SamplingParams(ignore_eos=True), [1, eos], eos, 16) == (None, None)
     assert check_token_stop(params, [], eos, 5) == (None, None)
+    assert check_token_stop(SamplingParams(), [1, 7], [2, 7], 16) == ("stop", None)  # several EOS ids

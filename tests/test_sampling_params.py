@@ -54,6 +54,7 @@ def test_stop_token_ids_with_eos_and_ignore_eos():
     assert SamplingParams(stop_token_ids=[7, 2]).all_stop_token_ids(2) == [2, 7]
     assert SamplingParams(stop_token_ids=[7], ignore_eos=True).all_stop_token_ids(2) == [7]
     assert SamplingParams().all_stop_token_ids(None) == []
+    assert SamplingParams(stop_token_ids=[5]).all_stop_token_ids([1, 2]) == [1, 2, 5]
 
 
 def test_sample_seeds_differ_per_sample_and_stay_none_unseeded():

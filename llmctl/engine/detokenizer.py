@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.engine.sampling_params import SamplingParams, eos_token_ids
 
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -35,7 +35,7 @@ class Tokenizer(Protocol):
 def check_token_stop(
     params: SamplingParams,
     output_token_ids: Sequence[int],
-    eos_token_id: int | None,
+    eos_token_id: int | Sequence[int] | None,
     max_new_tokens: int | None,
 ) -> tuple[str | None, int | None]:
     """(finish_reason, stop_reason) after the latest token: ("stop", None) for EOS,
@@ -48,7 +48,7 @@ def check_token_stop(
         return None, None
     last = output_token_ids[-1]
     if num_tokens >= params.min_tokens:
-        if not params.ignore_eos and eos_token_id is not None and last == eos_token_id:
+        if not params.ignore_eos and last in eos_token_ids(eos_token_id):
             return "stop", None
         if last in params.stop_token_ids:
             return "stop", last

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from llmctl.errors import InvalidRequestError
 
 
 # vLLM's default cap on logprobs and prompt_logprobs per position.
 MAX_LOGPROBS = 20
+
+
+def eos_token_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    """The model's EOS as a list, whether the config gives none, one or several ids."""
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
 def _require(cond: bool, name: str, why: str) -> None:
@@ -94,9 +102,11 @@ class SamplingParams:
         _require(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
                  "stop_token_ids", f"must be non-negative integer token ids, got {self.stop_token_ids}")
 
-    def all_stop_token_ids(self, eos_token_id: int | None) -> list[int]:
-        """Tokens that end the sequence: EOS (unless ignore_eos), then stop_token_ids."""
-        ids = [] if self.ignore_eos or eos_token_id is None else [eos_token_id]
+    def all_stop_token_ids(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
+        """Tokens that end the sequence: the EOS id(s) (unless ignore_eos), then stop_token_ids.
+
+        eos_token_id may list several ids (Llama 3's generation config has two)."""
+        ids = [] if self.ignore_eos else eos_token_ids(eos_token_id)
         return ids + [t for t in self.stop_token_ids if t not in ids]
 
     def sample_seed(self, index: int) -> int | None:

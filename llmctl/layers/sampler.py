@@ -74,7 +74,7 @@ class SamplingMetadata:
         cls,
         requests: Sequence[SamplingRequest],
         vocab_size: int,
-        eos_token_id: int | None,
+        eos_token_id: int | Sequence[int] | None,
         device: torch.device | str = "cpu",
     ) -> "SamplingMetadata":
         """requests: (params, prompt_token_ids, output_token_ids, generator) per row."""
@@ -150,7 +150,7 @@ def _build_penalties(requests: Sequence[SamplingRequest], device) -> lp.PenaltyT
     )
 
 
-def _build_min_tokens_mask(requests, vocab_size: int, eos_token_id: int | None, device):
+def _build_min_tokens_mask(requests, vocab_size: int, eos_token_id: int | Sequence[int] | None, device):
     rows: list[int] = []
     cols: list[int] = []
     for row, (p, _, output_ids, _) in enumerate(requests):
