@@ -17,9 +17,9 @@ def tokenizer(default_model_dir):
     return AutoTokenizer.from_pretrained(str(default_model_dir))
 
 
-def stream(tokenizer, token_ids, params=SamplingParams(), eos=None):
+def stream(tokenizer, token_ids, params=SamplingParams(), eos=None, prompt_token_ids=None):
     """Feed tokens one by one as the engine does; return (pieces, final text, stop reason)."""
-    detok = IncrementalDetokenizer(tokenizer, params)
+    detok = IncrementalDetokenizer(tokenizer, params, prompt_token_ids)
     pieces, output = [], []
     for token_id in token_ids:
         output.append(token_id)
@@ -152,3 +152,47 @@ def test_check_token_stop():
     assert check_token_stop(SamplingParams(ignore_eos=True), [1, eos], eos, 16) == (None, None)
     assert check_token_stop(params, [], eos, 5) == (None, None)
     assert check_token_stop(SamplingParams(), [1, 7], [2, 7], 16) == ("stop", None)  # several EOS ids
+
+
+@pytest.mark.parametrize("prompt", ["<|im_start|>user\nHi 世界<|im_end|>\n<|im_start|>assistant\n", "The capital of", "日"])
+def test_prompt_context_changes_nothing_for_byte_level_bpe(tokenizer, prompt):
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    ids = tokenizer.encode(" Paris, 世界 ok", add_special_tokens=False)
+    pieces, final, _ = stream(tokenizer, ids, prompt_token_ids=prompt_ids)
+    assert "".join(pieces) == final == tokenizer.decode(ids) == " Paris, 世界 ok"
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer():
+    """A Llama-2-style tokenizer ("▁" for spaces, byte-fallback tokens for other characters,
+    leading space stripped on decode), built here on the real tokenizers pipeline."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)])}
+    for ch in "▁" + string.ascii_letters + ",.":
+        vocab.setdefault(ch, len(vocab))
+    merges = []
+    for word in ("▁The", "▁capital", "▁of", "▁France", "▁is", "▁Paris", "▁fox"):
+        for i in range(2, len(word) + 1):
+            merges.append((word[: i - 1], word[i - 1]))
+            vocab.setdefault(word[:i], len(vocab))
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_leading_space_with_and_without_prompt(sentencepiece_tokenizer):
+    tok = sentencepiece_tokenizer
+    prompt_ids = tok.encode("The capital of France is", add_special_tokens=False)
+    ids = tok.encode("Paris 世界 fox", add_special_tokens=False)  # starts "▁Paris", as after a prompt
+    assert tok.convert_ids_to_tokens(ids)[:2] == ["▁Paris", "▁"] and "<0xE4>" in tok.convert_ids_to_tokens(ids)
+    pieces, final, _ = stream(tok, ids)
+    assert "".join(pieces) == final == tok.decode(ids) == "Paris 世界 fox"
+    pieces, final, _ = stream(tok, ids, prompt_token_ids=prompt_ids)
+    assert "".join(pieces) == final == " Paris 世界 fox"
+    assert not any("\ufffd" in piece for piece in pieces)

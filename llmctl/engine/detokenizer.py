@@ -16,7 +16,12 @@ Text is decoded over a sliding window of token ids (vLLM's prefix_offset / read_
 the text of ids[prefix:] minus the text of ids[prefix:read] is new, unless it ends in U+FFFD,
 which means a character's bytes are split across tokens and the rest is still to come.
 Decoding a window that starts one token back keeps SentencePiece's leading-space rule
-consistent, so the pieces add up to tokenizer.decode(all ids).
+consistent, so the pieces add up to tokenizer.decode(all output ids).
+
+With `prompt_token_ids`, the window starts in the prompt's last tokens instead, as vLLM does:
+a SentencePiece tokenizer (Llama 2, Mistral) then shows the space that "▁Paris" carries after a
+prompt (" Paris", what a completion must append), where decode(output ids) strips it. For
+byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM2) both give the same text.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Protocol, Sequence
 from llmctl.engine.sampling_params import SamplingParams, eos_token_ids
 
 _REPLACEMENT_CHAR = "\ufffd"
+_NUM_CONTEXT_TOKENS = 6  # prompt tokens decoded with the output; vLLM reads 5 back
 
 
 class Tokenizer(Protocol):
@@ -71,14 +77,20 @@ def find_stop_string(text: str, num_new_chars: int, stop: Sequence[str]) -> tupl
 class IncrementalDetokenizer:
     """One sequence's output text, built token by token; see the module docstring."""
 
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, params: SamplingParams, prompt_token_ids: Sequence[int] | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.params = params
-        self.token_ids: list[int] = []
         self.output_text = ""
         self.stop_reason: str | None = None  # the stop string that ended the text
+        context = list(prompt_token_ids or [])[-_NUM_CONTEXT_TOKENS:]
+        if self._decode(context).endswith(_REPLACEMENT_CHAR):
+            context = []  # the prompt ends inside a character: its text would shift under the output
+        self._num_context_tokens = len(context)
+        self.token_ids: list[int] = context  # the decode window's source: context, then output ids
         self.prefix_offset = 0
-        self.read_offset = 0
+        self.read_offset = len(context)
         self._num_output_tokens = 0
         self._last_output_offset = 0
         self._flushed = False
@@ -86,6 +98,11 @@ class IncrementalDetokenizer:
         # the next token completes; they are held back unless the stop string is shown anyway.
         held = params.stop and not params.include_stop_str_in_output
         self.stop_buffer_length = max(len(s) for s in params.stop) - 1 if held else 0
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """The output tokens decoded so far (a stop token left out when not shown)."""
+        return self.token_ids[self._num_context_tokens :]
 
     @property
     def stopped(self) -> bool:
