@@ -1,12 +1,18 @@
 """Turning a sequence's tokens into text as they arrive, and deciding when it stops.
 
-Per sequence, the engine keeps one `IncrementalDetokenizer` and, after each sampled token::
+Per sequence, the engine keeps one
+`detok = IncrementalDetokenizer(tokenizer, params, prompt_token_ids)` and, after each sampled token::
 
     finish_reason, stop_reason = check_token_stop(params, seq.output_token_ids, eos_token_id, limit)
     stop_str = detok.update([token_id], stop_terminated=finish_reason == "stop")
     if stop_str is not None:
         finish_reason, stop_reason = "stop", stop_str
     delta = detok.get_next_output_text(finished=finish_reason is not None, delta=True)
+    text = detok.get_next_output_text(finished=..., delta=False)   # or the whole text so far
+
+On "length" or an abort, pass finished=True too: that releases held-back text. `detok.output_text`
+is all text decoded so far, a possible stop-string prefix not yet streamed included; a character
+still missing bytes joins it only when completed or at the end.
 
 `limit` is the number of new tokens the sequence may have: params.max_tokens, capped by what
 is left of max_model_len. A stop token (EOS or one of stop_token_ids) is not detokenized
