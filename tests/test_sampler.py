@@ -79,10 +79,19 @@ def test_top_k_top_p_candidates_path_matches_full_sort():
     top_p = torch.rand(64) * 0.9 + 0.1
     fast = lp.apply_top_k_top_p(logits.clone(), top_k, top_p, max_top_k=int(top_k.max()))
     full = lp.apply_top_k_top_p(logits.clone(), top_k, top_p)
-    assert torch.equal(fast.isfinite(), full.isfinite())
+    assert torch.equal(fast, full)
     assert torch.equal(fast[fast.isfinite()], logits[fast.isfinite()])
     kept = fast.isfinite().sum(1)
     assert (kept <= top_k).all() and (kept < top_k).any() and (kept > 1).any()
+
+
+def test_top_p_keeps_ties_with_the_last_kept_token_whatever_their_order():
+    logits = torch.tensor([0.4, 0.2, 0.2, 0.2, 0.1]).log()
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    kept = lp.apply_top_p(logits.clone().unsqueeze(0), torch.tensor([0.5])).isfinite()[0]
+    assert kept.tolist() == [True, True, True, True, False]
+    kept_perm = lp.apply_top_p(logits[perm].unsqueeze(0), torch.tensor([0.5])).isfinite()[0]
+    assert torch.equal(kept_perm, kept[perm])
 
 
 def test_top_p_after_top_k_on_a_large_vocab():
@@ -186,7 +195,7 @@ def test_stop_token_outside_vocab_and_seed_without_generator_are_rejected():
         SamplingMetadata.build([(SamplingParams(seed=1), [], [], None)], 10, None)
 
 
-def _seeded_run(layout: list[tuple[str, SamplingParams]], steps: int, vocab: int = 300,
+def _seeded_run(layout: list[tuple[str, SamplingParams]], steps: int, vocab: int = 1000,
                 device: str = "cpu") -> dict[str, list[int]]:
     """Decode `steps` tokens for each named row; a row's logits depend only on its name and step."""
     gens = {name: make_generator(p.seed, device) for name, p in layout if p.seed is not None}
@@ -207,14 +216,15 @@ def _seeded_run(layout: list[tuple[str, SamplingParams]], steps: int, vocab: int
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_seed_reproduces_whatever_else_is_in_the_batch(device):
     a = SamplingParams(seed=7, temperature=0.9, top_p=0.95)
-    b = SamplingParams(seed=8, top_k=50, repetition_penalty=1.1)
+    b = SamplingParams(seed=8, top_k=50, top_p=0.9, repetition_penalty=1.1)
     batch1 = [("a", a), ("x", SamplingParams()), ("b", b)]
     batch2 = [("y", SamplingParams(temperature=0.0)), ("b", b), ("z", SamplingParams(seed=9)),
               ("w", SamplingParams(top_k=3)), ("a", a)]
     batch3 = [("a", a)]
-    r1, r2, r3 = (_seeded_run(b, 40, device=device) for b in (batch1, batch2, batch3))
+    batch4 = [("w", SamplingParams(top_k=3)), ("b", b)]  # every row has top-k: top-p without a sort
+    r1, r2, r3, r4 = (_seeded_run(b, 40, device=device) for b in (batch1, batch2, batch3, batch4))
     assert r1["a"] == r2["a"] == r3["a"]
-    assert r1["b"] == r2["b"]
+    assert r1["b"] == r2["b"] == r4["b"]
     other_seed = _seeded_run([("a", SamplingParams(seed=70, temperature=0.9, top_p=0.95))], 40, device=device)
     assert other_seed["a"] != r1["a"]
     assert len(set(r1["a"])) > 5  # really sampled, not a degenerate greedy run

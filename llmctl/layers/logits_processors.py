@@ -81,43 +81,40 @@ def apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int |
     return logits.masked_fill_(logits < kth_values, float("-inf"))
 
 
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor, max_top_k: int | None = None) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches p (a token stays while
+    the mass strictly above it is below p), and every token tied with the least likely kept.
+
+    logits: [B, V], modified in place; top_p: [B] (1.0 = off); max_top_k: every row already
+    kept at most this many tokens (top-k), so a topk replaces the sort of V.
+
+    The cut is a probability threshold from the row's own softmax and cumulative sum, so a
+    row's result does not depend on which other rows share the batch, nor on how ties are
+    ordered: seeded requests stay reproducible.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    if max_top_k is not None and max_top_k * 8 <= logits.shape[1]:
+        probs_desc = probs.topk(max_top_k, dim=-1).values
+    else:
+        probs_desc = probs.sort(dim=-1, descending=True).values
+    mass_above = probs_desc.cumsum(dim=-1)[:, :-1]  # [B, K-1], non-decreasing
+    num_kept = 1 + (mass_above < top_p.unsqueeze(1)).sum(dim=-1)
+    threshold = probs_desc.gather(1, (num_kept - 1).unsqueeze(1))
+    return logits.masked_fill_(probs < threshold, float("-inf"))
+
+
 def apply_top_k_top_p(
-    logits: torch.Tensor,  # [B, V]
+    logits: torch.Tensor,  # [B, V], modified in place
     top_k: torch.Tensor | None,  # [B] int64 in [1, V], V = off
     top_p: torch.Tensor | None,  # [B] fp32 in (0, 1], 1.0 = off
     max_top_k: int | None = None,  # max(top_k) when every row has top-k on
 ) -> torch.Tensor:
-    """Top-k, then top-p on what top-k left (the order vLLM and HF use).
-
-    Top-p keeps the smallest set of most likely tokens whose mass reaches p: in ascending
-    order, a token is dropped while the mass at or below it is <= 1 - p.
-    """
-    if top_p is None:
-        return logits if top_k is None else apply_top_k_only(logits, top_k, max_top_k)
-    if top_k is not None and max_top_k is not None and max_top_k * 8 <= logits.shape[1]:
-        return _top_k_top_p_on_candidates(logits, top_k, top_p, max_top_k)
-    logits_sort, logits_idx = logits.sort(dim=-1, descending=False)
+    """Top-k, then top-p on what top-k left (the order vLLM and HF use)."""
     if top_k is not None:
-        kth_values = logits_sort.gather(1, (logits_sort.shape[1] - top_k).unsqueeze(1))
-        logits_sort.masked_fill_(logits_sort < kth_values, float("-inf"))
-    probs_sum = torch.softmax(logits_sort, dim=-1).cumsum(dim=-1)
-    top_p_mask = probs_sum <= (1.0 - top_p).unsqueeze(1)
-    top_p_mask[:, -1] = False  # the most likely token always survives
-    logits_sort.masked_fill_(top_p_mask, float("-inf"))
-    return logits_sort.scatter(1, logits_idx, logits_sort)
-
-
-def _top_k_top_p_on_candidates(logits, top_k, top_p, max_top_k: int) -> torch.Tensor:
-    """Top-p within each row's top-k only: a topk of max_top_k instead of a sort of V
-    (top_k=50 with top_p is the common request). Same result as the sort path, except that
-    ties at the k-th value keep exactly k tokens."""
-    values, indices = logits.topk(max_top_k, dim=-1)  # [B, K], largest first
-    ranks = torch.arange(max_top_k, device=logits.device)
-    values.masked_fill_(ranks >= top_k.unsqueeze(1), float("-inf"))
-    probs = torch.softmax(values, dim=-1)
-    # Descending: a token stays while the mass strictly above it is still below p.
-    values.masked_fill_(probs.cumsum(dim=-1) - probs >= top_p.unsqueeze(1), float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter_(1, indices, values)
+        apply_top_k_only(logits, top_k, max_top_k)
+    if top_p is not None:
+        apply_top_p(logits, top_p, max_top_k if top_k is not None else None)
+    return logits
 
 
 def random_sample(
