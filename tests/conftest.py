@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Test shapes are small, and on a busy machine two OpenMP threads spin-waiting
+    # on each other make a 135M-model forward ~20x slower than one thread. An
+    # explicit OMP_NUM_THREADS still wins.
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
