@@ -37,12 +37,55 @@ def decode_config(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: to
     """Block sizes and the number of context slices: enough programs to fill the GPU."""
     if device.type == "cuda":
         target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-        block_n, num_warps = 64, 4
+        # Two stages keep one 64-token K/V tile in flight (cp.async) while the other is used.
+        block_n, num_warps, num_stages = 64, 4, 2
     else:
-        target, block_n, num_warps = 1, 16, 4
+        target, block_n, num_warps, num_stages = 1, 16, 4, 1
     by_occupancy = triton.cdiv(target, num_seqs * num_kv_heads)
     by_length = triton.cdiv(max_seq_len, MIN_TOKENS_PER_SPLIT)
-    return {"num_splits": max(1, min(by_occupancy, by_length, MAX_SPLITS)), "BLOCK_N": block_n, "num_warps": num_warps}
+    num_splits = max(1, min(by_occupancy, by_length, MAX_SPLITS))
+    return {"num_splits": num_splits, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+
+
+@triton.jit
+def attend_paged_tiles(
+    acc, l_i, m_i, q, q_pos,
+    k_cache_ptr, v_cache_ptr, table_ptr, kv_head, head_dim, qk_scale, lo, hi,
+    stride_cb, stride_cs, stride_ch,
+    BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Online-softmax step over keys lo..hi-1 of one sequence, read through its block
+    table. Rows of q see keys up to q_pos; MASKED=False promises every key in range is
+    visible to every row and lo..hi is whole tiles, so the bulk of the context runs
+    without masks. acc [M, D], l_i / m_i [M] (log2 units) are carried in fp32."""
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < head_dim
+    for tile in range(lo, hi, BLOCK_N):
+        pos = tile + tl.arange(0, BLOCK_N)
+        if MASKED:
+            pos_mask = pos < hi
+            block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)
+            kv_mask = pos_mask[:, None] & dim_mask[None, :]
+        else:
+            block = tl.load(table_ptr + pos // BLOCK_SIZE).to(tl.int64)
+            kv_mask = dim_mask[None, :]
+        kv_offs = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        k = tl.load(k_cache_ptr + kv_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, N], log2 units
+        if MASKED:
+            s = tl.where((pos[None, :] <= q_pos[:, None]) & pos_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -80,25 +123,17 @@ def _paged_decode_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for tile in range(start, end, BLOCK_N):
-        pos = tile + tl.arange(0, BLOCK_N)
-        pos_mask = pos < end
-        block = tl.load(table + pos // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)
-        kv_offs = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-        kv_mask = pos_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [G, N], log2 units
-        s = tl.where(pos_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    # Whole tiles unmasked, then the ragged tail, where every row sees keys up to end - 1.
+    q_pos = tl.zeros([BLOCK_G], tl.int32) + end - 1
+    full_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = attend_paged_tiles(
+        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, kv_head, head_dim, qk_scale, start, full_end,
+        stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_D, BLOCK_N, False, DOT_FP32,
+    )
+    acc, l_i, m_i = attend_paged_tiles(
+        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, kv_head, head_dim, qk_scale, full_end, end,
+        stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_D, BLOCK_N, True, DOT_FP32,
+    )
 
     out_mask = head_mask[:, None] & dim_mask[None, :]
     # An empty slice (past this sequence's end) has l_i == 0: weight 0 in the merge.
@@ -186,7 +221,7 @@ def paged_decode_attention(
         QUERIES_PER_KV=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), BLOCK_D=block_d,
         BLOCK_N=block_n, SPLIT=split, DOT_FP32=dot_in_fp32(q, k_cache),
-        num_warps=config["num_warps"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if split:
         _merge_splits_kernel[(num_seqs, num_heads)](

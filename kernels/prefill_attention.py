@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import LOG2E, dot_in_fp32
+from kernels.decode_attention import LOG2E, attend_paged_tiles, dot_in_fp32
 
 
 def prefill_config(max_query_len: int, queries_per_kv: int, device: torch.device) -> dict:
@@ -67,29 +67,19 @@ def _paged_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    # Keys past the tile's last token are masked for every row: stop there.
+    # Keys before the tile's first token are visible to all its rows: whole tiles of
+    # them run unmasked; from there to the tile's last token the causal mask applies.
+    full_end = ((context_len + q_tile * BLOCK_Q) // BLOCK_N) * BLOCK_N
     kv_end = tl.minimum(seq_len, context_len + (q_tile + 1) * BLOCK_Q)
-    for tile in range(0, kv_end, BLOCK_N):
-        pos = tile + tl.arange(0, BLOCK_N)
-        pos_mask = pos < kv_end
-        block = tl.load(table + pos // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)
-        kv_offs = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-        kv_mask = pos_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_offs[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, N], log2 units
-        # Position 0 is visible to every row, so each row's max is finite after tile 0.
-        visible = (pos[None, :] <= q_pos[:, None]) & pos_mask[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    acc, l_i, m_i = attend_paged_tiles(
+        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, kv_head, head_dim, qk_scale, 0, full_end,
+        stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_D, BLOCK_N, False, DOT_FP32,
+    )
+    # Position 0 is visible to every row, so no row ends with an empty softmax.
+    acc, l_i, m_i = attend_paged_tiles(
+        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, kv_head, head_dim, qk_scale, full_end, kv_end,
+        stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_D, BLOCK_N, True, DOT_FP32,
+    )
 
     acc = acc / l_i[:, None]
     o_offs = (q_start + q_local).to(tl.int64)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
