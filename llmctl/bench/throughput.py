@@ -1,0 +1,170 @@
+"""Offline throughput (`llmctl bench throughput`, after `vllm bench throughput`): one
+workload of token-id prompts run through llmctl's engine and, in the same process, the
+transformers baselines; requests/s, output tok/s and total tok/s for each."""
+
+from __future__ import annotations
+
+import platform
+import random
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from llmctl.config import BenchConfig, EngineConfig
+
+BACKENDS = ("llmctl", "hf", "hf-sequential")
+
+# (backend, event, payload): "start" {"total": n}, "advance" {"n": k}, "done" {"result": BenchResult},
+# "log" {"message": str}. The CLI draws; nothing here does.
+BenchCallback = Callable[[str, str, dict], None]
+
+
+@dataclass
+class BenchResult:
+    backend: str
+    num_requests: int
+    elapsed_s: float
+    num_prompt_tokens: int
+    num_output_tokens: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.num_requests / self.elapsed_s
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.num_output_tokens / self.elapsed_s
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return (self.num_prompt_tokens + self.num_output_tokens) / self.elapsed_s
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(requests_per_second=self.requests_per_s, output_throughput=self.output_tokens_per_s,
+                   total_token_throughput=self.total_tokens_per_s)
+        return out
+
+
+def sample_prompts(bench: BenchConfig, vocab_size: int, tokenizer=None) -> list[list[int]]:
+    """`num_prompts` prompts of exactly `input_len` token ids: uniform random ids (special
+    tokens excluded when the tokenizer names them) or consecutive windows of the corpus."""
+    if bench.dataset == "corpus":
+        return _corpus_prompts(bench, tokenizer)
+    rng = random.Random(bench.seed)
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    allowed = [t for t in range(vocab_size) if t not in special] if special else None
+    if allowed is None:
+        return [[rng.randrange(vocab_size) for _ in range(bench.input_len)] for _ in range(bench.num_prompts)]
+    return [rng.choices(allowed, k=bench.input_len) for _ in range(bench.num_prompts)]
+
+
+def _corpus_prompts(bench: BenchConfig, tokenizer) -> list[list[int]]:
+    from llmctl.errors import ConfigError
+    from llmctl.eval.corpus import load_corpus_split
+
+    if tokenizer is None:
+        raise ConfigError("--dataset corpus: needs the model's tokenizer (this model has none)",
+                          hint="use --dataset random")
+    articles = list(load_corpus_split().train)
+    random.Random(bench.seed).shuffle(articles)
+    need = bench.num_prompts * bench.input_len
+    stream: list[int] = []
+    for text in articles:
+        stream += tokenizer.encode(text + "\n\n", add_special_tokens=False)
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise ConfigError(f"--dataset corpus: the corpus has {len(stream):,} tokens, fewer than "
+                          f"{bench.num_prompts} x {bench.input_len}")
+    return [stream[i * bench.input_len:(i + 1) * bench.input_len] for i in range(bench.num_prompts)]
+
+
+def run_llmctl(llm, prompts: list[list[int]], bench: BenchConfig, on_event: BenchCallback) -> BenchResult:
+    """The whole workload submitted at once, as `vllm bench throughput` does."""
+    from llmctl.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(n=bench.n, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=bench.output_len)
+    on_event("llmctl", "start", {"total": len(prompts)})
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, on_finished=lambda k: on_event("llmctl", "advance", {"n": k}))
+    elapsed = time.perf_counter() - start
+    stats = llm.engine.get_stats()
+    return BenchResult(
+        backend="llmctl", num_requests=len(prompts), elapsed_s=elapsed,
+        num_prompt_tokens=sum(len(o.prompt_token_ids) for o in outputs),
+        num_output_tokens=sum(len(c.token_ids) for o in outputs for c in o.outputs),
+        extra={"num_preemptions": stats.num_preemptions, "kv_waste_mean": stats.kv_waste_mean,
+               "num_kv_blocks": stats.num_total_blocks, "max_num_running": stats.max_num_running,
+               "num_steps": stats.num_steps},
+    )
+
+
+def run_hf_backend(backend: str, model_spec: dict, prompts: list[list[int]], bench: BenchConfig,
+                   batch_size: int, on_event: BenchCallback) -> BenchResult:
+    import torch
+
+    from llmctl.bench.hf_baseline import load_hf_model, run_hf
+
+    dtype = getattr(torch, model_spec["dtype"])
+    model = load_hf_model(model_spec["model_dir"], dtype, model_spec["device"], model_spec.get("arch_config"))
+    size = 1 if backend == "hf-sequential" else batch_size
+    on_event(backend, "start", {"total": len(prompts)})
+    result = run_hf(model, prompts, bench.output_len, bench.n, size, backend,
+                    on_progress=lambda k: on_event(backend, "advance", {"n": k}))
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def environment() -> dict:
+    """Machine and commit, recorded with every result."""
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+            "processor": _cpu_name(), "num_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                        text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["commit"] = None
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def run_throughput(engine_config: EngineConfig, bench: BenchConfig, backends: tuple[str, ...],
+                   hf_batch_size: int, load_format: str = "auto",
+                   on_event: BenchCallback = lambda *_: None) -> dict:
+    """Every backend on the same prompts; returns {"environment", "config", "results"}."""
+    from llmctl.llm import LLM
+
+    llm = LLM.from_engine_config(engine_config, load_format=load_format,
+                                 progress=lambda event, info: on_event("llmctl", "log", {"message": info.get("message", event)}))
+    prompts = sample_prompts(bench, llm.vocab_size, llm.tokenizer)
+    model_spec = llm.hf_model_spec()
+    results = []
+    if "llmctl" in backends:
+        results.append(run_llmctl(llm, prompts, bench, on_event))
+        on_event("llmctl", "done", {"result": results[-1]})
+    llm.shutdown()
+    del llm
+    for backend in ("hf", "hf-sequential"):
+        if backend in backends:
+            results.append(run_hf_backend(backend, model_spec, prompts, bench, hf_batch_size, on_event))
+            on_event(backend, "done", {"result": results[-1]})
+    return {"environment": environment(), "config": asdict(bench), "model": model_spec["name"],
+            "results": [r.to_dict() for r in results]}

@@ -1,0 +1,87 @@
+"""`EngineRequest`: what the engine keeps per request beside the scheduler's sequences:
+per-sample detokenizers, generators, logprobs, the prompt's logprobs and timings; and
+how it turns them into the cumulative `RequestOutput` of each step."""
+
+from __future__ import annotations
+
+import torch
+
+from llmctl.engine.detokenizer import IncrementalDetokenizer
+from llmctl.engine.outputs import CompletionOutput, Logprobs, RequestMetrics, RequestOutput
+from llmctl.engine.sequence import Sequence, SequenceStatus
+from llmctl.layers.sampler import make_generator
+
+
+class EngineRequest:
+    def __init__(self, request_id: str, prompt: str | None, seqs: list[Sequence], tokenizer,
+                 device: torch.device, arrival_time: float) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.seqs = seqs
+        self.params = params = seqs[0].sampling_params
+        self.metrics = RequestMetrics(arrival_time=arrival_time)
+        self.detokenizers = {s.seq_id: IncrementalDetokenizer(tokenizer, params) for s in seqs} if tokenizer else {}
+        self.logprobs: dict[int, list[Logprobs]] | None = (
+            {s.seq_id: [] for s in seqs} if params.logprobs is not None else None)
+        self.cumulative_logprob = {s.seq_id: 0.0 for s in seqs}
+        # Seeded samples own a generator for life, so their tokens ignore the rest of the batch.
+        self.generators = ({s.seq_id: make_generator(params.sample_seed(s.index), device) for s in seqs}
+                           if params.seed is not None and not params.greedy else {})
+        # Index k holds the logprobs of prompt token k (k = 0: None, nothing predicts it).
+        self.prompt_logprobs: list[Logprobs | None] | None = [] if params.prompt_logprobs is not None else None
+
+    def prompt_logprobs_missing_from(self, seq: Sequence) -> int | None:
+        """The first prompt position whose prediction is not recorded; None when complete."""
+        if self.prompt_logprobs is None or len(self.prompt_logprobs) >= seq.num_prompt_tokens:
+            return None
+        return max(0, len(self.prompt_logprobs) - 1)
+
+    def add_prompt_logprobs(self, chunk: list[Logprobs | None]) -> None:
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs.extend(chunk)
+
+    def on_token(self, seq: Sequence, logprobs: Logprobs | None, now: float) -> str | None:
+        """Record `seq`'s newest token; return a stop string if its text now contains one."""
+        if self.metrics.first_token_time is None:
+            self.metrics.first_token_time = now
+        token_id = seq.last_token_id
+        if logprobs is not None:
+            self.cumulative_logprob[seq.seq_id] += logprobs[token_id]
+            if self.logprobs is not None:
+                self.logprobs[seq.seq_id].append(logprobs)
+        detok = self.detokenizers.get(seq.seq_id)
+        if detok is None:
+            return None
+        # The scheduler ends a sequence with FINISHED_STOPPED only on EOS or a stop token id.
+        stop_terminated = seq.status is SequenceStatus.FINISHED_STOPPED
+        return detok.update([token_id], stop_terminated=stop_terminated)
+
+    @staticmethod
+    def mark_stopped_by_string(seq: Sequence, stop_str: str) -> None:
+        # A stop string on the token that also hit max_tokens still reports "stop", as vLLM does.
+        seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop_str
+
+    def _text(self, seq: Sequence) -> str:
+        detok = self.detokenizers.get(seq.seq_id)
+        return "" if detok is None else detok.get_next_output_text(finished=seq.is_finished, delta=False)
+
+    def make_output(self, now: float) -> RequestOutput:
+        finished = all(s.is_finished for s in self.seqs)
+        if finished and self.metrics.finished_time is None:
+            self.metrics.finished_time = now
+        self.metrics.num_preemptions = sum(s.num_preemptions for s in self.seqs)
+        outputs = [
+            CompletionOutput(
+                index=s.index, text=self._text(s), token_ids=s.output_token_ids,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                logprobs=list(self.logprobs[s.seq_id]) if self.logprobs is not None else None,
+                cumulative_logprob=self.cumulative_logprob[s.seq_id],
+            )
+            for s in self.seqs
+        ]
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.seqs[0].prompt_token_ids,
+            outputs=outputs, finished=finished, metrics=self.metrics,
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
+            num_cached_tokens=self.seqs[0].num_cached_tokens,
+        )

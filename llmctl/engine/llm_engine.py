@@ -1,0 +1,243 @@
+"""`LLMEngine`: the synchronous step loop. Requests in (`add_request`), one scheduled
+batch per `step()`, cumulative `RequestOutput`s out. The HTTP server drives the same
+object from one thread through `AsyncEngine`; the offline `LLM` drives it to the end.
+
+    add_request ─► Scheduler.waiting        step():  schedule ─► ModelRunner.execute
+                                                     ─► Scheduler.update_from_output
+                                                     ─► detokenize, stop strings ─► outputs
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from llmctl.config import EngineConfig
+from llmctl.engine.block_manager import BlockManager
+from llmctl.engine.engine_request import EngineRequest
+from llmctl.engine.kv_budget import KVPlan, plan_kv, resolve_dtype
+from llmctl.engine.model_runner import ModelRunner
+from llmctl.engine.outputs import RequestOutput
+from llmctl.engine.sampling_params import SamplingParams
+from llmctl.engine.scheduler import Scheduler, SchedulerOutput
+from llmctl.engine.sequence import SequenceStatus
+from llmctl.errors import InvalidRequestError
+
+# (event, info): "load" / "kv_plan" / "ready", info["message"] a line of text; "kv_plan"
+# also carries info["plan"] (a KVPlan) so a CLI can draw the table. The engine never draws.
+ProgressCallback = Callable[[str, dict], None]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    kv_cache_usage: float  # fraction of blocks held by sequences
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_queries: int  # tokens
+    prefix_cache_hits: int  # tokens
+    num_prompt_tokens: int  # prompt tokens run through the model (cache hits excluded)
+    num_generation_tokens: int
+    num_steps: int
+    num_partial_prefills: int  # prefill chunks that stopped short of the prompt's end (chunked prefill)
+    max_num_running: int
+    kv_waste: float  # now: share of allocated slots that hold no token
+    kv_waste_mean: float  # mean over the steps that held blocks
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, load_format: str = "auto", progress: ProgressCallback | None = None) -> None:
+        from llmctl.engine.loading import load_model_and_tokenizer, resolve_device
+
+        self.config = config
+        self.load_format = load_format
+        self.progress = progress or (lambda event, info: None)
+        self.device = resolve_device(config.model.device)
+        self.device_kind = "gpu" if self.device.type == "cuda" else "cpu"
+        torch.manual_seed(config.model.seed)
+        self.progress("load", {"message": f"loading {config.model.model} ({load_format}) on {self.device}"})
+        self.model, self.arch, self.tokenizer, self.model_name, self.model_dir = load_model_and_tokenizer(
+            config.model, load_format, self.device, self.device_kind, lambda msg: self.progress("load", {"message": msg}))
+        self.dtype = getattr(torch, resolve_dtype(config.model.dtype, self.arch, self.device_kind))
+        self.max_model_len = config.model.max_model_len or self.arch.max_position_embeddings
+        self.eos_token_id = self._eos_token_id()
+        self.runner = ModelRunner(self.model, self.arch, self.device, self.dtype, config.cache.block_size,
+                                  self.eos_token_id)
+        self.kv_plan = self._plan_kv_cache()
+        self.runner.allocate_kv_cache(self.kv_plan.num_blocks)
+        self.block_manager = BlockManager(self.kv_plan.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len, self.eos_token_id)
+        self._requests: dict[str, EngineRequest] = {}
+        self._seq_to_request: dict[int, EngineRequest] = {}
+        self._num_prompt_tokens = self._num_generation_tokens = self._num_steps = self._max_num_running = 0
+        self._num_partial_prefills = 0
+        self._kv_waste = self._kv_waste_sum = 0.0
+        self._kv_waste_steps = 0
+        self.progress("ready", {"message": f"engine ready: {self.kv_plan.num_blocks} KV blocks"})
+
+    @classmethod
+    def from_engine_args(cls, model: str = "default", **engine_args) -> "LLMEngine":
+        from llmctl.engine.loading import engine_config_from_args
+
+        config, load_format, progress = engine_config_from_args(model, **engine_args)
+        return cls(config, load_format=load_format, progress=progress)
+
+    # ---- start-up --------------------------------------------------------------
+    def _eos_token_id(self) -> int | None:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is None and self.arch.eos_token_id:
+            eos = self.arch.eos_token_id[0]
+        return eos
+
+    def _plan_kv_cache(self) -> KVPlan:
+        """The KV budget of kv_budget.plan_kv with this device's measured numbers."""
+        cfg = self.config
+        gpu_memory = measured_used = activation = None
+        if self.device_kind == "gpu":
+            activation = self.runner.profile_activation_bytes(cfg.scheduler.max_num_batched_tokens,
+                                                              cfg.scheduler.max_num_seqs)
+            free, gpu_memory = torch.cuda.mem_get_info(self.device)
+            measured_used = gpu_memory - free  # weights, CUDA context and anyone else's memory
+        plan = plan_kv(self.arch, self.model_name, cfg.model, cfg.cache, cfg.scheduler, cfg.parallel,
+                       device=self.device_kind, gpu_memory=gpu_memory, measured_weight_bytes=measured_used,
+                       measured_activation_bytes=activation)
+        plan = _with_max_model_len(plan, self.max_model_len)
+        self.progress("kv_plan", {"plan": plan, "message": plan.format_text()})
+        plan.check_fits()
+        return plan
+
+    # ---- requests --------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request; its n samples share the prompt's KV blocks once it has prefilled."""
+        params = params if params is not None else SamplingParams()
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request_id: {request_id!r} is already being served")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("prompt: this model has no tokenizer; pass token ids")
+            prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            prompt_text, prompt_ids = None, [int(t) for t in prompt]
+        bad = [t for t in prompt_ids if not 0 <= t < self.arch.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.arch.vocab_size})")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop: stop strings need a tokenizer; this model has none")
+        arrival = time.time() if arrival_time is None else arrival_time
+        seqs = self.scheduler.add_request(request_id, prompt_ids, params, arrival)
+        request = EngineRequest(request_id, prompt_text, seqs, self.tokenizer, self.device, arrival)
+        self._requests[request_id] = request
+        for seq in seqs:
+            self._seq_to_request[seq.seq_id] = request
+
+    def abort_request(self, request_id: str | list[str]) -> None:
+        """Stop the request(s) now and free their KV blocks; no further output is produced."""
+        for rid in [request_id] if isinstance(request_id, str) else request_id:
+            self.scheduler.abort(rid)
+            self._drop(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    def _drop(self, request_id: str) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is not None:
+            for seq in request.seqs:
+                self._seq_to_request.pop(seq.seq_id, None)
+
+    # ---- one step --------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return the outputs of the requests that got a token (cumulative)."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        now = time.time()
+        self._record_schedule(out, now)
+        generators, prompt_lp_from = self._sampling_state(out)
+        result = self.runner.execute(out, generators, prompt_lp_from)
+        for seq_id, chunk in result.prompt_logprobs.items():
+            self._seq_to_request[seq_id].add_prompt_logprobs(chunk)
+        sampled_rows = {e.seq.seq_id: i for i, e in enumerate(out.scheduled) if e.do_sample}
+        updated = self.scheduler.update_from_output(out, result.sampled_token_ids)
+        now = time.time()
+        touched: dict[str, EngineRequest] = {}
+        for seq in updated:
+            request = self._seq_to_request[seq.seq_id]
+            row = sampled_rows[seq.seq_id]
+            stop_str = request.on_token(seq, result.logprobs[row], now)
+            if stop_str is not None:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED, stop_str)
+                request.mark_stopped_by_string(seq, stop_str)
+            touched[request.request_id] = request
+        self._num_generation_tokens += len(updated)
+        outputs = [r.make_output(now) for r in touched.values()]
+        for output in outputs:
+            if output.finished:
+                self._drop(output.request_id)
+        return outputs
+
+    def _sampling_state(self, out: SchedulerOutput) -> tuple[dict, dict]:
+        generators, prompt_lp_from = {}, {}
+        for e in out.scheduled:
+            request = self._seq_to_request[e.seq.seq_id]
+            gen = request.generators.get(e.seq.seq_id)
+            if gen is not None:
+                generators[e.seq.seq_id] = gen
+            first = request.prompt_logprobs_missing_from(e.seq)
+            if first is not None:
+                if first < e.start_pos:  # the prefix cache served positions nobody scored yet
+                    request.add_prompt_logprobs(self.runner.dense_prompt_logprobs(
+                        e.seq.prompt_token_ids, e.start_pos, e.seq.sampling_params.prompt_logprobs))
+                    first = e.start_pos
+                prompt_lp_from[e.seq.seq_id] = first
+        return generators, prompt_lp_from
+
+    def _record_schedule(self, out: SchedulerOutput, now: float) -> None:
+        self._num_steps += 1
+        num_running = len(self.scheduler.running)
+        self._max_num_running = max(self._max_num_running, num_running)
+        for e in out.scheduled:
+            request = self._seq_to_request[e.seq.seq_id]
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+            if e.start_pos < e.seq.num_prompt_tokens:
+                self._num_prompt_tokens += min(e.num_new_tokens, e.seq.num_prompt_tokens - e.start_pos)
+            self._num_partial_prefills += not e.do_sample
+        bs = self.block_manager.block_size
+        allocated = (self.block_manager.num_blocks - self.block_manager.num_free_blocks) * bs
+        if allocated:
+            empty = sum(len(s.block_table) * bs - s.num_tokens for s in self.scheduler.running)
+            self._kv_waste = max(0, empty) / allocated
+            self._kv_waste_sum += self._kv_waste
+            self._kv_waste_steps += 1
+
+    # ---- stats -----------------------------------------------------------------
+    def get_stats(self) -> EngineStats:
+        s = self.scheduler.get_stats()
+        bm = self.block_manager
+        return EngineStats(
+            num_running=s.num_running, num_waiting=s.num_waiting, num_preemptions=s.num_preemptions,
+            kv_cache_usage=s.kv_cache_usage, num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
+            prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
+            num_prompt_tokens=self._num_prompt_tokens, num_generation_tokens=self._num_generation_tokens,
+            num_steps=self._num_steps, num_partial_prefills=self._num_partial_prefills,
+            max_num_running=self._max_num_running, kv_waste=self._kv_waste,
+            kv_waste_mean=self._kv_waste_sum / self._kv_waste_steps if self._kv_waste_steps else 0.0,
+        )
+
+
+def _with_max_model_len(plan: KVPlan, max_model_len: int) -> KVPlan:
+    import dataclasses
+
+    return dataclasses.replace(plan, max_model_len=max_model_len)
+
