@@ -154,7 +154,10 @@ def test_check_token_stop():
     assert check_token_stop(SamplingParams(), [1, 7], [2, 7], 16) == ("stop", None)  # several EOS ids
 
 
-@pytest.mark.parametrize("prompt", ["<|im_start|>user\nHi 世界<|im_end|>\n<|im_start|>assistant\n", "The capital of", "日"])
+CHAT_PROMPT = "<|im_start|>user\nHi 世界<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("prompt", [CHAT_PROMPT, "The capital of", "日"])
 def test_prompt_context_changes_nothing_for_byte_level_bpe(tokenizer, prompt):
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     ids = tokenizer.encode(" Paris, 世界 ok", add_special_tokens=False)

@@ -162,7 +162,8 @@ def test_penalties_match_a_per_token_reference_on_random_histories():
     for row in range(6):
         prompt = torch.randint(0, 30, (int(torch.randint(0, 40, (1,), generator=rng)),), generator=rng).tolist()
         output = torch.randint(20, 60, (int(torch.randint(0, 40, (1,), generator=rng)),), generator=rng).tolist()
-        params = SamplingParams(repetition_penalty=[1.0, 1.3, 0.7][row % 3], frequency_penalty=[0.0, 0.4, -0.3][row // 2],
+        params = SamplingParams(repetition_penalty=[1.0, 1.3, 0.7][row % 3],
+                                frequency_penalty=[0.0, 0.4, -0.3][row // 2],
                                 presence_penalty=[0.5, 0.0, -1.0][(row + 1) % 3])
         reqs.append((params, prompt, output, None))
     expected = logits.clone()

@@ -41,7 +41,6 @@ from llmctl.errors import InvalidRequestError
 from llmctl.layers import logits_processors as lp
 
 SamplingRequest = tuple[SamplingParams, Sequence[int], Sequence[int], "torch.Generator | None"]
-_GREEDY_EPS = 1e-5
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
