@@ -13,26 +13,49 @@ import triton
 import triton.language as tl
 
 GEMM_CONFIGS = [
-    dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SWAP_AB=swap, GROUP_M=8, PACKED_LOAD=packed,
+    dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SWAP_AB=swap, GROUP_M=8, PACKED_LOAD=1, PREFETCH=pf,
          num_warps=nw, num_stages=st)
     for bm, bn, bk, nw, st, sk, swap in (
         # batched decode: small M, split-K to fill the SMs
         (16, 64, 128, 4, 3, 4, 0), (16, 128, 128, 4, 3, 2, 0), (16, 64, 128, 4, 3, 8, 0),
-        (16, 128, 64, 4, 4, 4, 1), (32, 128, 128, 4, 3, 4, 1), (32, 64, 128, 4, 3, 2, 0),
+        (16, 128, 64, 4, 4, 4, 1), (16, 64, 256, 4, 2, 4, 0), (16, 128, 128, 8, 3, 4, 1),
+        (32, 128, 128, 4, 3, 4, 1), (32, 64, 128, 4, 3, 2, 0),
         (64, 128, 64, 4, 4, 2, 1), (64, 64, 128, 4, 3, 1, 0), (64, 128, 128, 8, 3, 1, 0),
-        # prefill: large tiles
-        (128, 128, 64, 8, 3, 1, 0), (128, 256, 64, 8, 3, 1, 0), (128, 128, 128, 8, 2, 1, 0),
-        (256, 128, 64, 8, 3, 1, 0), (64, 256, 64, 8, 3, 1, 1), (128, 128, 64, 4, 4, 1, 0),
     )
-    for packed in (1, 0)
+    for pf in (1, 0)
+] + [
+    # prefill: large tiles
+    dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, SWAP_AB=swap, GROUP_M=8, PACKED_LOAD=1, PREFETCH=0,
+         num_warps=nw, num_stages=st)
+    for bm, bn, bk, nw, st, swap in (
+        (128, 128, 64, 8, 3, 0), (128, 256, 64, 8, 3, 0), (128, 128, 128, 8, 2, 0),
+        (256, 128, 64, 8, 3, 0), (64, 256, 64, 8, 3, 1), (128, 128, 64, 4, 4, 0),
+    )
 ]
 
 
 @triton.jit
-def _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N,
-                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-                  HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
-    """The fp32 weight tile W[k0:k0+BLOCK_K, offs_n]: [BLOCK_K, BLOCK_N]. k0 and k_end are multiples of 32/BITS."""
+def _load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N,
+                BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
+    """The int32 words behind W[k0:k0+BLOCK_K, offs_n]; k0 and k_end are multiples of 32/BITS."""
+    VALS: tl.constexpr = 32 // BITS
+    if PACKED_LOAD:
+        rows = k0 // VALS + tl.arange(0, BLOCK_K // VALS)
+        w = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :],
+                    mask=(rows * VALS < k_end)[:, None] & n_mask[None, :], other=0, eviction_policy="evict_first")
+    else:
+        # Each word is loaded VALS times; the repeats hit L1 and keep the tile in one layout.
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(qweight_ptr + (ks // VALS)[:, None] * N + offs_n[None, :],
+                    mask=(ks < k_end)[:, None] & n_mask[None, :], other=0)
+    return w
+
+
+@triton.jit
+def _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N,
+                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+                   HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
+    """The fp32 weight tile W[k0:k0+BLOCK_K, offs_n] from `_load_words`' words: [BLOCK_K, BLOCK_N]."""
     VALS: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     MAGIC: tl.constexpr = 8388608.0
@@ -40,15 +63,10 @@ def _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, off
     k_mask = ks < k_end
     tile_mask = k_mask[:, None] & n_mask[None, :]
     if PACKED_LOAD:
-        # Load each word once and split it in registers: [BLOCK_K/VALS, VALS, BLOCK_N] -> [BLOCK_K, BLOCK_N].
-        rows = k0 // VALS + tl.arange(0, BLOCK_K // VALS)
-        w = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :],
-                    mask=(rows * VALS < k_end)[:, None] & n_mask[None, :], other=0)
+        # Split each word in registers: [BLOCK_K/VALS, VALS, BLOCK_N] -> [BLOCK_K, BLOCK_N].
         shifts = tl.arange(0, VALS) * BITS
         q = tl.reshape((w[:, None, :] >> shifts[None, :, None]) & MASK, [BLOCK_K, w.shape[1]])
     else:
-        # Each word is loaded VALS times; the repeats hit L1 and keep the tile in one layout.
-        w = tl.load(qweight_ptr + (ks // VALS)[:, None] * N + offs_n[None, :], mask=tile_mask, other=0)
         q = (w >> ((ks % VALS) * BITS)[:, None]) & MASK
     q = (q | 0x4B000000).to(tl.float32, bitcast=True)
     zero_shift = (offs_n % VALS) * BITS
@@ -69,6 +87,27 @@ def _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, off
 
 
 @triton.jit
+def _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N,
+                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+                  HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
+    """Load and dequantize W[k0:k0+BLOCK_K, offs_n] in fp32."""
+    w = _load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
+    return _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N,
+                          BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, PACKED_LOAD)
+
+
+@triton.jit
+def _load_x(x_rows, perm_ptr, k0, k_end, m_mask, HAS_PERM: tl.constexpr, BLOCK_K: tl.constexpr):
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_mask = ks < k_end
+    if HAS_PERM:
+        xk = tl.load(perm_ptr + ks, mask=k_mask, other=0)
+    else:
+        xk = ks
+    return tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+
+
+@triton.jit
 def _w4a16_gemm_kernel(
     # pointers
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, perm_ptr, g_idx_ptr, bias_ptr, out_ptr,
@@ -80,7 +119,7 @@ def _w4a16_gemm_kernel(
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PACKED_LOAD: tl.constexpr,
+    GROUP_M: tl.constexpr, PACKED_LOAD: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -103,16 +142,21 @@ def _w4a16_gemm_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PREFETCH:
+        # Registers hold the next tiles while this one is multiplied.
+        a_next = _load_x(x_rows, perm_ptr, k_start, k_end, m_mask, HAS_PERM, BLOCK_K)
+        w_next = _load_words(qweight_ptr, k_start, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
     for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < k_end
-        if HAS_PERM:
-            xk = tl.load(perm_ptr + ks, mask=k_mask, other=0)
+        if PREFETCH:
+            a = a_next
+            w = w_next
+            a_next = _load_x(x_rows, perm_ptr, k0 + BLOCK_K, k_end, m_mask, HAS_PERM, BLOCK_K)
+            w_next = _load_words(qweight_ptr, k0 + BLOCK_K, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
         else:
-            xk = ks
-        a = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N,
-                          BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, PACKED_LOAD).to(a.dtype)
+            a = _load_x(x_rows, perm_ptr, k0, k_end, m_mask, HAS_PERM, BLOCK_K)
+            w = _load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
+        b = _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N,
+                           BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, PACKED_LOAD).to(a.dtype)
         if SWAP_AB:
             acc = tl.dot(tl.trans(b), tl.trans(a), acc)
         else:
@@ -159,7 +203,7 @@ def w4a16_gemm(
         HAS_PERM=w.perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
         SPLIT_K=split_k, SWAP_AB=bool(config.get("SWAP_AB", 0)), BLOCK_M=config["BLOCK_M"],
         BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 8),
-        PACKED_LOAD=bool(config.get("PACKED_LOAD", 1)),
+        PACKED_LOAD=bool(config.get("PACKED_LOAD", 1)), PREFETCH=bool(config.get("PREFETCH", 0)),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if target is not out:

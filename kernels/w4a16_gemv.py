@@ -14,10 +14,10 @@ import triton.language as tl
 
 # The configurations the tuner sweeps (kernels/configs/*.json records the winners per GPU).
 GEMV_CONFIGS = [
-    dict(BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=nw, num_stages=st)
-    for bn, bkw, nw in ((64, 16, 4), (128, 16, 4), (128, 32, 4), (256, 16, 8), (64, 32, 4))
+    dict(BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=sk, PREFETCH=pf, num_warps=nw, num_stages=1)
+    for bn, bkw, nw in ((64, 16, 4), (128, 16, 4), (64, 32, 4), (128, 32, 8), (256, 16, 8), (128, 64, 8))
     for sk in (1, 4, 8, 16)
-    for st in (1, 2)
+    for pf in (1, 0)
 ]
 
 
@@ -26,6 +26,16 @@ def _magic_to_float(q):
     # Exact int -> fp32 without the quarter-rate I2F: OR the code into the mantissa of 2**23.
     # The caller subtracts 2**23 (folded into the zero point).
     return (q | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n, mask, N, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
+    """Scales and zero points (plus 2**23) of groups g for columns offs_n, in fp32."""
+    VALS: tl.constexpr = 32 // BITS
+    s = tl.load(scales_ptr + g * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+    zw = tl.load(qzeros_ptr + g * (N // VALS) + offs_n // VALS, mask=mask, other=0)
+    zm = ((zw >> ((offs_n % VALS) * BITS)) & ((1 << BITS) - 1)).to(tl.float32) + (ZERO_OFFSET + 8388608.0)
+    return s, zm
 
 
 @triton.jit
@@ -39,11 +49,11 @@ def _w4a16_gemv_kernel(
     # meta
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    ONE_GROUP: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     VALS: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
-    MAGIC: tl.constexpr = 8388608.0
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2).to(tl.int64)
@@ -52,34 +62,55 @@ def _w4a16_gemv_kernel(
     offs_r = tl.arange(0, BLOCK_KW)
     row_start = pid_k * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, K // VALS)
-    zero_shift = (offs_n % VALS) * BITS
     x_row = x_ptr + pid_m * stride_xm
+    w_ptrs = qweight_ptr + (row_start + offs_r)[:, None] * N + offs_n[None, :]
+    if PREFETCH:
+        # Registers hold the next tile while this one is reduced: two tiles in flight per program.
+        w_next = tl.load(w_ptrs, mask=((row_start + offs_r) < row_end)[:, None] & n_mask[None, :], other=0,
+                         eviction_policy="evict_first")
     acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
     for r0 in range(row_start, row_end, BLOCK_KW):
         rows = r0 + offs_r
         r_mask = rows < row_end
         tile_mask = r_mask[:, None] & n_mask[None, :]
-        w = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :], mask=tile_mask, other=0)
-        if not HAS_G_IDX:
-            # Every word of a row lies in one group (GROUP_SIZE % VALS == 0): one scale per word.
-            g = (rows * VALS) // GROUP_SIZE
-            s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-            zw = tl.load(qzeros_ptr + g[:, None] * (N // VALS) + (offs_n // VALS)[None, :], mask=tile_mask, other=0)
-            zm = ((zw >> zero_shift[None, :]) & MASK).to(tl.float32) + (ZERO_OFFSET + MAGIC)
+        if PREFETCH:
+            w = w_next
+            w_next = tl.load(w_ptrs + BLOCK_KW * N, mask=((rows + BLOCK_KW) < row_end)[:, None] & n_mask[None, :],
+                             other=0, eviction_policy="evict_first")
+        elif EVEN:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptrs, mask=tile_mask, other=0, eviction_policy="evict_first")
+        w_ptrs += BLOCK_KW * N
+        if ONE_GROUP:
+            # The tile lies in one group: scale once per column after summing x * (q - zero).
+            s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, (r0 * VALS) // GROUP_SIZE, offs_n, n_mask, N,
+                                    BITS, ZERO_OFFSET)
+            zm = zm[None, :]
+            part = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
+        elif not HAS_G_IDX:
+            g = ((rows * VALS) // GROUP_SIZE)[:, None]
+            s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], tile_mask, N, BITS, ZERO_OFFSET)
         for j in tl.static_range(VALS):
             k = rows * VALS + j
             if HAS_PERM:
                 xk = tl.load(perm_ptr + k, mask=r_mask, other=0)
             else:
                 xk = k
-            xv = tl.load(x_row + xk, mask=r_mask, other=0.0).to(tl.float32)
+            if EVEN:
+                xv = tl.load(x_row + xk).to(tl.float32)
+            else:
+                xv = tl.load(x_row + xk, mask=r_mask, other=0.0).to(tl.float32)
             if HAS_G_IDX:
-                g = tl.load(g_idx_ptr + k, mask=r_mask, other=0)
-                s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-                zw = tl.load(qzeros_ptr + g[:, None] * (N // VALS) + (offs_n // VALS)[None, :], mask=tile_mask, other=0)
-                zm = ((zw >> zero_shift[None, :]) & MASK).to(tl.float32) + (ZERO_OFFSET + MAGIC)
+                g = tl.load(g_idx_ptr + k, mask=r_mask, other=0)[:, None]
+                s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], tile_mask, N, BITS, ZERO_OFFSET)
             q = _magic_to_float((w >> (j * BITS)) & MASK)
-            acc += xv[:, None] * ((q - zm) * s)
+            if ONE_GROUP:
+                part += xv[:, None] * (q - zm)
+            else:
+                acc += xv[:, None] * ((q - zm) * s)
+        if ONE_GROUP:
+            acc += part * s[None, :]
     out = tl.sum(acc, axis=0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -121,7 +152,9 @@ def w4a16_gemv(
         x.stride(0), target.stride(0),
         BITS=w.bits, GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset,
         HAS_PERM=w.perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
-        SPLIT_K=split_k, BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
+        SPLIT_K=split_k, ONE_GROUP=w.g_idx is None and w.group_size % (block_kw * vals) == 0,
+        EVEN=n % config["BLOCK_N"] == 0 and k_rows % block_kw == 0, PREFETCH=bool(config.get("PREFETCH", 0)),
+        BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if target is not out:

@@ -138,7 +138,11 @@ def sweep(shapes: list[tuple[int, int]], ms: list[int], group_size: int = 128,
                 except Exception as err:  # a config the compiler or the chip rejects is skipped
                     rec["error"] = f"{type(err).__name__}: {str(err)[:200]}"
                 records.append(rec)
-            log(f"tune N={n} K={k} M={m}: best {best * 1e3:.1f} us over {len(candidates(m))} candidates")
+            mine = [r for r in records if (r["n"], r["k"], r["m"]) == (n, k, m)]
+            worst = max((r["rel_err"] for r in mine if "rel_err" in r), default=float("nan"))
+            failed = sum("error" in r for r in mine)
+            log(f"tune N={n} K={k} M={m}: best {best * 1e3:.1f} us over {len(mine)} candidates "
+                f"({failed} rejected by the compiler), worst rel err {worst:.1e}")
         del rotated, dense
         torch.cuda.empty_cache()
     return records
