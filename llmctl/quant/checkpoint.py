@@ -132,7 +132,8 @@ class CheckpointWriter:
         for name, t in tensors.items():
             if name in self._weight_map or name in self._buffer:
                 raise QuantizationError(f"tensor {name} written twice")
-            self._buffer[name] = t.detach().contiguous().cpu()
+            # A copy: split fused results share storage (g_idx), which safetensors refuses.
+            self._buffer[name] = t.detach().cpu().clone().contiguous()
             self._buffer_bytes += t.numel() * t.element_size()
         if self._buffer_bytes >= self.max_shard_bytes:
             self._flush()

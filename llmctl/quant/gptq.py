@@ -125,7 +125,10 @@ def _damped_inverse_factor(hessian: torch.Tensor, damp_percent: float) -> tuple[
         h.diagonal().add_(damp * mean_diag)
         lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
+            # H^-1 = L^-T L^-1. torch.cholesky_inverse is ~30x slower on the CPU.
+            eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+            lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False)
+            inverse = lower_inv.t() @ lower_inv
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return upper, damp

@@ -1,0 +1,166 @@
+"""`quantize_checkpoint`: a model dir in, a GPTQ checkpoint dir out (what `llmctl quantize` runs).
+
+Order of work: validate everything that can be checked without weights (so bad
+input fails before any work), load, calibrate, quantize layer by layer while
+streaming packed tensors into a temp dir, commit atomically, then the quick
+held-out perplexity check whose result lands in `llmctl_eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from llmctl.config import QuantConfig
+from llmctl.errors import QuantizationError
+
+EVAL_FILE = "llmctl_eval.json"
+# (stage, done, total) for loading / calibration / eval; layers report through on_layer.
+StageCallback = Callable[[str, int, int], None]
+
+
+@dataclass
+class QuantizeSummary:
+    source: str
+    output: str
+    bits: int
+    group_size: int
+    checkpoint_format: str
+    num_samples: int
+    seq_len: int
+    device: str
+    seconds: float
+    source_bytes: int
+    output_bytes: int
+    peak_memory_bytes: int
+    layer_losses: list[dict[str, float]] = field(default_factory=list)
+    eval: dict | None = None
+
+    @property
+    def compression(self) -> float:
+        return self.source_bytes / max(self.output_bytes, 1)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["compression"] = round(self.compression, 3)
+        return d
+
+
+def settings_from_config(config: QuantConfig):
+    from llmctl.quant.gptq import GPTQSettings
+
+    return GPTQSettings(
+        bits=config.bits, group_size=config.group_size, sym=config.sym, desc_act=config.desc_act,
+        act_group_aware=getattr(config, "act_group_aware", True), static_groups=config.static_groups,
+        damp_percent=config.damp_percent,
+    )
+
+
+def validate_request(model_dir: Path, out_dir: Path, config: QuantConfig, overwrite: bool) -> dict:
+    """Every check that needs no weights; returns the source config.json. Raises on bad input."""
+    from llmctl.models.arch import arch_from_config, read_config_json
+    from llmctl.quant.calibration import check_dataset
+    from llmctl.quant.checkpoint import check_output_dir
+    from llmctl.quant.packing import check_packable
+
+    cfg = read_config_json(model_dir)
+    arch = arch_from_config(cfg, source=str(model_dir / "config.json"))
+    if arch.is_gptq:
+        raise QuantizationError(f"{model_dir} is already GPTQ-quantized", hint="quantize the original 16/32-bit model")
+    out_dir, src = out_dir.resolve(), model_dir.resolve()
+    if out_dir == src or src in out_dir.parents:
+        raise QuantizationError(f"output dir {out_dir} is inside the source model dir {src}",
+                                hint="write the checkpoint somewhere else; the source is never modified")
+    check_output_dir(out_dir, overwrite)
+    check_dataset(config.dataset)
+    d, i = arch.hidden_size, arch.intermediate_size
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+    for name, k, n in (("q_proj", d, q), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", q, d),
+                       ("gate_proj", d, i), ("up_proj", d, i), ("down_proj", i, d)):
+        check_packable(name, k, n, config.bits, config.group_size)
+    if config.lm_head:
+        raise QuantizationError("lm_head quantization is not supported yet", hint="leave lm_head: false")
+    return cfg
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def _peak_memory(device) -> int:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: QuantConfig, device: str = "auto",
+                        overwrite: bool = False, run_eval: bool = True, on_stage: StageCallback | None = None,
+                        on_layer=None, eval_windows: tuple[int, int] = (16, 1024)) -> QuantizeSummary:
+    """Quantize `model_dir` into `out_dir` (see the module docstring)."""
+    import torch
+
+    from llmctl.models.loader import _resolve_device, load_model, load_tokenizer
+    from llmctl.quant.calibration import calibration_batch, load_calibration_texts
+    from llmctl.quant.checkpoint import CheckpointWriter, GPTQCheckpointConfig
+    from llmctl.quant.driver import quantize_model_layers
+    from llmctl.quant.packing import format_for, pack_result
+    from llmctl.quant.source import copy_unquantized_tensors
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cfg = validate_request(model_dir, out_dir, config, overwrite)
+    dev = _resolve_device(device)
+    stage = on_stage or (lambda *_: None)
+    start = time.perf_counter()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    stage("load", 0, 1)
+    tokenizer = load_tokenizer(model_dir)
+    dtype = torch.float32 if dev.type == "cpu" else torch.float16
+    model = load_model(model_dir, dtype=dtype, device="cpu")
+    stage("load", 1, 1)
+    seq_len = min(config.seq_len, model.arch.max_position_embeddings)
+    stage("calibration", 0, 1)
+    calib_ids = calibration_batch(tokenizer, load_calibration_texts(config.dataset), config.num_samples,
+                                  seq_len, config.seed)
+    stage("calibration", 1, 1)
+
+    settings = settings_from_config(config)
+    fmt = format_for(config.sym)
+    qconfig = GPTQCheckpointConfig(bits=config.bits, group_size=config.group_size, desc_act=config.desc_act,
+                                   sym=config.sym, checkpoint_format=fmt, damp_percent=config.damp_percent,
+                                   true_sequential=config.true_sequential, static_groups=config.static_groups,
+                                   act_group_aware=settings.act_group_aware and not config.desc_act)
+    batch_size = max(1, 4096 // seq_len)
+    with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
+        def sink(name, result):
+            writer.add(pack_result(result, config.bits, fmt).tensors(name))
+
+        stats = quantize_model_layers(model, calib_ids, settings, sink, device=dev,
+                                      true_sequential=config.true_sequential, batch_size=batch_size,
+                                      on_layer=on_layer)
+        copy_unquantized_tensors(model_dir, writer)
+        quantize_seconds = time.perf_counter() - start
+        summary = QuantizeSummary(
+            source=str(model_dir), output=str(out_dir.resolve()), bits=config.bits, group_size=config.group_size,
+            checkpoint_format=fmt, num_samples=config.num_samples, seq_len=seq_len, device=str(dev),
+            seconds=quantize_seconds, source_bytes=_dir_bytes(model_dir), output_bytes=0,
+            peak_memory_bytes=_peak_memory(dev), layer_losses=[r.losses for r in stats.layers],
+        )
+        writer.commit(model_dir, cfg, qconfig)
+    summary.output_bytes = _dir_bytes(out_dir)
+    del model
+    if run_eval:
+        from llmctl.quant.quick_eval import quick_eval
+
+        summary.eval = quick_eval(model_dir, out_dir, tokenizer, *eval_windows, on_stage=stage)
+        summary.eval["quantize_seconds"] = round(quantize_seconds, 2)
+        (out_dir / EVAL_FILE).write_text(json.dumps(summary.eval, indent=2))
+    return summary
