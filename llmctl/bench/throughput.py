@@ -16,7 +16,7 @@ from llmctl.config import BenchConfig, EngineConfig
 BACKENDS = ("llmctl", "hf", "hf-sequential")
 
 # (backend, event, payload): "start" {"total": n}, "advance" {"n": k}, "done" {"result": BenchResult},
-# "log" {"message": str}. The CLI draws; nothing here does.
+# "log" {"message": str}, "kv_plan" {"plan": KVPlan, "message": str}. The CLI draws; nothing here does.
 BenchCallback = Callable[[str, str, dict], None]
 
 
@@ -152,8 +152,10 @@ def run_throughput(engine_config: EngineConfig, bench: BenchConfig, backends: tu
     """Every backend on the same prompts; returns {"environment", "config", "results"}."""
     from llmctl.llm import LLM
 
-    llm = LLM.from_engine_config(engine_config, load_format=load_format,
-                                 progress=lambda event, info: on_event("llmctl", "log", {"message": info.get("message", event)}))
+    def progress(event: str, info: dict) -> None:
+        on_event("llmctl", event if event == "kv_plan" else "log", info)
+
+    llm = LLM.from_engine_config(engine_config, load_format=load_format, progress=progress)
     prompts = sample_prompts(bench, llm.vocab_size, llm.tokenizer)
     model_spec = llm.hf_model_spec()
     results = []
@@ -168,3 +170,19 @@ def run_throughput(engine_config: EngineConfig, bench: BenchConfig, backends: tu
             on_event(backend, "done", {"result": results[-1]})
     return {"environment": environment(), "config": asdict(bench), "model": model_spec["name"],
             "results": [r.to_dict() for r in results]}
+
+
+def summary_rows(report: dict) -> list[dict]:
+    """One row per backend, with its speed-up over each baseline present in the same run."""
+    results = report["results"]
+    by_backend = {r["backend"]: r for r in results}
+    rows = []
+    for r in results:
+        row = {"backend": r["backend"], "requests": r["num_requests"], "elapsed_s": r["elapsed_s"],
+               "requests_per_s": r["requests_per_second"], "output_tok_s": r["output_throughput"],
+               "total_tok_s": r["total_token_throughput"]}
+        for base in ("hf", "hf-sequential"):
+            if base in by_backend and base != r["backend"]:
+                row[f"x_{base}"] = r["output_throughput"] / by_backend[base]["output_throughput"]
+        rows.append(row)
+    return rows

@@ -13,8 +13,46 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 
 
 @app.command("throughput", help="Offline, in-process throughput (like `vllm bench throughput`).")
-def throughput() -> None:
-    not_implemented("bench throughput")
+def throughput(
+    model: Annotated[str, typer.Option(help="'default', a local HF model dir, or a recipe YAML.")] = "default",
+    num_prompts: Annotated[int, typer.Option(help="Requests in the workload.")] = 64,
+    input_len: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 128,
+    output_len: Annotated[int, typer.Option(help="Generated tokens per sample (EOS ignored).")] = 128,
+    n: Annotated[int, typer.Option(help="Samples per request.")] = 1,
+    dataset: Annotated[str, typer.Option(help="random (token ids) or corpus (the embedded Wikipedia text).")] = "random",
+    backend: Annotated[str, typer.Option(help="llmctl | hf | hf-sequential | all")] = "llmctl",
+    max_num_seqs: Annotated[Optional[int], typer.Option(help="Engine: sequences per step.")] = None,
+    max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="Engine: tokens per step.")] = None,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Engine: longest sequence.")] = None,
+    hf_batch_size: Annotated[int, typer.Option(help="Prompts per transformers generate call (--backend hf).")] = 64,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    load_format: Annotated[str, typer.Option(help="auto, or dummy (random weights of the model's shapes).")] = "auto",
+    kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV budget, e.g. 1GiB (CPU default 1GiB).")] = None,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="Share of GPU memory for weights + KV.")] = 0.9,
+    enable_prefix_caching: Annotated[bool, typer.Option(help="Automatic prefix caching.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the prompts and the weights of --load-format dummy.")] = 0,
+    output_json: Annotated[Optional[Path], typer.Option(help="Write results, machine and commit here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+) -> None:
+    from llmctl.bench.throughput import BACKENDS
+    from llmctl.cli.bench_throughput import run_throughput_command
+    from llmctl.config import BenchConfig
+    from llmctl.engine.loading import engine_config_from_args
+    from llmctl.errors import ConfigError
+
+    backends = BACKENDS if backend == "all" else (backend,)
+    if any(b not in BACKENDS for b in backends):
+        raise ConfigError(f"--backend: must be one of {', '.join(BACKENDS)} or all, got {backend!r}")
+    engine_args = {k: v for k, v in dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                         max_model_len=max_model_len, kv_cache_memory=kv_cache_memory).items()
+                   if v is not None}
+    config, _, _ = engine_config_from_args(model, dtype=dtype, device=device, seed=seed,
+                                           gpu_memory_utilization=gpu_memory_utilization,
+                                           enable_prefix_caching=enable_prefix_caching, **engine_args)
+    bench = BenchConfig(num_prompts=num_prompts, input_len=input_len, output_len=output_len, n=n,
+                        dataset=dataset, seed=seed)
+    run_throughput_command(config, bench, backends, hf_batch_size, load_format, output_json, as_json)
 
 
 @app.command("serve", help="Load an OpenAI-compatible server and report `vllm bench serve` metrics.")

@@ -102,7 +102,7 @@ def _given(**kwargs):
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def print_plan(result, title: str | None = None) -> None:
+def print_plan(result, title: str | None = None, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -116,4 +116,4 @@ def print_plan(result, title: str | None = None) -> None:
         if label == "KV blocks" and result.num_blocks < result.blocks_per_seq:
             style = "red"
         table.add_row(label, value, style=style)
-    Console().print(table)
+    (console or Console()).print(table)

@@ -1,0 +1,61 @@
+"""Drawing for `llmctl bench throughput`: progress on stderr, the results table on stdout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def run_throughput_command(config, bench, backends: tuple[str, ...], hf_batch_size: int, load_format: str,
+                           output_json: Path | None, as_json: bool) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from llmctl.bench.throughput import run_throughput
+    from llmctl.cli.plan import print_plan
+
+    err = Console(stderr=True)
+    tasks: dict[str, int] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=False) as progress:
+
+        def on_event(backend: str, event: str, info: dict) -> None:
+            if event == "start":
+                tasks[backend] = progress.add_task(f"{backend} requests", total=info["total"])
+            elif event == "advance":
+                progress.advance(tasks[backend], info["n"])
+            elif event == "kv_plan":
+                print_plan(info["plan"], title="KV plan (engine start)", console=err)
+            elif event == "log":
+                err.print(f"[dim]{info['message']}[/]")
+
+        report = run_throughput(config, bench, backends, hf_batch_size, load_format, on_event)
+    if output_json is not None:
+        output_json.parent.mkdir(parents=True, exist_ok=True)
+        output_json.write_text(json.dumps(report, indent=2))
+        err.print(f"wrote {output_json}")
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmctl.bench.throughput import summary_rows
+
+    cfg, env = report["config"], report["environment"]
+    where = env.get("gpu") or env.get("processor")
+    table = Table(title=f"Throughput: {report['model']}, {cfg['num_prompts']} requests x {cfg['input_len']} in / "
+                        f"{cfg['output_len']} out (n={cfg['n']}, {cfg['dataset']}) on {where}, commit {env.get('commit')}",
+                  title_justify="left")
+    rows = summary_rows(report)
+    extra = [k for k in ("x_hf", "x_hf-sequential") if any(k in r for r in rows)]
+    for col in ["backend", "req/s", "out tok/s", "total tok/s", "time s", *(f"x {k[2:]}" for k in extra)]:
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    for r in rows:
+        table.add_row(r["backend"], f"{r['requests_per_s']:.2f}", f"{r['output_tok_s']:.1f}", f"{r['total_tok_s']:.1f}",
+                      f"{r['elapsed_s']:.1f}", *(f"{r[k]:.2f}x" if k in r else "" for k in extra))
+    Console().print(table)
