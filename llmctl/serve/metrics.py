@@ -45,14 +45,22 @@ class ServerMetrics:
         self._last_counters: dict[str, float] = {}
         labels = ["model_name"]
 
+        # Each series is created up front, so a scrape shows every name (at 0) from the start.
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"llmctl:{name}", doc, labels, registry=self.registry)
+            metric = Gauge(f"llmctl:{name}", doc, labels, registry=self.registry)
+            metric.labels(model_name)
+            return metric
 
         def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
-            return Counter(f"llmctl:{name}", doc, labels + list(extra), registry=self.registry)
+            metric = Counter(f"llmctl:{name}", doc, labels + list(extra), registry=self.registry)
+            if not extra:
+                metric.labels(model_name)
+            return metric
 
         def hist(name: str, doc: str, buckets: tuple) -> Histogram:
-            return Histogram(f"llmctl:{name}", doc, labels, buckets=buckets, registry=self.registry)
+            metric = Histogram(f"llmctl:{name}", doc, labels, buckets=buckets, registry=self.registry)
+            metric.labels(model_name)
+            return metric
 
         self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
         self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
