@@ -8,7 +8,9 @@ Public API (what `GPTQLinear` calls on CUDA):
 Layout after preparation (`W4A16Weights`): the checkpoint's own tensors, unchanged when g_idx is
 in order. With act-order, K is permuted once at load time, as vLLM does: rows of `qweight` are
 sorted by group so that every group is a contiguous run of `group_size` rows again, and `perm`
-(int32 [K]) records where each row came from; kernels read x[:, perm[k]] instead of x[:, k].
+(int32 [K]) records where each row came from. The GEMV reads x[:, perm[k]] in the kernel, the
+GEMM path gathers x once before its launch (one small index_select), and the dequant path writes
+rows back to checkpoint order, so x needs no gather there.
 
     checkpoint  k:  0  1  2  3  4  5  ...      g_idx: 1 0 1 0 ...
     prepared    k': 1  3  ...  0  2  ...       perm:  [1, 3, ..., 0, 2, ...]   groups: 0 0 ... 1 1 ...
@@ -111,11 +113,14 @@ def _load_tables() -> dict:
     return json.loads(_CONFIG_FILE.read_text())
 
 
-# Used where no tuned table names the GPU (and under the CPU interpreter).
+# Used where no tuned table names the GPU (and under the CPU interpreter): the "default" rows
+# measured on an H200 (kernels/configs/w4a16.json), the same SM generation as the H100.
 DEFAULT_TABLE = [
-    {"max_m": 1, "path": "gemv", "config": dict(BLOCK_N=128, BLOCK_KW=16, SPLIT_K=8, num_warps=4, num_stages=2)},
-    {"max_m": 64, "path": "gemm", "config": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SWAP_AB=0, GROUP_M=8, num_warps=4, num_stages=3)},
-    {"max_m": 1024, "path": "gemm", "config": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, SWAP_AB=0, GROUP_M=8, num_warps=8, num_stages=3)},
+    {"max_m": 1, "path": "gemv", "config": dict(BLOCK_N=64, BLOCK_KW=16, SPLIT_K=8, PREFETCH=1, num_warps=4, num_stages=1)},
+    {"max_m": 16, "path": "gemm", "config": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, SWAP_AB=0, GROUP_M=8,
+                                                 PACKED_LOAD=1, PREFETCH=0, num_warps=4, num_stages=3)},
+    {"max_m": 64, "path": "gemm", "config": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, SWAP_AB=1, GROUP_M=8,
+                                                 PACKED_LOAD=1, PREFETCH=0, num_warps=4, num_stages=3)},
     {"max_m": None, "path": "dequant", "config": {}},
 ]
 

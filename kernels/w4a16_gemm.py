@@ -191,16 +191,21 @@ def w4a16_gemm(
     target = out
     if split_k > 1:
         target = out.zero_() if out.dtype == torch.float16 else torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    perm = w.perm
+    if perm is not None and not config.get("GATHER_X", 0):
+        # One gather of x up front beats per-tile gathers of scattered columns inside the kernel.
+        x = x.index_select(1, perm)
+        perm = None
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), split_k)
     dummy = w.qweight
     _w4a16_gemm_kernel[grid](
         x, w.qweight, w.scales, w.qzeros,
-        w.perm if w.perm is not None else dummy, w.g_idx if w.g_idx is not None else dummy,
+        perm if perm is not None else dummy, w.g_idx if w.g_idx is not None else dummy,
         bias if bias is not None else dummy, target,
         m, n, k, k_per_split,
         x.stride(0), target.stride(0),
         BITS=w.bits, GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset,
-        HAS_PERM=w.perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
+        HAS_PERM=perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
         SPLIT_K=split_k, SWAP_AB=bool(config.get("SWAP_AB", 0)), BLOCK_M=config["BLOCK_M"],
         BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 8),
         PACKED_LOAD=bool(config.get("PACKED_LOAD", 1)), PREFETCH=bool(config.get("PREFETCH", 0)),
