@@ -12,46 +12,42 @@ from llmctl.cli.common import not_implemented
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 
 
-@app.command("throughput", help="Offline, in-process throughput (like `vllm bench throughput`).")
+@app.command("throughput", help="Offline, in-process throughput (like `vllm bench throughput`). With a recipe as "
+                                  "--model, its model, cache, scheduler and bench settings are the defaults.")
 def throughput(
     model: Annotated[str, typer.Option(help="'default', a local HF model dir, or a recipe YAML.")] = "default",
-    num_prompts: Annotated[int, typer.Option(help="Requests in the workload.")] = 64,
-    input_len: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 128,
-    output_len: Annotated[int, typer.Option(help="Generated tokens per sample (EOS ignored).")] = 128,
-    n: Annotated[int, typer.Option(help="Samples per request.")] = 1,
-    dataset: Annotated[str, typer.Option(help="random (token ids) or corpus (the embedded Wikipedia text).")] = "random",
-    backend: Annotated[str, typer.Option(help="llmctl | hf | hf-sequential | all")] = "llmctl",
-    max_num_seqs: Annotated[Optional[int], typer.Option(help="Engine: sequences per step.")] = None,
-    max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="Engine: tokens per step.")] = None,
-    max_model_len: Annotated[Optional[int], typer.Option(help="Engine: longest sequence.")] = None,
+    num_prompts: Annotated[Optional[int], typer.Option(help="Requests in the workload [64].")] = None,
+    input_len: Annotated[Optional[int], typer.Option(help="Prompt tokens per request [128].")] = None,
+    output_len: Annotated[Optional[int], typer.Option(help="Generated tokens per sample, EOS ignored [128].")] = None,
+    n: Annotated[Optional[int], typer.Option(help="Samples per request [1].")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="random (token ids) or corpus (embedded Wikipedia) [random].")] = None,
+    backend: Annotated[str, typer.Option(help="llmctl | hf | hf-sequential | all, or a comma-separated list")] = "llmctl",
+    max_num_seqs: Annotated[Optional[int], typer.Option(help="Engine: sequences per step [128].")] = None,
+    max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="Engine: tokens per step [2048].")] = None,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Engine: longest sequence [the model's].")] = None,
     hf_batch_size: Annotated[int, typer.Option(help="Prompts per transformers generate call (--backend hf).")] = 64,
-    dtype: Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | float16 | bfloat16 [auto].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda [auto].")] = None,
     load_format: Annotated[str, typer.Option(help="auto, or dummy (random weights of the model's shapes).")] = "auto",
-    kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV budget, e.g. 1GiB (CPU default 1GiB).")] = None,
-    gpu_memory_utilization: Annotated[float, typer.Option(help="Share of GPU memory for weights + KV.")] = 0.9,
-    enable_prefix_caching: Annotated[bool, typer.Option(help="Automatic prefix caching.")] = True,
-    seed: Annotated[int, typer.Option(help="Seed of the prompts and the weights of --load-format dummy.")] = 0,
+    kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV budget, e.g. 1GiB [CPU: 1GiB].")] = None,
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="Share of GPU memory used [0.9].")] = None,
+    enable_prefix_caching: Annotated[Optional[bool], typer.Option(help="Automatic prefix caching [on].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the prompts and of dummy weights [0].")] = None,
     output_json: Annotated[Optional[Path], typer.Option(help="Write results, machine and commit here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
 ) -> None:
     from llmctl.bench.throughput import BACKENDS
-    from llmctl.cli.bench_throughput import run_throughput_command
-    from llmctl.config import BenchConfig
-    from llmctl.engine.loading import engine_config_from_args
+    from llmctl.cli.bench_throughput import run_throughput_command, throughput_configs
     from llmctl.errors import ConfigError
 
-    backends = BACKENDS if backend == "all" else (backend,)
+    backends = BACKENDS if backend == "all" else tuple(b.strip() for b in backend.split(","))
     if any(b not in BACKENDS for b in backends):
         raise ConfigError(f"--backend: must be one of {', '.join(BACKENDS)} or all, got {backend!r}")
-    engine_args = {k: v for k, v in dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                         max_model_len=max_model_len, kv_cache_memory=kv_cache_memory).items()
-                   if v is not None}
-    config, _, _ = engine_config_from_args(model, dtype=dtype, device=device, seed=seed,
-                                           gpu_memory_utilization=gpu_memory_utilization,
-                                           enable_prefix_caching=enable_prefix_caching, **engine_args)
-    bench = BenchConfig(num_prompts=num_prompts, input_len=input_len, output_len=output_len, n=n,
-                        dataset=dataset, seed=seed)
+    config, bench = throughput_configs(
+        model, num_prompts=num_prompts, input_len=input_len, output_len=output_len, n=n, dataset=dataset,
+        seed=seed, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory,
+        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching)
     run_throughput_command(config, bench, backends, hf_batch_size, load_format, output_json, as_json)
 
 

@@ -6,6 +6,36 @@ import json
 from pathlib import Path
 
 
+def throughput_configs(model: str, **options):
+    """(EngineConfig, BenchConfig): the recipe's settings when `model` is one, the
+    dataclass defaults otherwise, with every option that was given on top."""
+    import dataclasses
+
+    from llmctl.config import BenchConfig, EngineConfig, ModelConfig
+    from llmctl.recipe import parse_size
+
+    given = {k: v for k, v in options.items() if v is not None}
+    if "kv_cache_memory" in given:
+        given["kv_cache_memory"] = parse_size(given["kv_cache_memory"], "--kv-cache-memory")
+    base = EngineConfig(model=ModelConfig(model=model))
+    bench = BenchConfig()
+    if model.endswith((".yaml", ".yml")):
+        from llmctl.recipe import load_recipe
+
+        recipe = load_recipe(model)
+        base = EngineConfig(model=dataclasses.replace(recipe.model, model=model), cache=recipe.cache,
+                            scheduler=recipe.scheduler, parallel=recipe.parallel)
+        bench = recipe.bench
+
+    def pick(obj):
+        names = {f.name for f in dataclasses.fields(obj)}
+        return dataclasses.replace(obj, **{k: v for k, v in given.items() if k in names})
+
+    config = EngineConfig(model=pick(base.model), cache=pick(base.cache), scheduler=pick(base.scheduler),
+                          parallel=base.parallel)
+    return config, pick(bench)
+
+
 def run_throughput_command(config, bench, backends: tuple[str, ...], hf_batch_size: int, load_format: str,
                            output_json: Path | None, as_json: bool) -> None:
     from rich.console import Console
