@@ -1,9 +1,141 @@
-"""`llmctl quantize`."""
+"""`llmctl quantize`: GPTQ a model into a standard GPTQ checkpoint, then check it on held-out text."""
 
 from __future__ import annotations
 
-from llmctl.cli.common import not_implemented
+import json
+from dataclasses import replace
+from typing import Annotated, Optional
+
+import typer
+
+_GPTQ = "GPTQ"
+_CALIB = "Calibration"
 
 
-def quantize() -> None:
-    not_implemented("quantize")
+def _quant_config(recipe_path: str | None, overrides: dict):
+    """The recipe's quantize section (or defaults) with the flags that were given on top."""
+    from llmctl.config import EvalConfig, QuantConfig
+
+    if recipe_path:
+        from llmctl.recipe import load_recipe
+
+        recipe = load_recipe(recipe_path)
+        base, eval_config, model = recipe.quant, recipe.eval, recipe.model.model
+    else:
+        base, eval_config, model = QuantConfig(), EvalConfig(), None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return (replace(base, **given) if given else base), eval_config, model
+
+
+def quantize(
+    model: Annotated[Optional[str], typer.Argument(help="Model dir (HF layout, safetensors) or `default`.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Where to write the GPTQ checkpoint dir.")] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Recipe YAML: its quantize/eval sections give the defaults.")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="2, 3, 4 or 8 (default 4).", rich_help_panel=_GPTQ)] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="Columns per scale/zero; -1 = one group (default 128).", rich_help_panel=_GPTQ)] = None,
+    desc_act: Annotated[Optional[bool], typer.Option("--desc-act/--no-desc-act", help="Act-order: quantize columns by decreasing activation energy (stores g_idx).", rich_help_panel=_GPTQ)] = None,
+    sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="Symmetric grid (format gptq) or asymmetric (format gptq_v2).", rich_help_panel=_GPTQ)] = None,
+    damp_percent: Annotated[Optional[float], typer.Option(help="Hessian dampening, a fraction of its mean diagonal (default 0.01).", rich_help_panel=_GPTQ)] = None,
+    static_groups: Annotated[Optional[bool], typer.Option("--static-groups/--no-static-groups", help="Fix group grids before GPTQ (with act-order).", rich_help_panel=_GPTQ)] = None,
+    true_sequential: Annotated[Optional[bool], typer.Option("--true-sequential/--no-true-sequential", help="Quantize qkv, o, gate_up, down in turn, re-running the layer between.", rich_help_panel=_GPTQ)] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Calibration text: a .txt/.json/.jsonl/.parquet/.csv file (default: the embedded corpus, training split).", rich_help_panel=_CALIB)] = None,
+    num_samples: Annotated[Optional[int], typer.Option(help="Calibration sequences (default 128).", rich_help_panel=_CALIB)] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per calibration sequence (default 2048, capped by the model).", rich_help_panel=_CALIB)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling calibration text.", rich_help_panel=_CALIB)] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N: where each layer is quantized.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output dir.")] = False,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the held-out perplexity check after quantizing.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    from llmctl.errors import ConfigError
+
+    config, eval_config, recipe_model = _quant_config(recipe, dict(
+        bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, damp_percent=damp_percent,
+        static_groups=static_groups, true_sequential=true_sequential, dataset=dataset,
+        num_samples=num_samples, seq_len=seq_len, seed=seed))
+    if output is None:
+        raise ConfigError("--output: where to write the checkpoint is required", hint="llmctl quantize MODEL -o OUT_DIR")
+    _run(model or recipe_model, output, config, eval_config, device, overwrite, not no_eval, json_output)
+
+
+def _run(model_arg, output, config, eval_config, device, overwrite, run_eval, json_output) -> None:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from llmctl.models.loader import resolve_model_path
+    from llmctl.quant.run import quantize_checkpoint, validate_request
+
+    console = Console(stderr=True, highlight=False)
+    model_dir = resolve_model_path(model_arg)
+    # Every input check before any weight is read.
+    validate_request(model_dir, Path(output), config, overwrite)
+    with _Progress(console) as progress:
+        summary = quantize_checkpoint(
+            model_dir, output, config, device=device, overwrite=overwrite, run_eval=run_eval,
+            on_stage=progress.stage, on_layer=progress.layer, eval_config=eval_config)
+    if json_output:
+        typer.echo(json.dumps(summary.to_dict(), indent=2))
+    else:
+        _print_summary(Console(highlight=False), summary)
+
+
+class _Progress:
+    """Rich bars on stderr: one per stage, one for the layers with each layer's GPTQ loss."""
+
+    _LABELS = {"load": "loading", "calibration": "calibration data", "eval": "held-out check"}
+
+    def __init__(self, console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "_Progress":
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def stage(self, name: str, done: int, total: int) -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.bar.add_task(self._LABELS.get(name, name), total=total, info="")
+        self.bar.update(self.tasks[name], completed=done, total=total)
+
+    def layer(self, report) -> None:
+        if "layers" not in self.tasks:
+            self.tasks["layers"] = self.bar.add_task("GPTQ layers", total=report.num_layers, info="")
+        losses = " ".join(f"{name.split('.')[-1].removesuffix('_proj')}={loss:.2e}" for name, loss in report.losses.items())
+        self.bar.update(self.tasks["layers"], completed=report.index + 1, info=f"layer {report.index}: {losses}")
+        self.bar.console.print(f"layer {report.index:>3}  {report.seconds:6.1f}s  {losses}", markup=False)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def _print_summary(console, summary) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"GPTQ {summary.bits}-bit, group {summary.group_size} -> {summary.output}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    rows = [("format", summary.checkpoint_format),
+            ("calibration", f"{summary.num_samples} x {summary.seq_len} tokens"),
+            ("size before", _fmt_bytes(summary.source_bytes)), ("size after", _fmt_bytes(summary.output_bytes)),
+            ("compression", f"{summary.compression:.2f}x"), ("time", f"{summary.seconds:.1f} s"),
+            ("peak memory", f"{_fmt_bytes(summary.peak_memory_bytes)} ({summary.device})")]
+    ev = summary.eval
+    if ev:
+        rows += [("perplexity original", f"{ev['ppl_original']:.3f}"), ("perplexity quantized", f"{ev['ppl_quantized']:.3f}"),
+                 ("KL(original || quantized)", f"{ev['kl_divergence']:.4f}"), ("top-1 agreement", f"{ev['top1_agreement']:.1%}"),
+                 ("gate", "PASSED" if ev.get("passed") else "FAILED")]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)

@@ -56,7 +56,7 @@ class GPTQLinearMethod(LinearMethodBase):
         param((num_groups, out_size * bits // 32), torch.int32,
               {"input_dim": 0, "output_dim": 1, "packed_dim": 1, "pack_factor": factor}, "qzeros")
         param((num_groups, out_size), torch.float16, {"input_dim": 0, "output_dim": 1}, "scales")
-        param((input_size,), torch.int32, {"input_dim": 0, "output_dim": None}, "g_idx")
+        param((input_size,), torch.int32, {"input_dim": 0, "output_dim": None, "ignore_missing": True}, "g_idx")
         # Checkpoints written without act-order may omit g_idx; groups are then in order.
         layer.g_idx.data.copy_(torch.arange(input_size, dtype=torch.int32) // group_size)
         if bias:

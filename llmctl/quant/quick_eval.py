@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from llmctl.config import EvalConfig
+
 
 @torch.no_grad()
 def compare_logits(logits_fn_a, logits_fn_b, windows: torch.Tensor,
@@ -39,14 +41,15 @@ def compare_logits(logits_fn_a, logits_fn_b, windows: torch.Tensor,
     }
 
 
-def quick_eval(original_dir: Path, quantized_dir: Path, tokenizer, num_windows: int = 16, window_len: int = 1024,
+def quick_eval(original_dir: Path, quantized_dir: Path, tokenizer, eval_config: EvalConfig,
                device: str = "cpu", on_stage=None) -> dict:
-    """Load both models (fp32 on the CPU, fp16 on CUDA) and compare them on held-out windows."""
+    """Load both models (fp32 on the CPU, fp16 on CUDA), compare them on held-out windows and
+    apply the eval gate (relative perplexity increase, top-1 agreement)."""
     from llmctl.eval.perplexity import heldout_windows
     from llmctl.models.loader import load_model
 
     dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
-    windows = heldout_windows(tokenizer, num_windows, window_len)
+    windows = heldout_windows(tokenizer, eval_config.num_windows, eval_config.window_len)
     original = load_model(original_dir, dtype=dtype, device=device)
     quantized = load_model(quantized_dir, dtype=dtype, device=device)
     stage = on_stage or (lambda *_: None)
@@ -54,4 +57,9 @@ def quick_eval(original_dir: Path, quantized_dir: Path, tokenizer, num_windows: 
                             windows, on_window=lambda d, t: stage("eval", d, t))
     result["protocol"] = "held-out corpus split joined by blank lines, non-overlapping windows, fp32" \
         if dtype == torch.float32 else "held-out corpus split, non-overlapping windows, fp16"
+    result["ppl_increase"] = result["ppl_quantized"] / result["ppl_original"] - 1.0
+    result["max_ppl_increase"] = eval_config.max_ppl_increase
+    result["min_top1_agreement"] = eval_config.min_top1_agreement
+    result["passed"] = (result["ppl_increase"] <= eval_config.max_ppl_increase
+                        and result["top1_agreement"] >= eval_config.min_top1_agreement)
     return result

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from llmctl.config import QuantConfig
+from llmctl.config import EvalConfig, QuantConfig
 from llmctl.errors import QuantizationError
 
 EVAL_FILE = "llmctl_eval.json"
@@ -54,7 +54,7 @@ def settings_from_config(config: QuantConfig):
 
     return GPTQSettings(
         bits=config.bits, group_size=config.group_size, sym=config.sym, desc_act=config.desc_act,
-        act_group_aware=getattr(config, "act_group_aware", True), static_groups=config.static_groups,
+        act_group_aware=config.act_group_aware, static_groups=config.static_groups,
         damp_percent=config.damp_percent,
     )
 
@@ -102,7 +102,7 @@ def _peak_memory(device) -> int:
 
 def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: QuantConfig, device: str = "auto",
                         overwrite: bool = False, run_eval: bool = True, on_stage: StageCallback | None = None,
-                        on_layer=None, eval_windows: tuple[int, int] = (16, 1024)) -> QuantizeSummary:
+                        on_layer=None, eval_config: EvalConfig | None = None) -> QuantizeSummary:
     """Quantize `model_dir` into `out_dir` (see the module docstring)."""
     import torch
 
@@ -160,7 +160,8 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: Quan
     if run_eval:
         from llmctl.quant.quick_eval import quick_eval
 
-        summary.eval = quick_eval(model_dir, out_dir, tokenizer, *eval_windows, on_stage=stage)
+        summary.eval = quick_eval(model_dir, out_dir, tokenizer, eval_config or EvalConfig(), device=str(dev),
+                                  on_stage=stage)
         summary.eval["quantize_seconds"] = round(quantize_seconds, 2)
         (out_dir / EVAL_FILE).write_text(json.dumps(summary.eval, indent=2))
     return summary
