@@ -85,6 +85,9 @@ class QuantConfig:
     damp_percent: float = 0.01
     true_sequential: bool = True
     static_groups: bool = False
+    # GPTQModel's default ordering: groups by decreasing max H diagonal, columns inside a
+    # group likewise; groups stay contiguous, so no g_idx cost at inference.
+    act_group_aware: bool = True
     lm_head: bool = False
     dataset: str | None = None  # None: the embedded Wikipedia corpus (training split)
     num_samples: int = 128
