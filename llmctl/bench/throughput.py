@@ -4,6 +4,7 @@ transformers baselines; requests/s, output tok/s and total tok/s for each."""
 
 from __future__ import annotations
 
+import os
 import platform
 import random
 import subprocess
@@ -128,11 +129,13 @@ def environment() -> dict:
             "processor": _cpu_name(), "num_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                        text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        info["commit"] = None
+    info["commit"] = os.environ.get("LLMCTL_COMMIT")  # a copy of the tree without .git names its commit here
+    if not info["commit"]:
+        try:
+            info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                            text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            info["commit"] = None
     return info
 
 
