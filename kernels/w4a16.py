@@ -83,7 +83,8 @@ def prepare_w4a16_weights(
     k, n = qweight.shape[0] * vals, qweight.shape[1]
     num_groups = scales.shape[0]
     if scales.shape[1] != n or qzeros.shape != (num_groups, n // vals) or n % vals:
-        raise ValueError(f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not fit qweight [{k // vals}, {n}]")
+        raise ValueError(f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} "
+                         f"do not fit qweight [{k // vals}, {n}]")
     if g_idx is None:
         g_idx = torch.arange(k, device=qweight.device) // -(-k // num_groups)
     if g_idx.shape != (k,):
@@ -116,7 +117,8 @@ def _load_tables() -> dict:
 # Used where no tuned table names the GPU (and under the CPU interpreter): the "default" rows
 # measured on an H200 (kernels/configs/w4a16.json), the same SM generation as the H100.
 DEFAULT_TABLE = [
-    {"max_m": 1, "path": "gemv", "config": dict(BLOCK_N=64, BLOCK_KW=16, SPLIT_K=8, PREFETCH=1, num_warps=4, num_stages=1)},
+    {"max_m": 1, "path": "gemv",
+     "config": dict(BLOCK_N=64, BLOCK_KW=16, SPLIT_K=8, PREFETCH=1, num_warps=4, num_stages=1)},
     {"max_m": 16, "path": "gemm", "config": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, SWAP_AB=0, GROUP_M=8,
                                                  PACKED_LOAD=1, PREFETCH=0, num_warps=4, num_stages=3)},
     {"max_m": 64, "path": "gemm", "config": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, SWAP_AB=1, GROUP_M=8,

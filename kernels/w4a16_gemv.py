@@ -39,6 +39,45 @@ def _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n, mask, N, BITS: tl.constex
 
 
 @triton.jit
+def _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, perm_ptr, g_idx_ptr,
+               scales_ptr, qzeros_ptr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+               HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, ONE_GROUP: tl.constexpr, EVEN: tl.constexpr):
+    """acc [BLOCK_KW, BLOCK_N] += x[rows' codes] * W[rows' codes, offs_n] for one tile of words w."""
+    VALS: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if ONE_GROUP:
+        # The tile lies in one group: scale once per column after summing x * (q - zero).
+        s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, (r0 * VALS) // GROUP_SIZE, offs_n, n_mask, N,
+                                BITS, ZERO_OFFSET)
+        zm = zm[None, :]
+        part = tl.zeros_like(acc)
+    elif not HAS_G_IDX:
+        g = ((rows * VALS) // GROUP_SIZE)[:, None]
+        s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], tile_mask, N, BITS, ZERO_OFFSET)
+    for j in tl.static_range(VALS):
+        k = rows * VALS + j
+        if HAS_PERM:
+            xk = tl.load(perm_ptr + k, mask=r_mask, other=0)
+        else:
+            xk = k
+        if EVEN:
+            xv = tl.load(x_row + xk).to(tl.float32)
+        else:
+            xv = tl.load(x_row + xk, mask=r_mask, other=0.0).to(tl.float32)
+        if HAS_G_IDX:
+            g = tl.load(g_idx_ptr + k, mask=r_mask, other=0)[:, None]
+            s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], tile_mask, N, BITS, ZERO_OFFSET)
+        q = _magic_to_float((w >> (j * BITS)) & MASK)
+        if ONE_GROUP:
+            part += xv[:, None] * (q - zm)
+        else:
+            acc += xv[:, None] * ((q - zm) * s)
+    if ONE_GROUP:
+        acc += part * s[None, :]
+    return acc
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     # pointers
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, perm_ptr, g_idx_ptr, bias_ptr, out_ptr,
@@ -53,7 +92,6 @@ def _w4a16_gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     VALS: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2).to(tl.int64)
@@ -82,35 +120,8 @@ def _w4a16_gemv_kernel(
         else:
             w = tl.load(w_ptrs, mask=tile_mask, other=0, eviction_policy="evict_first")
         w_ptrs += BLOCK_KW * N
-        if ONE_GROUP:
-            # The tile lies in one group: scale once per column after summing x * (q - zero).
-            s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, (r0 * VALS) // GROUP_SIZE, offs_n, n_mask, N,
-                                    BITS, ZERO_OFFSET)
-            zm = zm[None, :]
-            part = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
-        elif not HAS_G_IDX:
-            g = ((rows * VALS) // GROUP_SIZE)[:, None]
-            s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], tile_mask, N, BITS, ZERO_OFFSET)
-        for j in tl.static_range(VALS):
-            k = rows * VALS + j
-            if HAS_PERM:
-                xk = tl.load(perm_ptr + k, mask=r_mask, other=0)
-            else:
-                xk = k
-            if EVEN:
-                xv = tl.load(x_row + xk).to(tl.float32)
-            else:
-                xv = tl.load(x_row + xk, mask=r_mask, other=0.0).to(tl.float32)
-            if HAS_G_IDX:
-                g = tl.load(g_idx_ptr + k, mask=r_mask, other=0)[:, None]
-                s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], tile_mask, N, BITS, ZERO_OFFSET)
-            q = _magic_to_float((w >> (j * BITS)) & MASK)
-            if ONE_GROUP:
-                part += xv[:, None] * (q - zm)
-            else:
-                acc += xv[:, None] * ((q - zm) * s)
-        if ONE_GROUP:
-            acc += part * s[None, :]
+        acc = _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, perm_ptr, g_idx_ptr,
+                         scales_ptr, qzeros_ptr, BITS, GROUP_SIZE, ZERO_OFFSET, HAS_PERM, HAS_G_IDX, ONE_GROUP, EVEN)
     out = tl.sum(acc, axis=0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)

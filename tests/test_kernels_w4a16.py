@@ -248,10 +248,28 @@ def test_tuner_table_picks_fastest_and_merges_rows() -> None:
         for m, (ta, tb) in times.items():
             recs += [dict(n=n, k=k, m=m, path="gemv", config=a, ms=ta, rel_err=1e-4),
                      dict(n=n, k=k, m=m, path="gemm", config=b, ms=tb, rel_err=1e-4),
-                     dict(n=n, k=k, m=m, path="gemm", config={"BLOCK_N": 1}, ms=0.1, rel_err=0.5),  # wrong: never picked
+                     # fast but wrong: never picked
+                     dict(n=n, k=k, m=m, path="gemm", config={"BLOCK_N": 1}, ms=0.1, rel_err=0.5),
                      dict(n=n, k=k, m=m, path="gemm", config={"BLOCK_N": 2}, error="OutOfResources")]
     table = build_table(recs)
     assert table["8x32"] == [{"max_m": 2, "path": "gemv", "config": a}, {"max_m": None, "path": "gemm", "config": b}]
     assert table["16x32"][0] == {"max_m": 1, "path": "gemm", "config": b}
     # geomean at M=1: a = sqrt(1*2), b = sqrt(2*1.5): a wins
     assert table["default"] == [{"max_m": 2, "path": "gemv", "config": a}, {"max_m": None, "path": "gemm", "config": b}]
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_other_bit_widths_on_every_path(bits: int) -> None:
+    seed = int(torch.randint(0, 10**6, ()))
+    gen = torch.Generator().manual_seed(seed)
+    k, n = 128, 32
+    qweight, qzeros, scales, g_idx = _random_gptq(k, n, 32, True, gen, bits=bits)
+    weights = prepare_w4a16_weights(qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), g_idx.to(DEVICE), bits)
+    x = torch.randn(3, k, generator=gen).half()
+    ref = w4a16_matmul_reference(x.float(), qweight, qzeros, scales, g_idx, bits=bits)
+    for path, config in (("gemv", dict(GEMV_SMALL, SPLIT_K=2)), ("gemm", dict(GEMM_SMALL, SPLIT_K=2, SWAP_AB=0)),
+                         ("dequant", {})):
+        out = torch.full((3, n), float("nan"), dtype=torch.float16, device=DEVICE)
+        got = w4a16_matmul(x.to(DEVICE), weights, path=path, config=config, out=out).cpu()
+        rel = (got.float() - ref).norm() / ref.norm()
+        assert rel <= 1e-3, f"{bits}-bit {path}: relative error {rel:.2e} (seed {seed})"

@@ -60,7 +60,9 @@ def _w4a16_bytes(m: int, k: int, n: int, group_size: int, act_order: bool) -> in
     return weight + 2 * m * k + 2 * m * n
 
 
-def _bench_shape(name: str, k: int, n: int, cfg: KernelBenchConfig, copy_gbps: float, log: Callable[[str], None]) -> list[dict]:
+def _bench_shape(
+    name: str, k: int, n: int, cfg: KernelBenchConfig, copy_gbps: float, log: Callable[[str], None]
+) -> list[dict]:
     import functools
 
     import torch
