@@ -102,7 +102,8 @@ def _peak_memory(device) -> int:
 
 def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: QuantConfig, device: str = "auto",
                         overwrite: bool = False, run_eval: bool = True, on_stage: StageCallback | None = None,
-                        on_layer=None, eval_config: EvalConfig | None = None) -> QuantizeSummary:
+                        on_layer=None, eval_config: EvalConfig | None = None,
+                        max_shard_bytes: int | None = None) -> QuantizeSummary:
     """Quantize `model_dir` into `out_dir` (see the module docstring)."""
     import torch
 
@@ -139,7 +140,8 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: Quan
                                    true_sequential=config.true_sequential, static_groups=config.static_groups,
                                    act_group_aware=settings.act_group_aware and not config.desc_act)
     batch_size = max(1, 4096 // seq_len)
-    with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
+    shard_limit = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
+    with CheckpointWriter(out_dir, overwrite=overwrite, **shard_limit) as writer:
         def sink(name, result):
             writer.add(pack_result(result, config.bits, fmt).tensors(name))
 

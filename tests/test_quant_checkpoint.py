@@ -1,0 +1,165 @@
+"""End to end on a shrunk random Llama: quantize, write, load back; atomicity; bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmctl.config import EvalConfig, QuantConfig
+from llmctl.errors import ConfigError, LlmctlError, QuantizationError
+from llmctl.quant.run import quantize_checkpoint
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(default_model_dir, tmp_path_factory) -> Path:
+    """A 2-layer random Llama in HF layout with the default model's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(path)
+    for name in _TOKENIZER_FILES:
+        shutil.copy(default_model_dir / name, path / name)
+    return path
+
+
+def _fake_quantized_logits(model_dir: Path, config: QuantConfig, ids: torch.Tensor) -> torch.Tensor:
+    """The in-memory model after GPTQ (fake-quantized weights), with the checkpoint's fp16 extras."""
+    from llmctl.models.loader import load_model, load_tokenizer
+    from llmctl.quant.calibration import calibration_batch, load_calibration_texts
+    from llmctl.quant.driver import quantize_model_layers
+    from llmctl.quant.run import settings_from_config
+
+    model = load_model(model_dir, dtype="float32", device="cpu")
+    calib = calibration_batch(load_tokenizer(model_dir), load_calibration_texts(config.dataset),
+                              config.num_samples, config.seq_len, config.seed)
+    quantize_model_layers(model, calib, settings_from_config(config), sink=lambda *_: None)
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not name.endswith(("proj.weight",)):
+            param.data = param.data.half().float()  # what the checkpoint stores for unquantized tensors
+    return model.logits(ids)
+
+
+def _digest(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(bits=4, group_size=32),
+    dict(bits=3, group_size=32, sym=False, desc_act=True),
+    dict(bits=8, group_size=-1, act_group_aware=False),
+    dict(bits=2, group_size=64, desc_act=True, static_groups=True),
+])
+def test_checkpoint_loads_with_the_logits_of_the_fake_quantized_model(tiny_llama_dir, tmp_path, overrides):
+    from llmctl.models.loader import load_model
+
+    config = QuantConfig(num_samples=4, seq_len=64, **overrides)
+    before = _digest(tiny_llama_dir)
+    out = tmp_path / "q"
+    # A tiny shard limit forces several shards plus an index.
+    summary = quantize_checkpoint(tiny_llama_dir, out, config, device="cpu", run_eval=False, max_shard_bytes=100_000)
+    assert _digest(tiny_llama_dir) == before  # the source is only read
+    assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg == json.loads((out / "quantize_config.json").read_text())
+    assert (qcfg["bits"], qcfg["sym"], qcfg["quant_method"]) == (config.bits, config.sym, "gptq")
+    assert qcfg["checkpoint_format"] == ("gptq" if config.sym else "gptq_v2")
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+        assert f"model.layers.1.{proj}.qweight" in index and f"model.layers.1.{proj}.g_idx" in index
+    assert not any(name.endswith("proj.weight") for name in index)
+    assert summary.output_bytes < summary.source_bytes
+
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(3))
+    loaded = load_model(out, dtype="float32", device="cpu").logits(ids)
+    torch.testing.assert_close(loaded, _fake_quantized_logits(tiny_llama_dir, config, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_without_g_idx_loads_as_groups_in_order(tiny_llama_dir, tmp_path):
+    """Old AutoGPTQ checkpoints without act-order may omit g_idx."""
+    from safetensors.torch import load_file, save_file
+
+    from llmctl.models.loader import load_model
+
+    out = tmp_path / "q"
+    quantize_checkpoint(tiny_llama_dir, out, QuantConfig(num_samples=2, seq_len=64, group_size=32),
+                        device="cpu", run_eval=False)
+    ids = torch.arange(40).reshape(2, 20)
+    expected = load_model(out, dtype="float32", device="cpu").logits(ids)
+    tensors = load_file(out / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith("g_idx")}, out / "model.safetensors")
+    torch.testing.assert_close(load_model(out, dtype="float32", device="cpu").logits(ids), expected)
+
+
+def test_a_failure_midway_leaves_no_output_dir(tiny_llama_dir, tmp_path):
+    out = tmp_path / "q"
+
+    def fail(report):
+        raise RuntimeError("interrupted after layer 0")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        quantize_checkpoint(tiny_llama_dir, out, QuantConfig(num_samples=2, seq_len=32, group_size=32),
+                            device="cpu", run_eval=False, on_layer=fail)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temp dir
+
+
+def test_overwrite_replaces_an_existing_dir_only_when_asked(tiny_llama_dir, tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    config = QuantConfig(num_samples=2, seq_len=32, group_size=32)
+    with pytest.raises(QuantizationError, match="already exists"):
+        quantize_checkpoint(tiny_llama_dir, out, config, device="cpu", run_eval=False)
+    assert (out / "old.txt").exists()
+    quantize_checkpoint(tiny_llama_dir, out, config, device="cpu", run_eval=False, overwrite=True)
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_quick_eval_writes_llmctl_eval_json(tiny_llama_dir, tmp_path):
+    out = tmp_path / "q"
+    summary = quantize_checkpoint(tiny_llama_dir, out, QuantConfig(num_samples=2, seq_len=64, group_size=32),
+                                  device="cpu", eval_config=EvalConfig(num_windows=2, window_len=64))
+    report = json.loads((out / "llmctl_eval.json").read_text())
+    assert report == summary.eval
+    assert report["num_tokens"] == 2 * 63 and report["ppl_quantized"] > 1 and report["ppl_original"] > 1
+    assert 0 <= report["top1_agreement"] <= 1 and report["kl_divergence"] >= 0
+    assert isinstance(report["passed"], bool)
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from llmctl.cli.main import app
+
+    return CliRunner().invoke(app, ["quantize", *args])
+
+
+@pytest.mark.parametrize("args, error, message", [
+    (["--group-size", "128"], QuantizationError, "group_size 128 does not divide in_features 64"),
+    (["--bits", "5"], ConfigError, "bits: must be 2, 3, 4 or 8"),
+    (["--dataset", "missing/calib.jsonl"], ConfigError, "does not exist"),
+    (["--damp-percent", "1.5"], ConfigError, "damp_percent"),
+])
+def test_bad_input_fails_before_any_work(tiny_llama_dir, tmp_path, args, error, message):
+    result = _cli(str(tiny_llama_dir), "-o", str(tmp_path / "q"), *args)
+    assert isinstance(result.exception, error) and message in str(result.exception)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_and_quantized_source_are_refused(tiny_llama_dir, tmp_path):
+    (tmp_path / "q").mkdir()
+    result = _cli(str(tiny_llama_dir), "-o", str(tmp_path / "q"), "--group-size", "32")
+    assert isinstance(result.exception, QuantizationError) and "--overwrite" in result.exception.hint
+    result = _cli(str(tiny_llama_dir), "-o", str(tiny_llama_dir / "inside"), "--group-size", "32")
+    assert isinstance(result.exception, LlmctlError) and "inside the source" in str(result.exception)
