@@ -41,9 +41,11 @@ def build_app(engine: Any, serve_config: ServeConfig, served_model_name: str | N
     from llmctl.serve.metrics import ServerMetrics
     from llmctl.serve.serving_common import ServingContext
 
-    names = [served_model_name or serve_config.served_model_name or engine.model_name]
-    if model_arg and model_arg not in names and not served_model_name and not serve_config.served_model_name:
-        names.append(model_arg)  # `llmctl serve ./dir` answers to the dir name and to `./dir`, as vLLM does
+    chosen = served_model_name or serve_config.served_model_name
+    names = [chosen or engine.model_name]
+    alias = model_arg or engine.config.model.model
+    if not chosen and alias not in names:
+        names.append(alias)  # `llmctl serve ./dir` answers to `./dir` as vLLM does; `llmctl serve` to "default"
     metrics = ServerMetrics(names[0])
     scheduler = engine.config.scheduler
     async_engine = AsyncEngine(engine, max_num_unfinished=scheduler.max_num_seqs + scheduler.max_waiting,
