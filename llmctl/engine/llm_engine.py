@@ -196,8 +196,9 @@ class LLMEngine:
             first = request.prompt_logprobs_missing_from(e.seq)
             if first is not None:
                 if first < e.start_pos:  # the prefix cache served positions nobody scored yet
-                    request.add_prompt_logprobs(self.runner.dense_prompt_logprobs(
-                        e.seq.prompt_token_ids, e.start_pos, e.seq.sampling_params.prompt_logprobs))
+                    dense = self.runner.dense_prompt_logprobs(e.seq.prompt_token_ids, e.start_pos,
+                                                              e.seq.sampling_params.prompt_logprobs)
+                    request.add_prompt_logprobs(dense[len(request.prompt_logprobs):])
                     first = e.start_pos
                 prompt_lp_from[e.seq.seq_id] = first
         return generators, prompt_lp_from

@@ -12,6 +12,10 @@ Only the token ids and block tables are gathered in Python (one list per sequenc
 positions and slots are derived on the device from those, so per-step host work grows
 with B, not with T. The cache is one tensor [2, L, num_blocks, block_size, Hkv, Dh];
 layer i reads the contiguous views [0, i] and [1, i].
+
+Every step input is a tensor built from a handful of host lists, which is the shape
+vLLM's CUDA-graph path needs: a decode-only batch padded to a bucket size could copy
+them into persistent buffers and replay a captured graph (not done yet).
 """
 
 from __future__ import annotations
