@@ -104,7 +104,8 @@ def _wait_idle(http, timeout: float = 60.0) -> dict[str, float]:
 # --- endpoints ---------------------------------------------------------------------
 
 def test_models_health_version_tokenize(client, http, server):
-    assert [m.id for m in client.models.list().data] == [server["model"]]
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == server["model"] and set(ids) <= {server["model"], str(server["engine"].config.model.model)}
     assert http.get("/health").status_code == 200
     assert http.get("/version").json()["version"]
     tok = http.post("/tokenize", json={"prompt": PROMPTS[0]}).json()
@@ -306,3 +307,18 @@ def test_queue_limit_503_then_disconnects_free_every_block(server, http):
     m = _wait_idle(http)
     assert m["llmctl:kv_cache_free_blocks"] == server["engine"].get_stats().num_total_blocks
     assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_bench_serve_client_against_the_server(server, http):
+    """`llmctl bench serve`'s client: every request either completes with its tokens or,
+    when told to hang up, disconnects; nothing fails and nothing is left running."""
+    from llmctl.bench.serve_client import ServeBenchConfig, benchmark
+
+    cfg = ServeBenchConfig(base_url=server["url"], api_key=API_KEY, num_prompts=6, input_len=24, output_len=8,
+                           max_concurrency=3, disconnect_fraction=0.5, seed=3, goodput={"e2el": 600_000})
+    s = benchmark(cfg)
+    assert s["failed"] == 0 and s["status_5xx"] == 0, s["errors"]
+    assert s["completed"] + s["disconnected"] == 6 and s["disconnected"] >= 1
+    assert s["total_output_tokens"] == 8 * s["completed"]
+    assert 0 < s["median_ttft_ms"] <= s["median_e2el_ms"] and s["request_goodput"] == pytest.approx(s["request_throughput"])
+    _wait_idle(http)
