@@ -118,7 +118,7 @@ class AsyncEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> _Stream:
         if self.dead_error is not None or self._stopping:
-            raise EngineDeadError("the engine is not running", hint=self._dead_reason())
+            raise EngineDeadError("the engine is not running", hint=self.dead_reason())
         if self.max_num_unfinished is not None and len(self._streams) >= self.max_num_unfinished:
             raise QueueFullError(f"the server is at its limit of {self.max_num_unfinished} requests in flight",
                                  hint="retry later, or raise --max-num-seqs / scheduler.max_waiting")
@@ -172,7 +172,7 @@ class AsyncEngine:
             self._commands.append(cmd)
             self._cv.notify()
 
-    def _dead_reason(self) -> str | None:
+    def dead_reason(self) -> str | None:
         if self.dead_error is None:
             return None
         return f"engine loop died: {type(self.dead_error).__name__}: {self.dead_error}"

@@ -81,7 +81,7 @@ def _add_utility_routes(app: FastAPI, ctx: ServingContext, metrics: ServerMetric
     @app.get("/health")
     async def health() -> Response:
         if not ctx.engine.is_running:
-            reason = ctx.engine._dead_reason() or "the engine loop is not running"
+            reason = ctx.engine.dead_reason() or "the engine loop is not running"
             return error_response(reason, 503)
         return Response(status_code=200)
 
