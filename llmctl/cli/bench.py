@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 import typer
 
 from llmctl.cli.bench_serve import serve_bench
-from llmctl.cli.common import not_implemented
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 
