@@ -155,6 +155,8 @@ def run_throughput(engine_config: EngineConfig, bench: BenchConfig, backends: tu
     """Every backend on the same prompts; returns {"environment", "config", "results"}."""
     from llmctl.llm import LLM
 
+    env = environment()  # before the run: the commit that was measured, not one that landed meanwhile
+
     def progress(event: str, info: dict) -> None:
         on_event("llmctl", event if event == "kv_plan" else "log", info)
 
@@ -171,7 +173,7 @@ def run_throughput(engine_config: EngineConfig, bench: BenchConfig, backends: tu
         if backend in backends:
             results.append(run_hf_backend(backend, model_spec, prompts, bench, hf_batch_size, on_event))
             on_event(backend, "done", {"result": results[-1]})
-    return {"environment": environment(), "config": asdict(bench), "model": model_spec["name"],
+    return {"environment": env, "config": asdict(bench), "model": model_spec["name"],
             "results": [r.to_dict() for r in results]}
 
 

@@ -24,7 +24,7 @@ from llmctl.engine.outputs import RequestOutput
 from llmctl.engine.sampling_params import SamplingParams
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
 from llmctl.engine.sequence import SequenceStatus
-from llmctl.errors import InvalidRequestError
+from llmctl.errors import ConfigError, InvalidRequestError
 
 # (event, info): "load" / "kv_plan" / "ready", info["message"] a line of text; "kv_plan"
 # also carries info["plan"] (a KVPlan) so a CLI can draw the table. The engine never draws.
@@ -65,6 +65,9 @@ class LLMEngine:
             config.model, load_format, self.device, self.device_kind, lambda msg: self.progress("load", {"message": msg}))
         self.dtype = getattr(torch, resolve_dtype(config.model.dtype, self.arch, self.device_kind))
         self.max_model_len = config.model.max_model_len or self.arch.max_position_embeddings
+        if self.max_model_len > self.arch.max_position_embeddings:
+            raise ConfigError(f"max_model_len: {self.max_model_len} exceeds the model's context length "
+                              f"({self.arch.max_position_embeddings}, max_position_embeddings in config.json)")
         self.eos_token_id = self._eos_token_id()
         self.runner = ModelRunner(self.model, self.arch, self.device, self.dtype, config.cache.block_size,
                                   self.eos_token_id)
@@ -107,7 +110,6 @@ class LLMEngine:
         plan = plan_kv(self.arch, self.model_name, cfg.model, cfg.cache, cfg.scheduler, cfg.parallel,
                        device=self.device_kind, gpu_memory=gpu_memory, measured_weight_bytes=measured_used,
                        measured_activation_bytes=activation)
-        plan = _with_max_model_len(plan, self.max_model_len)
         self.progress("kv_plan", {"plan": plan, "message": plan.format_text()})
         plan.check_fits()
         return plan
@@ -235,10 +237,3 @@ class LLMEngine:
             max_num_running=self._max_num_running, kv_waste=self._kv_waste,
             kv_waste_mean=self._kv_waste_sum / self._kv_waste_steps if self._kv_waste_steps else 0.0,
         )
-
-
-def _with_max_model_len(plan: KVPlan, max_model_len: int) -> KVPlan:
-    import dataclasses
-
-    return dataclasses.replace(plan, max_model_len=max_model_len)
-
