@@ -17,9 +17,9 @@ Column processing order:
 
 One refinement over the reference loop that changes nothing in the format: scales
 are rounded to fp16 before use, so the error GPTQ compensates is the error of the
-weights the checkpoint really stores. `fit_on_updated` optionally fits a group's
-grid to its columns after the error feedback of every earlier column (the
-reference misses the updates made inside the current 128-column block).
+weights the checkpoint really stores. As in the reference, a group's grid is fitted
+when its first column comes up, to the weights as updated up to the start of the
+current 128-column block (fitting after the in-block updates measured no better).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ class GPTQSettings:
     act_group_aware: bool = True
     static_groups: bool = False
     damp_percent: float = 0.01
-    fit_on_updated: bool = False  # fit group grids after in-block error feedback (see module doc)
 
     @property
     def maxq(self) -> int:
@@ -224,8 +223,7 @@ def _gptq_columns(w: torch.Tensor, hinv: torch.Tensor, perm: torch.Tensor | None
                 # group keeps the id of its (contiguous) original columns.
                 group = int(perm[pos]) // gs if natural_groups else pos // gs
                 if pos % gs == 0:
-                    cols = _current_columns(w, w1, err1, hinv, i1, i, pos, pos + gs, s.fit_on_updated)
-                    scale, zero = fit_grid(cols, s.bits, s.sym)
+                    scale, zero = fit_grid(w[:, pos:pos + gs], s.bits, s.sym)
                     grids[group] = (scale, zero)
             group_of_position[pos] = group
             col = w1[:, i]
@@ -239,23 +237,6 @@ def _gptq_columns(w: torch.Tensor, hinv: torch.Tensor, perm: torch.Tensor | None
             err1[:, i] = delta
         w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
     return codes, group_of_position, grids, float(loss)
-
-
-def _current_columns(w: torch.Tensor, w1: torch.Tensor, err1: torch.Tensor, hinv: torch.Tensor,
-                     i1: int, i: int, start: int, end: int, updated: bool) -> torch.Tensor:
-    """Columns start:end (processing order) as the loop currently sees them.
-
-    Inside the block they are in w1; past the block they still lack the lazy update
-    of the block's first i columns, which is applied here on the fly.
-    """
-    i2 = i1 + w1.shape[1]
-    if not updated:
-        return w[:, start:end]
-    inside = w1[:, start - i1:min(end, i2) - i1]
-    if end <= i2:
-        return inside
-    outside = w[:, i2:end] - err1[:, :i].matmul(hinv[i1:i1 + i, i2:end])
-    return torch.cat([inside, outside], dim=1)
 
 
 def rtn_quantize(weight: torch.Tensor, settings: GPTQSettings) -> GPTQResult:

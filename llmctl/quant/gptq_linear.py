@@ -42,7 +42,7 @@ class GPTQLinearMethod(LinearMethodBase):
         group_size = gs if gs > 0 else input_size
         if input_size % group_size:
             raise ModelLoadError(f"group_size {gs} does not divide in_features {input_size}")
-        if input_size % 32 and bits == 3 or input_size * bits % 32 or out_size * bits % 32:
+        if (bits == 3 and input_size % 32) or input_size * bits % 32 or out_size * bits % 32:
             raise ModelLoadError(f"a {out_size}x{input_size} linear cannot hold {bits}-bit packed weights")
         num_groups = input_size // group_size
 

@@ -100,6 +100,36 @@ def _peak_memory(device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def checkpoint_config(config: QuantConfig, checkpoint_format: str):
+    from llmctl.quant.checkpoint import GPTQCheckpointConfig
+
+    return GPTQCheckpointConfig(
+        bits=config.bits, group_size=config.group_size, desc_act=config.desc_act, sym=config.sym,
+        checkpoint_format=checkpoint_format, damp_percent=config.damp_percent,
+        true_sequential=config.true_sequential, static_groups=config.static_groups,
+        act_group_aware=config.act_group_aware and not config.desc_act)
+
+
+def _load_and_calibrate(model_dir: Path, config: QuantConfig, dev, stage: StageCallback):
+    """(tokenizer, model on the CPU, calibration ids [n, S]). GPU runs keep fp16 weights."""
+    import torch
+
+    from llmctl.models.loader import load_model, load_tokenizer
+    from llmctl.quant.calibration import calibration_batch, load_calibration_texts
+
+    stage("load", 0, 1)
+    tokenizer = load_tokenizer(model_dir)
+    dtype = torch.float32 if dev.type == "cpu" else torch.float16
+    model = load_model(model_dir, dtype=dtype, device="cpu")
+    stage("load", 1, 1)
+    seq_len = min(config.seq_len, model.arch.max_position_embeddings)
+    stage("calibration", 0, 1)
+    calib_ids = calibration_batch(tokenizer, load_calibration_texts(config.dataset), config.num_samples,
+                                  seq_len, config.seed)
+    stage("calibration", 1, 1)
+    return tokenizer, model, calib_ids
+
+
 def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: QuantConfig, device: str = "auto",
                         overwrite: bool = False, run_eval: bool = True, on_stage: StageCallback | None = None,
                         on_layer=None, eval_config: EvalConfig | None = None,
@@ -107,9 +137,8 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: Quan
     """Quantize `model_dir` into `out_dir` (see the module docstring)."""
     import torch
 
-    from llmctl.models.loader import _resolve_device, load_model, load_tokenizer
-    from llmctl.quant.calibration import calibration_batch, load_calibration_texts
-    from llmctl.quant.checkpoint import CheckpointWriter, GPTQCheckpointConfig
+    from llmctl.models.loader import _resolve_device
+    from llmctl.quant.checkpoint import CheckpointWriter
     from llmctl.quant.driver import quantize_model_layers
     from llmctl.quant.packing import format_for, pack_result
     from llmctl.quant.source import copy_unquantized_tensors
@@ -122,23 +151,11 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: Quan
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
-    stage("load", 0, 1)
-    tokenizer = load_tokenizer(model_dir)
-    dtype = torch.float32 if dev.type == "cpu" else torch.float16
-    model = load_model(model_dir, dtype=dtype, device="cpu")
-    stage("load", 1, 1)
-    seq_len = min(config.seq_len, model.arch.max_position_embeddings)
-    stage("calibration", 0, 1)
-    calib_ids = calibration_batch(tokenizer, load_calibration_texts(config.dataset), config.num_samples,
-                                  seq_len, config.seed)
-    stage("calibration", 1, 1)
-
+    tokenizer, model, calib_ids = _load_and_calibrate(model_dir, config, dev, stage)
+    seq_len = calib_ids.shape[1]
     settings = settings_from_config(config)
     fmt = format_for(config.sym)
-    qconfig = GPTQCheckpointConfig(bits=config.bits, group_size=config.group_size, desc_act=config.desc_act,
-                                   sym=config.sym, checkpoint_format=fmt, damp_percent=config.damp_percent,
-                                   true_sequential=config.true_sequential, static_groups=config.static_groups,
-                                   act_group_aware=settings.act_group_aware and not config.desc_act)
+    qconfig = checkpoint_config(config, fmt)
     batch_size = max(1, 4096 // seq_len)
     shard_limit = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
     with CheckpointWriter(out_dir, overwrite=overwrite, **shard_limit) as writer:
