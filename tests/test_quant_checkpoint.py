@@ -163,3 +163,14 @@ def test_existing_output_and_quantized_source_are_refused(tiny_llama_dir, tmp_pa
     assert isinstance(result.exception, QuantizationError) and "--overwrite" in result.exception.hint
     result = _cli(str(tiny_llama_dir), "-o", str(tiny_llama_dir / "inside"), "--group-size", "32")
     assert isinstance(result.exception, LlmctlError) and "inside the source" in str(result.exception)
+
+
+def test_cli_quantizes_and_prints_a_json_summary(tiny_llama_dir, tmp_path):
+    out = tmp_path / "q"
+    result = _cli(str(tiny_llama_dir), "-o", str(out), "--group-size", "32", "--num-samples", "2",
+                  "--seq-len", "32", "--bits", "4", "--desc-act", "--no-eval", "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.exception
+    summary = json.loads(result.stdout)
+    assert summary["output"] == str(out.resolve()) and summary["eval"] is None
+    assert summary["compression"] > 1 and len(summary["layer_losses"]) == 2
+    assert json.loads((out / "quantize_config.json").read_text())["desc_act"] is True
