@@ -70,7 +70,9 @@ def test_checkpoint_loads_with_the_logits_of_the_fake_quantized_model(tiny_llama
     summary = quantize_checkpoint(tiny_llama_dir, out, config, device="cpu", run_eval=False, max_shard_bytes=100_000)
     assert _digest(tiny_llama_dir) == before  # the source is only read
     assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
-    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    written = json.loads((out / "config.json").read_text())
+    assert written["torch_dtype"] == "float16" and written.get("dtype", "float16") == "float16"
+    qcfg = written["quantization_config"]
     assert qcfg == json.loads((out / "quantize_config.json").read_text())
     assert (qcfg["bits"], qcfg["sym"], qcfg["quant_method"]) == (config.bits, config.sym, "gptq")
     assert qcfg["checkpoint_format"] == ("gptq" if config.sym else "gptq_v2")

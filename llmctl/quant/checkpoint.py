@@ -164,7 +164,12 @@ class CheckpointWriter:
                      "weight_map": {k: renamed[v] for k, v in sorted(self._weight_map.items())}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         copy_tokenizer_files(Path(source_dir), tmp)
-        config = dict(config, quantization_config=qconfig.to_dict(), torch_dtype="float16")
+        from llmctl.quant.source import unquantized_dtype
+
+        dtype = unquantized_dtype(config)
+        config = dict(config, quantization_config=qconfig.to_dict(), torch_dtype=dtype)
+        if "dtype" in config:  # transformers 5 writes and prefers this key
+            config["dtype"] = dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "quantize_config.json").write_text(json.dumps(qconfig.to_dict(), indent=2))
         for name, payload in (extra_files or {}).items():

@@ -13,17 +13,23 @@ def is_quantized_weight(name: str) -> bool:
     return bool(_QUANTIZED_WEIGHT.match(name))
 
 
-def copy_unquantized_tensors(model_dir: Path, writer, tied_embeddings: bool | None = None) -> int:
-    """Add every tensor that GPTQ leaves alone to `writer`, floats as fp16. Returns the count."""
+def unquantized_dtype(cfg: dict) -> str:
+    """bf16 models keep bf16 (fp16 could overflow their range); everything else goes to fp16."""
+    source = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float16")
+    return "bfloat16" if source == "bfloat16" else "float16"
+
+
+def copy_unquantized_tensors(model_dir: Path, writer) -> int:
+    """Add every tensor that GPTQ leaves alone to `writer`, floats in `unquantized_dtype`. Returns the count."""
     import json
 
     import torch
 
     from llmctl.models.loader import iterate_weights, weight_files
 
-    if tied_embeddings is None:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-        tied_embeddings = bool(cfg.get("tie_word_embeddings", False))
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    tied_embeddings = bool(cfg.get("tie_word_embeddings", False))
+    dtype = getattr(torch, unquantized_dtype(cfg))
     count = 0
     for name, tensor, _ in iterate_weights(weight_files(Path(model_dir))):
         if is_quantized_weight(name) or name.endswith(_SKIPPED_SUFFIXES):
@@ -31,7 +37,7 @@ def copy_unquantized_tensors(model_dir: Path, writer, tied_embeddings: bool | No
         if name == "lm_head.weight" and tied_embeddings:
             continue
         if tensor.is_floating_point():
-            tensor = tensor.to(torch.float16)
+            tensor = tensor.to(dtype)
         writer.add({name: tensor})
         count += 1
     return count
