@@ -207,6 +207,7 @@ def _gptq_columns(w: torch.Tensor, hinv: torch.Tensor, perm: torch.Tensor | None
     grids: list = list(static) if static is not None else [None] * num_groups
     natural_groups = s.act_group_aware and not s.desc_act and perm is not None
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
+    order = perm.tolist() if perm is not None else None  # host copy: no device sync per column
     scale = zero = None
     for i1 in range(0, num_columns, BLOCK_SIZE):
         i2 = min(i1 + BLOCK_SIZE, num_columns)
@@ -216,12 +217,12 @@ def _gptq_columns(w: torch.Tensor, hinv: torch.Tensor, perm: torch.Tensor | None
         for i in range(i2 - i1):
             pos = i1 + i
             if static is not None:
-                group = int(perm[pos]) // gs if perm is not None else pos // gs
+                group = order[pos] // gs if order is not None else pos // gs
                 scale, zero = grids[group]
             else:
                 # Groups are contiguous in processing order; with act_group_aware the
                 # group keeps the id of its (contiguous) original columns.
-                group = int(perm[pos]) // gs if natural_groups else pos // gs
+                group = order[pos] // gs if natural_groups else pos // gs
                 if pos % gs == 0:
                     scale, zero = fit_grid(w[:, pos:pos + gs], s.bits, s.sym)
                     grids[group] = (scale, zero)
