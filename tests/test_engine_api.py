@@ -146,20 +146,18 @@ def test_stats_and_timings(engine):
     assert out.outputs[0].finish_reason == "length"
 
 
-def test_prompt_logprobs_survive_preemption_and_cache_hits():
+def test_prompt_logprobs_survive_preemption_and_cache_hits(engine):
     small = LLMEngine.from_engine_args("default", max_model_len=128, num_gpu_blocks_override=12,
                                        max_num_batched_tokens=32)
     prompts = {f"p{i}": PROMPT[i:] + list(range(3000 + 30 * i, 3020 + 30 * i)) for i in range(3)}
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=1)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, prompt_logprobs=1)
     for rid, prompt in prompts.items():
         small.add_request(rid, prompt, params)
     squeezed = drain(small)
     assert small.get_stats().num_preemptions > 0
-    roomy = LLMEngine.from_engine_args("default", max_model_len=128, kv_cache_memory="32MiB",
-                                       enable_prefix_caching=False)
     for rid, prompt in prompts.items():
-        roomy.add_request(rid, prompt, params)
-    reference = drain(roomy)
+        engine.add_request(rid, prompt, params)
+    reference = drain(engine)
     for rid, prompt in prompts.items():
         got, want = squeezed[rid].prompt_logprobs, reference[rid].prompt_logprobs
         assert len(got) == len(want) == len(prompt)

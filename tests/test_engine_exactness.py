@@ -39,7 +39,7 @@ def tokenizer(default_model_dir):
 def corpus_ids(tokenizer):
     from llmctl.eval.corpus import load_corpus_split
 
-    articles = load_corpus_split().train[:400:7]
+    articles = load_corpus_split().train[:3000:7]
     return [tokenizer.encode(text) for text in articles if text]
 
 
