@@ -24,10 +24,15 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None  # None: the model's own context length
     seed: int = 0
+    # Only with load_format="dummy": random GPTQ 4-bit weights (group 128) instead of dense ones.
+    # A real checkpoint's quantization is read from its config.json.
+    quantization: str | None = None  # None | gptq
+    enforce_eager: bool = False  # True: never replay CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "float16", "bfloat16"), "dtype",
                f"must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        _check(self.quantization in (None, "gptq"), "quantization", f"must be gptq or unset, got {self.quantization!r}")
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be positive")
 
 

@@ -83,7 +83,7 @@ class LLM:
         arch = self.engine.arch
         spec = {"name": self.engine.model_name, "model_dir": str(self.engine.model_dir) if self.engine.model_dir else None,
                 "dtype": str(self.engine.dtype).removeprefix("torch."), "device": str(self.engine.device),
-                "arch_config": None}
+                "arch_config": None, "quantization": "gptq" if arch.is_gptq else None}
         if self.engine.load_format == "dummy":
             spec["arch_config"] = {
                 "vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size, "intermediate_size": arch.intermediate_size,

@@ -123,3 +123,36 @@ def test_dummy_weights_are_seeded_and_finite():
     logits = a.logits(ids)
     assert torch.isfinite(logits).all() and logits.std() > 0
     assert torch.equal(logits, b.logits(ids))
+
+
+def test_dummy_gptq_weights_load_as_a_gptq_model_and_bench_through_the_cli(tiny_recipe, tmp_path):
+    import torch
+    import yaml
+    from typer.testing import CliRunner
+
+    from llmctl.cli.main import app
+    from llmctl.models.arch import arch_from_config
+    from llmctl.models.dummy import load_dummy_model, with_quantization
+
+    arch = with_quantization(arch_from_config(yaml.safe_load(TINY_RECIPE)["model"]["arch"]), "gptq")
+    assert arch.is_gptq and arch.quantization_config["bits"] == 4
+    assert arch.quantization_config["group_size"] == -1  # 64 is not a multiple of 128
+    model = load_dummy_model(arch, torch.float32, "cpu", seed=3)
+    layer = model.model.layers[0].mlp.gate_up_proj
+    assert layer.qweight.dtype == torch.int32 and not hasattr(layer, "weight")
+    assert layer.qweight.unique().numel() > 100  # random codes, not a constant
+    logits = model.logits(torch.randint(0, 512, (1, 16)))
+    assert torch.isfinite(logits).all() and logits.std() > 0
+
+    out = tmp_path / "q.json"
+    res = CliRunner().invoke(app, ["bench", "throughput", "--model", tiny_recipe, "--load-format", "dummy",
+                                   "--quantization", "gptq", "--num-prompts", "3", "--output-len", "4",
+                                   "--output-json", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["quantization"] == "gptq" and report["results"][0]["num_output_tokens"] == 12
+    res = CliRunner().invoke(app, ["bench", "throughput", "--model", tiny_recipe, "--quantization", "gptq"])
+    assert res.exit_code != 0 and "--load-format dummy" in str(res.exception)
+    res = CliRunner().invoke(app, ["bench", "throughput", "--model", tiny_recipe, "--load-format", "dummy",
+                                   "--quantization", "gptq", "--backend", "all"])
+    assert res.exit_code != 0 and "dense" in str(res.exception)

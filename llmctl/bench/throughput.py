@@ -174,6 +174,8 @@ def run_throughput(engine_config: EngineConfig, bench: BenchConfig, backends: tu
             results.append(run_hf_backend(backend, model_spec, prompts, bench, hf_batch_size, on_event))
             on_event(backend, "done", {"result": results[-1]})
     return {"environment": env, "config": asdict(bench), "model": model_spec["name"],
+            "quantization": model_spec["quantization"], "load_format": load_format,
+            "cuda_graphs": not engine_config.model.enforce_eager and model_spec["device"].startswith("cuda"),
             "results": [r.to_dict() for r in results]}
 
 

@@ -29,6 +29,10 @@ def throughput(
     dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | float16 | bfloat16 [auto].")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda [auto].")] = None,
     load_format: Annotated[str, typer.Option(help="auto, or dummy (random weights of the model's shapes).")] = "auto",
+    quantization: Annotated[Optional[str], typer.Option(
+        help="gptq: with --load-format dummy, random GPTQ 4-bit weights (group 128) of the model's shapes.")] = None,
+    enforce_eager: Annotated[Optional[bool], typer.Option(
+        help="Never replay CUDA graphs for decode steps (GPU) [off].")] = None,
     kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV budget, e.g. 1GiB [CPU: 1GiB].")] = None,
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="Share of GPU memory used [0.9].")] = None,
     enable_prefix_caching: Annotated[Optional[bool], typer.Option(help="Automatic prefix caching [on].")] = None,
@@ -43,11 +47,17 @@ def throughput(
     backends = BACKENDS if backend == "all" else tuple(b.strip() for b in backend.split(","))
     if any(b not in BACKENDS for b in backends):
         raise ConfigError(f"--backend: must be one of {', '.join(BACKENDS)} or all, got {backend!r}")
+    if quantization is not None and load_format != "dummy":
+        raise ConfigError("--quantization: only with --load-format dummy",
+                          hint="a GPTQ checkpoint's own config.json says how it is quantized")
+    if quantization is not None and backends != ("llmctl",):
+        raise ConfigError("--quantization: the hf baselines run dense models only", hint="use --backend llmctl")
     config, bench = throughput_configs(
         model, num_prompts=num_prompts, input_len=input_len, output_len=output_len, n=n, dataset=dataset,
         seed=seed, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory,
-        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching)
+        gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+        quantization=quantization, enforce_eager=enforce_eager)
     run_throughput_command(config, bench, backends, hf_batch_size, load_format, output_json, as_json)
 
 

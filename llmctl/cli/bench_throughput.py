@@ -78,7 +78,8 @@ def print_report(report: dict) -> None:
 
     cfg, env = report["config"], report["environment"]
     where = env.get("gpu") or env.get("processor")
-    table = Table(title=f"Throughput: {report['model']}, {cfg['num_prompts']} requests x {cfg['input_len']} in / "
+    model = report["model"] + (f" ({report['quantization']})" if report.get("quantization") else "")
+    table = Table(title=f"Throughput: {model}, {cfg['num_prompts']} requests x {cfg['input_len']} in / "
                         f"{cfg['output_len']} out (n={cfg['n']}, {cfg['dataset']}) on {where}, commit {env.get('commit')}",
                   title_justify="left")
     rows = summary_rows(report)

@@ -55,9 +55,10 @@ def load_model_and_tokenizer(model_config: ModelConfig, load_format: str, device
 
     model = model_config.model
     if load_format == "dummy":
-        from llmctl.models.dummy import load_dummy_model, resolve_dummy_arch
+        from llmctl.models.dummy import load_dummy_model, resolve_dummy_arch, with_quantization
 
         arch, model_dir = resolve_dummy_arch(model)
+        arch = with_quantization(arch, model_config.quantization)
         dtype = getattr(torch, resolve_dtype(model_config.dtype, arch, device_kind))
         progress(f"random weights of {arch.num_params() / 1e9:.2f} B parameters ({dtype}) on {device}")
         module = load_dummy_model(arch, dtype, device, model_config.seed)
@@ -69,6 +70,9 @@ def load_model_and_tokenizer(model_config: ModelConfig, load_format: str, device
         model = load_recipe(model).model.model
     model_dir = resolve_model_path(model, progress)
     arch = load_arch(model_dir)
+    if model_config.quantization == "gptq" and not arch.is_gptq:
+        raise ConfigError(f"quantization=gptq, but {model_dir} is not a GPTQ checkpoint",
+                          hint="quantize it with `llmctl quantize`, or use --load-format dummy for random GPTQ weights")
     dtype = resolve_dtype(model_config.dtype, arch, device_kind)
     progress(f"loading weights from {model_dir} ({dtype})")
     module = load_model(model_dir, dtype, str(device))

@@ -7,9 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import dataclasses
+
 import torch
 
 from llmctl.models.arch import ModelArch, load_arch
+
+# What `quantization="gptq"` gives dummy weights: the common GPTQ export (4 bits, group 128,
+# symmetric, no act-order, checkpoint format v1).
+DUMMY_GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
+                     "checkpoint_format": "gptq"}
 
 if TYPE_CHECKING:
     from llmctl.models.llama import LlamaForCausalLM
@@ -38,18 +45,39 @@ def resolve_dummy_arch(model: str) -> tuple[ModelArch, Path | None]:
     return load_arch(model_dir), model_dir
 
 
+def with_quantization(arch: ModelArch, quantization: str | None) -> ModelArch:
+    """`arch` as a GPTQ checkpoint of its shapes would describe it (quantization="gptq")."""
+    if quantization is None:
+        return arch
+    if quantization != "gptq":
+        raise ValueError(f"quantization must be gptq or None, got {quantization!r}")
+    group = DUMMY_GPTQ_CONFIG["group_size"]
+    if arch.hidden_size % group or arch.intermediate_size % group:
+        group = -1  # e.g. hidden 576: one group per column rather than a size that does not divide
+    return dataclasses.replace(arch, quantization_config={**DUMMY_GPTQ_CONFIG, "group_size": group})
+
+
 @torch.inference_mode()
 def load_dummy_model(arch: ModelArch, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> LlamaForCausalLM:
     """The model built on `device` with N(0, 0.02) matrices, unit norms and zero biases
-    (values that keep fp16 activations finite through any depth)."""
+    (values that keep fp16 activations finite through any depth). For a GPTQ `arch`, the
+    linears get random 4-bit codes and zero points with scales that give the same spread."""
     from llmctl.models.llama import LlamaForCausalLM
 
     with torch.device(device):
-        model = LlamaForCausalLM(arch, quant_config=None, dtype=dtype)
+        model = LlamaForCausalLM(arch, quant_config=arch.quantization_config, dtype=dtype)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     for name, param in model.named_parameters():
-        if name.endswith("bias"):
+        if name.endswith("g_idx"):
+            continue  # groups in order, as create_weights set them
+        if name.endswith(("qweight", "qzeros")):
+            lo, hi = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
+            param.copy_(torch.randint(lo, hi, param.shape, generator=generator, device=param.device,
+                                      dtype=torch.int64).to(torch.int32))
+        elif name.endswith("scales"):
+            param.fill_(0.02 / 4.6)  # codes minus zero have a spread of about 4.6 steps
+        elif name.endswith("bias"):
             param.zero_()
         elif param.dim() == 1:
             param.fill_(1.0)
