@@ -49,7 +49,8 @@ def server(default_model_dir):
     from llmctl.engine.llm_engine import LLMEngine
     from llmctl.serve.launcher import build_app
 
-    engine = LLMEngine(_engine_config(default_model_dir))
+    # Loaded as "default", as `llmctl serve` with no model does: the server also answers to that name.
+    engine = LLMEngine(_engine_config("default"))
     config = ServeConfig(port=_free_port(), api_key=API_KEY, max_request_bytes=64 * 1024)
     app = build_app(engine, config)
     uv = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
@@ -263,6 +264,46 @@ def test_chat_errors_are_400(http):
     assert _post(http, "/v1/chat/completions", {"messages": []}, 400)["param"] == "messages"
     assert _post(http, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
                  400)["param"] == "top_logprobs"
+
+
+UNKNOWN_MODEL_BODIES = [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4}),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path, body", UNKNOWN_MODEL_BODIES)
+def test_unknown_model_is_400_before_any_stream(http, server, path, body, stream):
+    res = http.post(path, json={**body, "model": "no-such-model", "stream": stream})
+    assert res.status_code == 400 and res.headers["content-type"] == "application/json", res.text
+    body = res.json()
+    assert body["object"] == "error" and set(body["error"]) == {"message", "type", "param", "code"}
+    err = body["error"]
+    assert (err["type"], err["param"], err["code"]) == ("BadRequestError", "model", 400)
+    assert "`no-such-model` does not exist" in err["message"] and server["model"] in err["message"]
+
+
+@pytest.mark.parametrize("path, body", UNKNOWN_MODEL_BODIES)
+def test_openai_client_raises_bad_request_for_unknown_model(client, path, body):
+    create = client.completions.create if path == "/v1/completions" else client.chat.completions.create
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            create(model="no-such-model", stream=stream, **body)
+        assert err.value.status_code == 400 and err.value.body["param"] == "model"
+
+
+@pytest.mark.parametrize("path, body", UNKNOWN_MODEL_BODIES)
+def test_every_listed_name_and_a_missing_model_are_served(http, server, path, body):
+    """Each name in /v1/models ("default" among them) answers under that name; no model
+    (OpenAI requires one, vLLM does not) is the served model."""
+    names = [m["id"] for m in http.get("/v1/models").json()["data"]]
+    assert "default" in names
+    for model in [*names, None]:
+        request = {**body, "max_tokens": 1} if model is None else {**body, "model": model, "max_tokens": 1}
+        res = http.post(path, json=request)
+        assert res.status_code == 200, res.text
+        assert res.json()["model"] == (model or server["model"])
 
 
 def test_openai_client_raises_typed_errors(client, server):
