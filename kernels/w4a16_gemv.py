@@ -39,12 +39,47 @@ def _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n, mask, N, BITS: tl.constex
 
 
 @triton.jit
+def _code_as_fraction(w, j: tl.constexpr, BITS: tl.constexpr):
+    """Code j of each word as the fp32 1 + q / 2**BITS: one shift and one AND-OR put the code in
+    the top mantissa bits of 1.0 (exact, and no FSUB: the 1 is removed per row sum, not per weight)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    SHIFT: tl.constexpr = (23 - BITS) - j * BITS
+    if SHIFT >= 0:
+        t = w << SHIFT
+    else:
+        t = w >> (-SHIFT)  # arithmetic shift: the sign bits land above the kept field
+    return ((t & (MASK << (23 - BITS))) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, perm_ptr, g_idx_ptr,
                scales_ptr, qzeros_ptr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-               HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, ONE_GROUP: tl.constexpr, EVEN: tl.constexpr):
+               HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, ONE_GROUP: tl.constexpr, EVEN: tl.constexpr,
+               FOLD: tl.constexpr):
     """acc [BLOCK_KW, BLOCK_N] += x[rows' codes] * W[rows' codes, offs_n] for one tile of words w."""
     VALS: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
+    if ONE_GROUP and FOLD:
+        # sum_k x_k (q_k - z) = 2**BITS * sum_k x_k (1 + q_k / 2**BITS) - (2**BITS + z) * sum_k x_k:
+        # per weight one shift, one AND-OR and one FMA; the zero point costs one FMA per word row.
+        s = tl.load(scales_ptr + ((r0 * VALS) // GROUP_SIZE) * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        zw = tl.load(qzeros_ptr + ((r0 * VALS) // GROUP_SIZE) * (N // VALS) + offs_n // VALS, mask=n_mask, other=0)
+        z = ((zw >> ((offs_n % VALS) * BITS)) & MASK).to(tl.float32) + (ZERO_OFFSET + (1 << BITS))
+        part = tl.zeros_like(acc)
+        xs = tl.zeros([acc.shape[0]], dtype=tl.float32)
+        for j in tl.static_range(VALS):
+            k = rows * VALS + j
+            if HAS_PERM:
+                xk = tl.load(perm_ptr + k, mask=r_mask, other=0)
+            else:
+                xk = k
+            if EVEN:
+                xv = tl.load(x_row + xk).to(tl.float32)
+            else:
+                xv = tl.load(x_row + xk, mask=r_mask, other=0.0).to(tl.float32)
+            xs += xv
+            part += xv[:, None] * _code_as_fraction(w, j, BITS)
+        return acc + ((1 << BITS) * part - xs[:, None] * z[None, :]) * s[None, :]
     if ONE_GROUP:
         # The tile lies in one group: scale once per column after summing x * (q - zero).
         s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, (r0 * VALS) // GROUP_SIZE, offs_n, n_mask, N,
@@ -88,7 +123,7 @@ def _w4a16_gemv_kernel(
     # meta
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    ONE_GROUP: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr,
+    ONE_GROUP: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, FOLD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     VALS: tl.constexpr = 32 // BITS
@@ -121,7 +156,8 @@ def _w4a16_gemv_kernel(
             w = tl.load(w_ptrs, mask=tile_mask, other=0, eviction_policy="evict_first")
         w_ptrs += BLOCK_KW * N
         acc = _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, perm_ptr, g_idx_ptr,
-                         scales_ptr, qzeros_ptr, BITS, GROUP_SIZE, ZERO_OFFSET, HAS_PERM, HAS_G_IDX, ONE_GROUP, EVEN)
+                         scales_ptr, qzeros_ptr, BITS, GROUP_SIZE, ZERO_OFFSET, HAS_PERM, HAS_G_IDX, ONE_GROUP, EVEN,
+                         FOLD)
     out = tl.sum(acc, axis=0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -165,6 +201,7 @@ def w4a16_gemv(
         HAS_PERM=w.perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
         SPLIT_K=split_k, ONE_GROUP=w.g_idx is None and w.group_size % (block_kw * vals) == 0,
         EVEN=n % config["BLOCK_N"] == 0 and k_rows % block_kw == 0, PREFETCH=bool(config.get("PREFETCH", 0)),
+        FOLD=bool(config.get("FOLD", 1)),
         BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
