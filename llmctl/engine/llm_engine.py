@@ -73,6 +73,11 @@ class LLMEngine:
                                   self.eos_token_id)
         self.kv_plan = self._plan_kv_cache()
         self.runner.allocate_kv_cache(self.kv_plan.num_blocks)
+        if self.device.type == "cuda" and not config.model.enforce_eager:
+            seconds = self.runner.capture_decode_graphs(self.max_model_len, config.scheduler.max_num_seqs)
+            sizes = self.runner.decode_graphs.sizes
+            self.progress("load", {"message": f"CUDA graphs for decode batches {sizes[0]}..{sizes[-1]} "
+                                              f"({len(sizes)} sizes) captured in {seconds:.1f} s"})
         self.block_manager = BlockManager(self.kv_plan.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len, self.eos_token_id)

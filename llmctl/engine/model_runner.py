@@ -13,9 +13,9 @@ positions and slots are derived on the device from those, so per-step host work 
 with B, not with T. The cache is one tensor [2, L, num_blocks, block_size, Hkv, Dh];
 layer i reads the contiguous views [0, i] and [1, i].
 
-Every step input is a tensor built from a handful of host lists, which is the shape
-vLLM's CUDA-graph path needs: a decode-only batch padded to a bucket size could copy
-them into persistent buffers and replay a captured graph (not done yet).
+Every step input is a tensor built from a handful of host lists. On CUDA, a decode-only
+step copies them into persistent buffers and replays a captured graph of the forward and
+the logits (llmctl.engine.cuda_graph), unless the engine runs with enforce_eager.
 """
 
 from __future__ import annotations
@@ -61,6 +61,23 @@ class ModelRunner:
                                f"{arch.num_hidden_layers}")
         self.kv_cache: torch.Tensor | None = None
         self._pin = device.type == "cuda"
+        self.decode_graphs = None  # DecodeGraphs once captured
+
+    def capture_decode_graphs(self, max_model_len: int, max_num_seqs: int) -> float:
+        """Capture decode-step graphs for batch buckets up to max_num_seqs (CUDA, after the
+        KV cache is allocated); returns the seconds it took."""
+        from llmctl.engine.cuda_graph import DecodeGraphs
+
+        graphs = DecodeGraphs(self.model, self.device, self.block_size, max_model_len, max_num_seqs)
+        graphs.capture()
+        self.decode_graphs = graphs
+        return graphs.capture_seconds
+
+    def _replays(self, out: SchedulerOutput) -> bool:
+        graphs = self.decode_graphs
+        return (graphs is not None and len(out.scheduled) <= graphs.max_batch
+                and all(e.num_new_tokens == 1 and e.do_sample and e.start_pos >= e.seq.num_prompt_tokens
+                        and len(e.seq.block_table) <= graphs.block_tables.shape[1] for e in out.scheduled))
 
     # ---- KV cache --------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -150,20 +167,28 @@ class ModelRunner:
         self.copy_blocks(out.blocks_to_copy)
         entries = out.scheduled
         input_ids, positions, meta = self.prepare_inputs(out)
-        with attention_metadata(meta):
-            hidden = self.model(input_ids, positions)  # [T, D]
-        ends = [0] * len(entries)
-        end = 0
-        for i, e in enumerate(entries):
-            end += e.num_new_tokens
-            ends[i] = end
-        prompt_logprobs = self._prompt_logprobs(entries, ends, hidden, prompt_logprobs_from)
-        rows = [i for i, e in enumerate(entries) if e.do_sample]
         sampled: list[int | None] = [None] * len(entries)
         logprobs: list[Logprobs | None] = [None] * len(entries)
+        if self._replays(out):
+            # Decode only: every row samples, no prompt positions; logits from the graph.
+            rows = list(range(len(entries)))
+            prompt_logprobs: dict[int, list[Logprobs | None]] = {}
+            logits = self.decode_graphs.run(input_ids, positions, meta)  # [B, V] fp32
+        else:
+            with attention_metadata(meta):
+                hidden = self.model(input_ids, positions)  # [T, D]
+            ends = [0] * len(entries)
+            end = 0
+            for i, e in enumerate(entries):
+                end += e.num_new_tokens
+                ends[i] = end
+            prompt_logprobs = self._prompt_logprobs(entries, ends, hidden, prompt_logprobs_from)
+            rows = [i for i, e in enumerate(entries) if e.do_sample]
+            logits = None
+            if rows:
+                last = torch.tensor([ends[i] - 1 for i in rows], device=self.device)
+                logits = self.model.compute_logits(hidden[last])  # [S, V] fp32
         if rows:
-            last = torch.tensor([ends[i] - 1 for i in rows], device=self.device)
-            logits = self.model.compute_logits(hidden[last])  # [S, V] fp32
             seqs = [entries[i].seq for i in rows]
             requests = [(s.sampling_params, s.prompt_token_ids, s.output_token_ids, generators.get(s.seq_id))
                         for s in seqs]

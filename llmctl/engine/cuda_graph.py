@@ -1,0 +1,110 @@
+"""CUDA graphs for decode steps: one captured forward (model + logits) per batch-size bucket.
+
+A decode step of a large model launches hundreds of small kernels; eager, the host's launch
+time exceeds the GPU's work at small batches, so the weights' bytes no longer decide the
+step time. Replaying a captured graph costs one launch. As in vLLM:
+
+- only decode-only steps replay (every scheduled sequence adds one token and samples);
+  prefill chunks, and batches above the largest bucket, run eagerly;
+- a batch of B sequences replays the graph of the smallest bucket >= B; rows B.. are padding:
+  slot -1 (the cache write skips them), context length 1, block table row left as it was
+  (valid block ids, read and discarded);
+- every input lives in a persistent buffer the graph was captured on; a step copies its
+  inputs in (device-to-device, no host sync), replays, and reads logits[:B];
+- attention is captured with max_seq_len = max_model_len, so the decode kernel's split of
+  the context is fixed; slices past a sequence's length exit at once.
+
+Graphs share one memory pool, captured largest first. Sampling stays outside the graph.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from llmctl.layers.attention import AttentionMetadata, attention_metadata
+
+BUCKETS = (1, 2, 4, 8, *range(16, 257, 16))
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Buckets up to the first one that holds max_num_seqs (at most 256)."""
+    sizes = []
+    for b in BUCKETS:
+        sizes.append(b)
+        if b >= max_num_seqs:
+            break
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, model: nn.Module, device: torch.device, block_size: int, max_model_len: int,
+                 max_num_seqs: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.sizes = capture_sizes(max_num_seqs)
+        self.max_batch = self.sizes[-1]
+        n, max_blocks = self.max_batch, -(-max_model_len // block_size)
+        with torch.device(device):
+            self.input_ids = torch.zeros(n, dtype=torch.long)
+            self.positions = torch.zeros(n, dtype=torch.long)
+            self.slot_mapping = torch.full((n,), -1, dtype=torch.long)
+            self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32)
+            self.seq_lens = torch.ones(n, dtype=torch.int32)
+            self.query_start_loc = torch.arange(n + 1, dtype=torch.int32)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_seconds = 0.0
+        self.num_replays = 0
+
+    def bucket(self, batch: int) -> int | None:
+        return next((b for b in self.sizes if b >= batch), None)
+
+    def _forward(self, b: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],
+            query_start_loc=self.query_start_loc[:b + 1], seq_lens=self.seq_lens[:b],
+            max_query_len=1, max_seq_len=self.max_model_len, block_size=self.block_size,
+        )
+        with attention_metadata(meta):
+            hidden = self.model(self.input_ids[:b], self.positions[:b])
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up (compiles every kernel variant), then capture each bucket, largest first."""
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        for b in reversed(self.sizes):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._forward(b)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(b)
+            self.graphs[b] = (graph, logits)
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - start
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """fp32 logits [B, V] of one decode-only step (B <= max_batch), by graph replay. The
+        returned tensor is the graph's output buffer: valid until the next replay."""
+        batch = input_ids.shape[0]
+        b = self.bucket(batch)
+        graph, logits = self.graphs[b]
+        width = meta.block_tables.shape[1]
+        self.input_ids[:batch].copy_(input_ids)
+        self.positions[:batch].copy_(positions)
+        self.slot_mapping[:batch].copy_(meta.slot_mapping)
+        self.slot_mapping[batch:b].fill_(-1)
+        self.block_tables[:batch, :width].copy_(meta.block_tables)
+        self.seq_lens[:batch].copy_(meta.seq_lens)
+        self.seq_lens[batch:b].fill_(1)
+        graph.replay()
+        self.num_replays += 1
+        return logits[:batch]
