@@ -106,7 +106,8 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
         ids = torch.randint(0, self.vocab_size, (1, num_tokens), device=self.device)
-        positions = torch.arange(num_tokens, device=self.device)[None]
+        # Positions wrap at the model's context: a step's token budget may exceed it.
+        positions = (torch.arange(num_tokens, device=self.device) % self.arch.max_position_embeddings)[None]
         hidden = self.model(ids, positions)  # no metadata: dense causal attention
         rows = hidden.reshape(-1, hidden.shape[-1])[:num_seqs]
         logits = self.model.compute_logits(rows)

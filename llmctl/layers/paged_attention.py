@@ -3,26 +3,16 @@ through the block tables. Triton kernels on CUDA, the pure-torch path elsewhere.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from kernels.paged_attention import paged_attention_reference
 from llmctl.errors import LlmctlError
+from llmctl.layers import use_triton
 from llmctl.layers.attention import AttentionMetadata
 
 
 class AttentionShapeError(LlmctlError, ValueError):
     """Tensors handed to paged attention disagree with each other or with the metadata."""
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _check(name: str, ok: bool, problem: str) -> None:
@@ -77,7 +67,7 @@ def paged_attention(
         q, k, v, k_cache, v_cache, meta.slot_mapping, meta.block_tables,
         meta.query_start_loc, meta.seq_lens, meta.max_query_len, meta.max_seq_len, scale,
     )
-    if q.is_cuda and triton_available():
+    if use_triton(q):
         from kernels.paged_attention import paged_attention_triton
 
         return paged_attention_triton(*args)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from llmctl.errors import ModelLoadError
+from llmctl.layers import use_triton
 
 
 def _default_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
@@ -79,6 +80,15 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [...] int64, q: [..., H*D], k: [..., Hkv*D] (same leading dims)
+        if use_triton(q) and q.dim() == 2 and q.stride(-1) == 1 and k.stride(-1) == 1:
+            from kernels.fused_ops import rotary_embedding
+
+            # In place: q and k are views of this layer's fresh qkv output.
+            rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)
+            return q, k
+        return self.forward_native(positions, q, k)
+
+    def forward_native(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos_sin = self.cos_sin_cache[positions].to(q.dtype)
         cos, sin = cos_sin[..., 0:1, :], cos_sin[..., 1:2, :]
         q_rot = _rotate_neox(q.unflatten(-1, (-1, self.head_dim)), cos, sin)
