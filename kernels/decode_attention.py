@@ -76,14 +76,20 @@ def attend_paged_tiles(
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, N], log2 units
+        if DOT_FP32:  # fp32 products (tensor cores would round fp32 inputs to tf32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [M, N], log2 units
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
             s = tl.where((pos[None, :] <= q_pos[:, None]) & pos_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if DOT_FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
 

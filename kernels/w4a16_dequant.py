@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels.w4a16_gemm import _dequant_tile
+from kernels.w4a16_gemv import BITS_OF_2_23
 
 DEQUANT_CONFIG = dict(BLOCK_K=64, BLOCK_N=128, num_warps=4)
 
@@ -21,7 +22,7 @@ def _w4a16_dequant_kernel(
     # pointers
     qweight_ptr, scales_ptr, qzeros_ptr, perm_ptr, g_idx_ptr, out_ptr,
     # sizes
-    N, K,
+    N, K, big_bits,
     # meta
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -31,7 +32,7 @@ def _w4a16_dequant_kernel(
     ks = k0 + tl.arange(0, BLOCK_K)
     k_mask = ks < K
     n_mask = offs_n < N
-    w = _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, K, offs_n, n_mask, N,
+    w = _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, K, offs_n, n_mask, N, big_bits,
                       BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, True)
     if HAS_PERM:
         rows = tl.load(perm_ptr + ks, mask=k_mask, other=0)
@@ -52,7 +53,7 @@ def w4a16_dequantize(w, dtype: torch.dtype, out: torch.Tensor | None = None) -> 
     _w4a16_dequant_kernel[grid](
         w.qweight, w.scales, w.qzeros,
         w.perm if w.perm is not None else dummy, w.g_idx if w.g_idx is not None else dummy, out,
-        n, k,
+        n, k, BITS_OF_2_23,
         BITS=w.bits, GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset,
         HAS_PERM=w.perm is not None, HAS_G_IDX=w.g_idx is not None,
         BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],

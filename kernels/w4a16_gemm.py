@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.w4a16_gemv import BITS_OF_2_23
+
 GEMM_CONFIGS = [
     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SWAP_AB=swap, GROUP_M=8, PACKED_LOAD=1, PREFETCH=pf,
          num_warps=nw, num_stages=st)
@@ -52,7 +54,7 @@ def _load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N,
 
 
 @triton.jit
-def _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N,
+def _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
                    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
                    HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
     """The fp32 weight tile W[k0:k0+BLOCK_K, offs_n] from `_load_words`' words: [BLOCK_K, BLOCK_N]."""
@@ -68,7 +70,7 @@ def _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_ma
         q = tl.reshape((w[:, None, :] >> shifts[None, :, None]) & MASK, [BLOCK_K, w.shape[1]])
     else:
         q = (w >> ((ks % VALS) * BITS)[:, None]) & MASK
-    q = (q | 0x4B000000).to(tl.float32, bitcast=True)
+    q = (q | big_bits).to(tl.float32, bitcast=True)  # big_bits: 2**23 (see w4a16_gemv.BITS_OF_2_23)
     zero_shift = (offs_n % VALS) * BITS
     if HAS_G_IDX:
         g = tl.load(g_idx_ptr + ks, mask=k_mask, other=0)[:, None]
@@ -87,12 +89,12 @@ def _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_ma
 
 
 @triton.jit
-def _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N,
+def _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
                   HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
     """Load and dequantize W[k0:k0+BLOCK_K, offs_n] in fp32."""
     w = _load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
-    return _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N,
+    return _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
                           BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, PACKED_LOAD)
 
 
@@ -112,7 +114,7 @@ def _w4a16_gemm_kernel(
     # pointers
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, perm_ptr, g_idx_ptr, bias_ptr, out_ptr,
     # sizes
-    M, N, K, k_per_split,
+    M, N, K, k_per_split, big_bits,
     # strides
     stride_xm, stride_om,
     # meta
@@ -155,7 +157,7 @@ def _w4a16_gemm_kernel(
         else:
             a = _load_x(x_rows, perm_ptr, k0, k_end, m_mask, HAS_PERM, BLOCK_K)
             w = _load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
-        b = _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N,
+        b = _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
                            BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, PACKED_LOAD).to(a.dtype)
         if SWAP_AB:
             acc = tl.dot(tl.trans(b), tl.trans(a), acc)
@@ -202,7 +204,7 @@ def w4a16_gemm(
         x, w.qweight, w.scales, w.qzeros,
         perm if perm is not None else dummy, w.g_idx if w.g_idx is not None else dummy,
         bias if bias is not None else dummy, target,
-        m, n, k, k_per_split,
+        m, n, k, k_per_split, BITS_OF_2_23,
         x.stride(0), target.stride(0),
         BITS=w.bits, GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset,
         HAS_PERM=perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,

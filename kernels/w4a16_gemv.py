@@ -21,11 +21,18 @@ GEMV_CONFIGS = [
 ]
 
 
+# The bit patterns OR-ed into codes arrive as kernel arguments, not literals: in a register, the
+# mask and the OR fuse into one LOP3 (an instruction takes one immediate, so two literals cost two
+# LOP3s on the half-rate integer pipe, which bounds the GEMV).
+BITS_OF_ONE = 0x3F800000  # 1.0f
+BITS_OF_2_23 = 0x4B000000  # 2.0f ** 23
+
+
 @triton.jit
-def _magic_to_float(q):
-    # Exact int -> fp32 without the quarter-rate I2F: OR the code into the mantissa of 2**23.
-    # The caller subtracts 2**23 (folded into the zero point).
-    return (q | 0x4B000000).to(tl.float32, bitcast=True)
+def _magic_to_float(q, big_bits):
+    # Exact int -> fp32 without the quarter-rate I2F: OR the code into the mantissa of 2**23
+    # (big_bits). The caller subtracts 2**23 (folded into the zero point).
+    return (q | big_bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -39,7 +46,7 @@ def _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n, mask, N, BITS: tl.constex
 
 
 @triton.jit
-def _code_as_fraction(w, j: tl.constexpr, BITS: tl.constexpr):
+def _code_as_fraction(w, j: tl.constexpr, one_bits, BITS: tl.constexpr):
     """Code j of each word as the fp32 1 + q / 2**BITS: one shift and one AND-OR put the code in
     the top mantissa bits of 1.0 (exact, and no FSUB: the 1 is removed per row sum, not per weight)."""
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -48,12 +55,12 @@ def _code_as_fraction(w, j: tl.constexpr, BITS: tl.constexpr):
         t = w << SHIFT
     else:
         t = w >> (-SHIFT)  # arithmetic shift: the sign bits land above the kept field
-    return ((t & (MASK << (23 - BITS))) | 0x3F800000).to(tl.float32, bitcast=True)
+    return ((t & (MASK << (23 - BITS))) | one_bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, perm_ptr, g_idx_ptr,
-               scales_ptr, qzeros_ptr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+               scales_ptr, qzeros_ptr, one_bits, big_bits, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
                HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, ONE_GROUP: tl.constexpr, EVEN: tl.constexpr,
                FOLD: tl.constexpr):
     """acc [BLOCK_KW, BLOCK_N] += x[rows' codes] * W[rows' codes, offs_n] for one tile of words w."""
@@ -78,7 +85,7 @@ def _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, pe
             else:
                 xv = tl.load(x_row + xk, mask=r_mask, other=0.0).to(tl.float32)
             xs += xv
-            part += xv[:, None] * _code_as_fraction(w, j, BITS)
+            part += xv[:, None] * _code_as_fraction(w, j, one_bits, BITS)
         return acc + ((1 << BITS) * part - xs[:, None] * z[None, :]) * s[None, :]
     if ONE_GROUP:
         # The tile lies in one group: scale once per column after summing x * (q - zero).
@@ -102,7 +109,7 @@ def _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, pe
         if HAS_G_IDX:
             g = tl.load(g_idx_ptr + k, mask=r_mask, other=0)[:, None]
             s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], tile_mask, N, BITS, ZERO_OFFSET)
-        q = _magic_to_float((w >> (j * BITS)) & MASK)
+        q = _magic_to_float((w >> (j * BITS)) & MASK, big_bits)
         if ONE_GROUP:
             part += xv[:, None] * (q - zm)
         else:
@@ -117,7 +124,7 @@ def _w4a16_gemv_kernel(
     # pointers
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, perm_ptr, g_idx_ptr, bias_ptr, out_ptr,
     # sizes
-    N, K, rows_per_split,
+    N, K, rows_per_split, one_bits, big_bits,
     # strides
     stride_xm, stride_om,
     # meta
@@ -156,7 +163,8 @@ def _w4a16_gemv_kernel(
             w = tl.load(w_ptrs, mask=tile_mask, other=0, eviction_policy="evict_first")
         w_ptrs += BLOCK_KW * N
         acc = _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, perm_ptr, g_idx_ptr,
-                         scales_ptr, qzeros_ptr, BITS, GROUP_SIZE, ZERO_OFFSET, HAS_PERM, HAS_G_IDX, ONE_GROUP, EVEN,
+                         scales_ptr, qzeros_ptr, one_bits, big_bits, BITS, GROUP_SIZE, ZERO_OFFSET, HAS_PERM,
+                         HAS_G_IDX, ONE_GROUP, EVEN,
                          FOLD)
     out = tl.sum(acc, axis=0)
     if HAS_BIAS:
@@ -195,7 +203,7 @@ def w4a16_gemv(
         x, w.qweight, w.scales, w.qzeros,
         w.perm if w.perm is not None else dummy, w.g_idx if w.g_idx is not None else dummy,
         bias if bias is not None else dummy, target,
-        n, k, rows_per_split,
+        n, k, rows_per_split, BITS_OF_ONE, BITS_OF_2_23,
         x.stride(0), target.stride(0),
         BITS=w.bits, GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset,
         HAS_PERM=w.perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
