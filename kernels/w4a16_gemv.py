@@ -15,7 +15,8 @@ import triton.language as tl
 # The configurations the tuner sweeps (kernels/configs/*.json records the winners per GPU).
 GEMV_CONFIGS = [
     dict(BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=sk, PREFETCH=pf, num_warps=nw, num_stages=1)
-    for bn, bkw, nw in ((64, 16, 4), (128, 16, 4), (64, 32, 4), (128, 32, 8), (256, 16, 8), (128, 64, 8))
+    for bn, bkw, nw in ((64, 16, 4), (128, 16, 4), (64, 32, 4), (128, 32, 8), (256, 16, 4), (256, 16, 8),
+                        (512, 8, 4), (512, 8, 8), (128, 64, 8))
     for sk in (1, 4, 8, 16)
     for pf in (1, 0)
 ]
