@@ -198,16 +198,21 @@ def w4a16_gemv(
     if split_k > 1:
         # bf16 atomics round every partial to 8 bits of mantissa: sum bf16 in fp32 instead.
         target = out.zero_() if out.dtype == torch.float16 else torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    perm = w.perm
+    if perm is not None and not config.get("GATHER_X", 0):
+        # One gather of x up front (a tiny kernel) beats a perm load per code in the kernel.
+        x = x.index_select(1, perm)
+        perm = None
     grid = (triton.cdiv(n, config["BLOCK_N"]), split_k, m)
     dummy = w.qweight
     _w4a16_gemv_kernel[grid](
         x, w.qweight, w.scales, w.qzeros,
-        w.perm if w.perm is not None else dummy, w.g_idx if w.g_idx is not None else dummy,
+        perm if perm is not None else dummy, w.g_idx if w.g_idx is not None else dummy,
         bias if bias is not None else dummy, target,
         n, k, rows_per_split, BITS_OF_ONE, BITS_OF_2_23,
         x.stride(0), target.stride(0),
         BITS=w.bits, GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset,
-        HAS_PERM=w.perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
+        HAS_PERM=perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
         SPLIT_K=split_k, ONE_GROUP=w.g_idx is None and w.group_size % (block_kw * vals) == 0,
         EVEN=n % config["BLOCK_N"] == 0 and k_rows % block_kw == 0, PREFETCH=bool(config.get("PREFETCH", 0)),
         FOLD=bool(config.get("FOLD", 1)),

@@ -143,6 +143,7 @@ def _check(m, k, n, group, act_order, path, config, *, bias=True, zero_offset=1,
 CASES = [
     (1, 320, 72, 128, False, "gemv", dict(GEMV_SMALL, SPLIT_K=1)),
     (1, 320, 72, 128, True, "gemv", dict(GEMV_SMALL, SPLIT_K=3, PREFETCH=1)),
+    (1, 320, 72, 128, True, "gemv", dict(GEMV_SMALL, SPLIT_K=3, GATHER_X=1)),  # in-kernel gather
     (1, 256, 64, 64, False, "gemv", dict(GEMV_SMALL, SPLIT_K=2, PREFETCH=1)),  # EVEN: no masks
     (2, 256, 64, 64, True, "gemv", dict(GEMV_SMALL, BLOCK_KW=16, SPLIT_K=1)),  # EVEN, one group per tile
     (3, 96, 24, 32, True, "gemv", dict(GEMV_SMALL, SPLIT_K=2)),
