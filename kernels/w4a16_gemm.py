@@ -89,6 +89,22 @@ def _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_ma
 
 
 @triton.jit
+def _codes_as_half(w, half_bits, BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr,
+                   DTYPE: tl.constexpr):
+    """The codes of W[k0:k0+BLOCK_K, :] as exact half-precision numbers MAGIC + q: one shift and
+    one AND-OR per code put q in the mantissa of MAGIC (half_bits: 1024.0 in fp16, 128.0 in bf16)."""
+    VALS: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if PACKED_LOAD:
+        shifts = tl.arange(0, VALS) * BITS
+        q = tl.reshape((w[:, None, :] >> shifts[None, :, None]) & MASK, [BLOCK_K, w.shape[1]])
+    else:
+        ks = tl.arange(0, BLOCK_K)
+        q = (w >> ((ks % VALS) * BITS)[:, None]) & MASK
+    return (q | half_bits).to(tl.int16).to(DTYPE, bitcast=True)
+
+
+@triton.jit
 def _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
                   HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
@@ -114,14 +130,15 @@ def _w4a16_gemm_kernel(
     # pointers
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, perm_ptr, g_idx_ptr, bias_ptr, out_ptr,
     # sizes
-    M, N, K, k_per_split, big_bits,
+    M, N, K, k_per_split, big_bits, half_bits,
     # strides
     stride_xm, stride_om,
     # meta
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PACKED_LOAD: tl.constexpr, PREFETCH: tl.constexpr,
+    GROUP_M: tl.constexpr, PACKED_LOAD: tl.constexpr, PREFETCH: tl.constexpr, INT_DOT: tl.constexpr,
+    HALF_MAGIC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -157,12 +174,30 @@ def _w4a16_gemm_kernel(
         else:
             a = _load_x(x_rows, perm_ptr, k0, k_end, m_mask, HAS_PERM, BLOCK_K)
             w = _load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
-        b = _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
-                           BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, PACKED_LOAD).to(a.dtype)
-        if SWAP_AB:
-            acc = tl.dot(tl.trans(b), tl.trans(a), acc)
+        if INT_DOT:
+            # The tile lies in one group: multiply x by the exact codes MAGIC + q on the tensor
+            # cores, then per column acc += s * (dot - (MAGIC + z) * sum(x)) (no per-weight
+            # zero subtraction, scaling or float conversion).
+            qh = _codes_as_half(w, half_bits, BITS, BLOCK_K, PACKED_LOAD, a.dtype)
+            VALS: tl.constexpr = 32 // BITS
+            g = k0 // GROUP_SIZE
+            s = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            zw = tl.load(qzeros_ptr + g * (N // VALS) + offs_n // VALS, mask=n_mask, other=0)
+            z = ((zw >> ((offs_n % VALS) * BITS)) & ((1 << BITS) - 1)).to(tl.float32) + (ZERO_OFFSET + HALF_MAGIC)
+            xs = tl.sum(a.to(tl.float32), axis=1)  # [BLOCK_M]
+            if SWAP_AB:
+                d = tl.dot(tl.trans(qh), tl.trans(a))  # [BLOCK_N, BLOCK_M]
+                acc += (d - z[:, None] * xs[None, :]) * s[:, None]
+            else:
+                d = tl.dot(a, qh)  # [BLOCK_M, BLOCK_N]
+                acc += (d - xs[:, None] * z[None, :]) * s[None, :]
         else:
-            acc = tl.dot(a, b, acc)
+            b = _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
+                               BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, PACKED_LOAD).to(a.dtype)
+            if SWAP_AB:
+                acc = tl.dot(tl.trans(b), tl.trans(a), acc)
+            else:
+                acc = tl.dot(a, b, acc)
     if SWAP_AB:
         acc = tl.trans(acc)
     if HAS_BIAS:
@@ -198,19 +233,24 @@ def w4a16_gemm(
         # One gather of x up front beats per-tile gathers of scattered columns inside the kernel.
         x = x.index_select(1, perm)
         perm = None
+    # fp16 holds 1024 + q exactly for q < 1024, bf16 128 + q for q < 128 (so up to 4-bit codes).
+    half_magic = 1024 if x.dtype == torch.float16 else 128
+    int_dot = (bool(config.get("INT_DOT", 1)) and w.g_idx is None and w.group_size % block_k == 0
+               and (1 << w.bits) <= half_magic)
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), split_k)
     dummy = w.qweight
     _w4a16_gemm_kernel[grid](
         x, w.qweight, w.scales, w.qzeros,
         perm if perm is not None else dummy, w.g_idx if w.g_idx is not None else dummy,
         bias if bias is not None else dummy, target,
-        m, n, k, k_per_split, BITS_OF_2_23,
+        m, n, k, k_per_split, BITS_OF_2_23, 0x6400 if x.dtype == torch.float16 else 0x4300,
         x.stride(0), target.stride(0),
         BITS=w.bits, GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset,
         HAS_PERM=perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
         SPLIT_K=split_k, SWAP_AB=bool(config.get("SWAP_AB", 0)), BLOCK_M=config["BLOCK_M"],
         BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 8),
         PACKED_LOAD=bool(config.get("PACKED_LOAD", 1)), PREFETCH=bool(config.get("PREFETCH", 0)),
+        INT_DOT=int_dot, HALF_MAGIC=half_magic,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if target is not out:
