@@ -26,6 +26,11 @@ GEMM_CONFIGS = [
     )
     for pf in (1, 0)
 ] + [
+    # exact codes on the tensor cores, zero and scale after the dot (won on some shapes on H200)
+    dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, SWAP_AB=1, GROUP_M=8, PACKED_LOAD=1, PREFETCH=0,
+         num_warps=nw, num_stages=3, INT_DOT=1)
+    for bm, nw in ((16, 8), (32, 4), (64, 4))
+] + [
     # prefill: large tiles
     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, SWAP_AB=swap, GROUP_M=8, PACKED_LOAD=1, PREFETCH=0,
          num_warps=nw, num_stages=st)
@@ -235,7 +240,7 @@ def w4a16_gemm(
         perm = None
     # fp16 holds 1024 + q exactly for q < 1024, bf16 128 + q for q < 128 (so up to 4-bit codes).
     half_magic = 1024 if x.dtype == torch.float16 else 128
-    int_dot = (bool(config.get("INT_DOT", 1)) and w.g_idx is None and w.group_size % block_k == 0
+    int_dot = (bool(config.get("INT_DOT", 0)) and w.g_idx is None and w.group_size % block_k == 0
                and (1 << w.bits) <= half_magic)
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), split_k)
     dummy = w.qweight

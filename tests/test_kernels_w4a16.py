@@ -154,9 +154,10 @@ CASES = [
     (17, 192, 24, 64, False, "gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=0, PACKED_LOAD=0)),
     (17, 192, 24, 64, True, "gemm", dict(GEMM_SMALL, SPLIT_K=2, SWAP_AB=1, PREFETCH=1)),
     (17, 192, 24, 64, True, "gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=0, GATHER_X=1)),  # in-kernel gather
-    # INT_DOT=0: dequantize to the activation dtype before the dot instead of scaling after it
-    (17, 192, 24, 64, False, "gemm", dict(GEMM_SMALL, SPLIT_K=2, SWAP_AB=0, INT_DOT=0)),
-    (17, 192, 24, 64, True, "gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=1, INT_DOT=0)),
+    # INT_DOT=1: exact codes on the tensor cores, zero and scale applied per column after the dot
+    (17, 192, 24, 64, False, "gemm", dict(GEMM_SMALL, SPLIT_K=2, SWAP_AB=0, INT_DOT=1)),
+    (17, 192, 24, 64, True, "gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=1, INT_DOT=1)),
+    (3, 200, 24, -1, False, "gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=0, INT_DOT=1)),  # one group
     (3, 320, 72, 128, True, "gemm", dict(GEMM_SMALL, BLOCK_K=64, SPLIT_K=3, SWAP_AB=0)),
     (1, 96, 8, 32, False, "gemm", dict(GEMM_SMALL, BLOCK_K=64, SPLIT_K=1, SWAP_AB=1)),  # groups inside a tile
     (3, 96, 8, 32, True, "gemm", dict(GEMM_SMALL, BLOCK_K=64, SPLIT_K=2, SWAP_AB=0, PACKED_LOAD=0)),
