@@ -23,7 +23,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.command("quantize", help="GPTQ-compress a model to 2/3/4/8 bits into a standard GPTQ checkpoint.")(quantize.quantize)
-app.command("eval", help="Check a (quantized) model against its original: perplexity, KL, top-1, tasks; exit 1 on regression.")(evaluate.evaluate)
+app.command("eval", help="Not built yet. Will check a quantized model against its original (quantize already writes llmctl_eval.json).")(evaluate.evaluate)
 app.command("serve", help="Run an OpenAI-compatible HTTP server on llmctl's engine.")(serve.serve)
 app.add_typer(bench.app, name="bench", help="Measure throughput, serving latency and kernels.")
 app.command("models", help="Show the embedded default model and its cache, or inspect a local model dir.")(models.models)

@@ -64,8 +64,8 @@ def quant_check(model_dir: Path | None) -> QuantCheck:
             f"desc_act={quant.get('desc_act', False)}, sym={quant.get('sym', True)}")
     report_path = Path(model_dir) / EVAL_FILE
     if not report_path.is_file():
-        return QuantCheck(True, False, [head, f"WARNING: no accuracy check ({EVAL_FILE} is missing): this checkpoint "
-                                              f"was never compared with its original; run `llmctl eval {model_dir}`"])
+        return QuantCheck(True, False, [head, f"WARNING: no accuracy check ({EVAL_FILE} is missing): this checkpoint was "
+                                              "never compared with its original (`llmctl quantize` without --no-eval writes it)"])
     try:
         report = json.loads(report_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
