@@ -29,6 +29,7 @@ def serve(
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="Share of GPU memory the engine may take.", rich_help_panel=_ENGINE)] = None,
     kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV-cache budget, e.g. 2GiB (the CPU's budget).", rich_help_panel=_ENGINE)] = None,
     enable_prefix_caching: Annotated[Optional[bool], typer.Option("--enable-prefix-caching/--no-enable-prefix-caching", help="Reuse KV blocks of shared prompt prefixes.", rich_help_panel=_ENGINE)] = None,
+    enforce_eager: Annotated[Optional[bool], typer.Option("--enforce-eager/--no-enforce-eager", help="Never replay CUDA graphs for decode steps (GPU).", rich_help_panel=_ENGINE)] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.", rich_help_panel=_SERVER)] = "info",
 ) -> None:
     from llmctl.recipe import parse_size
@@ -39,7 +40,7 @@ def serve(
                  max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                  block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                  kv_cache_memory=parse_size(kv_cache_memory, "--kv-cache-memory") if kv_cache_memory else None,
-                 enable_prefix_caching=enable_prefix_caching)
+                 enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager)
     engine_config, serve_config = build_configs(model, recipe, **flags)
     _run(engine_config, serve_config, model, log_level)
 
