@@ -127,11 +127,14 @@ def random_sample(
     result depends on its own seed and history, never on its neighbours. The other rows
     share one batched draw from the global generator. Returns [B] int64.
     """
+    # q = -log(U), U ~ Uniform[0, 1): the same Exp(1) draw as Tensor.exponential_, which on
+    # the CPU runs ~8x slower than torch.rand (it was ~12% of a decode step there).
     q = torch.empty_like(probs)
     if len(generators) != probs.shape[0]:
-        q.exponential_()
+        torch.rand(q.shape, out=q)
     for row, generator in generators.items():
-        q[row].exponential_(generator=generator)
-    # Exp(1) can return exactly 0; p / 0 would be inf (or nan for p = 0) and win the race.
+        torch.rand(q.shape[1:], generator=generator, out=q[row])
+    q.log_().neg_()
+    # U near 1 gives q = 0; p / 0 would be inf (or nan for p = 0) and win the race.
     q.clamp_min_(torch.finfo(q.dtype).tiny)
     return probs.div_(q).argmax(dim=-1)
