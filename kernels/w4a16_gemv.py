@@ -60,10 +60,24 @@ def _code_as_fraction(w, j: tl.constexpr, one_bits, BITS: tl.constexpr):
 
 
 @triton.jit
+def _x_of_code(x_row, perm_ptr, rows, j: tl.constexpr, r_mask, VALS: tl.constexpr, HAS_PERM: tl.constexpr,
+               EVEN: tl.constexpr):
+    """x at code j of each word row (through perm with act-order), in fp32: [BLOCK_KW]."""
+    k = rows * VALS + j
+    if HAS_PERM:
+        xk = tl.load(perm_ptr + k, mask=r_mask, other=0)
+    else:
+        xk = k
+    if EVEN:
+        return tl.load(x_row + xk).to(tl.float32)
+    return tl.load(x_row + xk, mask=r_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, perm_ptr, g_idx_ptr,
-               scales_ptr, qzeros_ptr, one_bits, big_bits, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-               HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, ONE_GROUP: tl.constexpr, EVEN: tl.constexpr,
-               FOLD: tl.constexpr):
+               scales_ptr, qzeros_ptr, one_bits, big_bits, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+               ZERO_OFFSET: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr,
+               ONE_GROUP: tl.constexpr, EVEN: tl.constexpr, FOLD: tl.constexpr):
     """acc [BLOCK_KW, BLOCK_N] += x[rows' codes] * W[rows' codes, offs_n] for one tile of words w."""
     VALS: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -76,15 +90,7 @@ def _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, pe
         part = tl.zeros_like(acc)
         xs = tl.zeros([acc.shape[0]], dtype=tl.float32)
         for j in tl.static_range(VALS):
-            k = rows * VALS + j
-            if HAS_PERM:
-                xk = tl.load(perm_ptr + k, mask=r_mask, other=0)
-            else:
-                xk = k
-            if EVEN:
-                xv = tl.load(x_row + xk).to(tl.float32)
-            else:
-                xv = tl.load(x_row + xk, mask=r_mask, other=0.0).to(tl.float32)
+            xv = _x_of_code(x_row, perm_ptr, rows, j, r_mask, VALS, HAS_PERM, EVEN)
             xs += xv
             part += xv[:, None] * _code_as_fraction(w, j, one_bits, BITS)
         return acc + ((1 << BITS) * part - xs[:, None] * z[None, :]) * s[None, :]
@@ -98,17 +104,9 @@ def _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, pe
         g = ((rows * VALS) // GROUP_SIZE)[:, None]
         s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], tile_mask, N, BITS, ZERO_OFFSET)
     for j in tl.static_range(VALS):
-        k = rows * VALS + j
-        if HAS_PERM:
-            xk = tl.load(perm_ptr + k, mask=r_mask, other=0)
-        else:
-            xk = k
-        if EVEN:
-            xv = tl.load(x_row + xk).to(tl.float32)
-        else:
-            xv = tl.load(x_row + xk, mask=r_mask, other=0.0).to(tl.float32)
+        xv = _x_of_code(x_row, perm_ptr, rows, j, r_mask, VALS, HAS_PERM, EVEN)
         if HAS_G_IDX:
-            g = tl.load(g_idx_ptr + k, mask=r_mask, other=0)[:, None]
+            g = tl.load(g_idx_ptr + rows * VALS + j, mask=r_mask, other=0)[:, None]
             s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], tile_mask, N, BITS, ZERO_OFFSET)
         q = _magic_to_float((w >> (j * BITS)) & MASK, big_bits)
         if ONE_GROUP:
