@@ -17,8 +17,7 @@ rows back to checkpoint order, so x needs no gather there.
 
 Only a g_idx whose sorted form is not runs of one size (never written by GPTQ) keeps `g_idx` and
 takes the slower per-k gather. Paths, chosen by M from kernels/configs/w4a16.json:
-`gemv` (split-K, no tensor cores, one program per row), `gemv_rows` (the same for a few rows at
-once: each code dequantized once), `gemm` (tensor cores, split-K at small M) and `dequant`
+`gemv` (split-K, no tensor cores), `gemm` (tensor cores, split-K at small M) and `dequant`
 (dequantize to fp16, then cuBLAS), with thresholds and tile sizes measured per GPU.
 """
 
@@ -33,7 +32,7 @@ import torch
 
 from kernels.reference import pack_qweight, unpack_qweight
 
-PATHS = ("gemv", "gemv_rows", "gemm", "dequant")
+PATHS = ("gemv", "gemm", "dequant")
 TRITON_BITS = (2, 4, 8)
 _CONFIG_FILE = Path(__file__).parent / "configs" / "w4a16.json"
 
@@ -189,14 +188,7 @@ def w4a16_matmul(
         config = config or picked
     elif config is None:
         config = next((dict(row["config"]) for row in DEFAULT_TABLE if row["path"] == path), {})
-    if path == "gemv_rows":
-        from kernels.w4a16_gemv_rows import gemv_rows_supported, w4a16_gemv_rows
-
-        if gemv_rows_supported(weights, config):
-            w4a16_gemv_rows(x2, weights, bias, out, config)
-        else:  # groups out of order or smaller than a tile: one program per row
-            w4a16_gemv(x2, weights, bias, out, dict(DEFAULT_TABLE[0]["config"]))
-    elif path == "gemv":
+    if path == "gemv":
         w4a16_gemv(x2, weights, bias, out, config)
     elif path == "gemm":
         w4a16_gemm(x2, weights, bias, out, config)

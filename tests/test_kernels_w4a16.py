@@ -102,7 +102,6 @@ def test_dequantize_and_matmul_reference(zero_offset: int) -> None:
 from kernels.w4a16 import prepare_w4a16_weights, w4a16_matmul  # noqa: E402
 
 GEMV_SMALL = dict(BLOCK_N=16, BLOCK_KW=4, num_warps=1, num_stages=1)
-GEMV_ROWS_SMALL = dict(BLOCK_N=16, BLOCK_KW=4, SPLIT_K=1, num_warps=1, num_stages=1)
 GEMM_SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=1, num_stages=1)
 
 
@@ -152,12 +151,6 @@ CASES = [
     # FOLD=0: the per-weight zero subtraction instead of the folded 1 + q/16 form
     (1, 320, 72, 128, False, "gemv", dict(GEMV_SMALL, SPLIT_K=1, FOLD=0)),
     (2, 256, 64, 64, True, "gemv", dict(GEMV_SMALL, BLOCK_KW=16, SPLIT_K=1, FOLD=0)),
-    # several rows per program: every code dequantized once for BLOCK_M rows
-    (3, 320, 72, 128, False, "gemv_rows", dict(GEMV_ROWS_SMALL, BLOCK_M=2, SPLIT_K=3)),
-    (5, 256, 64, 64, True, "gemv_rows", dict(GEMV_ROWS_SMALL, BLOCK_M=4, SPLIT_K=1)),
-    (17, 96, 24, 32, False, "gemv_rows", dict(GEMV_ROWS_SMALL, BLOCK_M=16, SPLIT_K=2)),
-    (4, 200, 8, -1, True, "gemv_rows", dict(GEMV_ROWS_SMALL, BLOCK_M=4, SPLIT_K=2)),
-    (3, 96, 24, 32, False, "gemv_rows", dict(GEMV_ROWS_SMALL, BLOCK_KW=8, BLOCK_M=2)),  # tile > group: per row
     (17, 192, 24, 64, False, "gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=0, PACKED_LOAD=0)),
     (17, 192, 24, 64, True, "gemm", dict(GEMM_SMALL, SPLIT_K=2, SWAP_AB=1, PREFETCH=1)),
     (17, 192, 24, 64, True, "gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=0, GATHER_X=1)),  # in-kernel gather
