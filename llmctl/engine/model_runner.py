@@ -142,6 +142,8 @@ class ModelRunner:
             tables.append(seq.block_table)
         max_blocks = max(len(t) for t in tables)
         padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        if len(token_ids) == len(entries):
+            return self._prepare_decode(token_ids, starts, tables, padded)
         host = self._tensor([starts, lens], torch.int32)  # [2, B]
         block_tables = self._tensor(padded, torch.int32)
         input_ids = self._tensor(token_ids, torch.long)
@@ -159,6 +161,24 @@ class ModelRunner:
             max_seq_len=max(s + n for s, n in zip(starts, lens)), block_size=bs,
         )
         return input_ids, positions, meta
+
+    def _prepare_decode(self, token_ids: list[int], starts: list[int], tables: list[list[int]],
+                        padded: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """One new token per sequence: positions and slots are one lookup each on the host,
+        so the step's inputs are two host-to-device copies and no device arithmetic."""
+        bs = self.block_size
+        num_seqs = len(starts)
+        slots = [table[p // bs] * bs + p % bs for table, p in zip(tables, starts)]
+        longs = self._tensor([token_ids, starts, slots], torch.long)  # [3, B]
+        # int32, flat: query_start_loc [B + 1] | seq_lens [B] | block tables [B * max_blocks]
+        ints = self._tensor([*range(num_seqs + 1), *(p + 1 for p in starts), *(b for row in padded for b in row)],
+                            torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=longs[2], block_tables=ints[2 * num_seqs + 1:].view(num_seqs, -1),
+            query_start_loc=ints[:num_seqs + 1], seq_lens=ints[num_seqs + 1:2 * num_seqs + 1],
+            max_query_len=1, max_seq_len=max(starts) + 1, block_size=bs,
+        )
+        return longs[0], longs[1], meta
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, generators: Mapping[int, torch.Generator],
