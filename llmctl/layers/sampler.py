@@ -54,8 +54,8 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
 class SamplingMetadata:
     """Everything the sampler needs for one step, as tensors; built once per step."""
 
-    temperature: torch.Tensor  # [B] fp32, greedy rows hold 1.0 so the division is a no-op
-    is_greedy: torch.Tensor  # [B] bool
+    temperature: torch.Tensor | None  # [B] fp32, greedy rows hold 1.0 so the division is a no-op; None if all greedy
+    is_greedy: torch.Tensor | None  # [B] bool; None when all rows are greedy or none is
     all_greedy: bool
     all_random: bool
     top_p: torch.Tensor | None  # [B] fp32; None when no row uses it
@@ -101,8 +101,10 @@ class SamplingMetadata:
         num_logprobs = tuple(p.logprobs for p in params)
         wanted = [k for k in num_logprobs if k is not None]
         return cls(
-            temperature=floats([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
-            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            # A batch of greedy rows never reads temperature or the mask: two fewer copies per step.
+            temperature=None if all(greedy) else floats([1.0 if g else p.temperature
+                                                         for p, g in zip(params, greedy)]),
+            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device) if 0 < sum(greedy) < len(greedy) else None,
             all_greedy=all(greedy),
             all_random=not any(greedy),
             top_p=floats([p.top_p for p in params]) if use_top_p else None,
