@@ -77,11 +77,11 @@ def _x_of_code(x_row, perm_ptr, rows, j: tl.constexpr, r_mask, VALS: tl.constexp
 def _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, perm_ptr, g_idx_ptr,
                scales_ptr, qzeros_ptr, one_bits, big_bits, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                ZERO_OFFSET: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr,
-               ONE_GROUP: tl.constexpr, EVEN: tl.constexpr, FOLD: tl.constexpr):
+               ONE_GROUP: tl.constexpr, EVEN: tl.constexpr):
     """acc [BLOCK_KW, BLOCK_N] += x[rows' codes] * W[rows' codes, offs_n] for one tile of words w."""
     VALS: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
-    if ONE_GROUP and FOLD:
+    if ONE_GROUP:
         # sum_k x_k (q_k - z) = 2**BITS * sum_k x_k (1 + q_k / 2**BITS) - (2**BITS + z) * sum_k x_k:
         # per weight one shift, one AND-OR and one FMA; the zero point costs one FMA per word row.
         s = tl.load(scales_ptr + ((r0 * VALS) // GROUP_SIZE) * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -94,13 +94,8 @@ def _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, pe
             xs += xv
             part += xv[:, None] * _code_as_fraction(w, j, one_bits, BITS)
         return acc + ((1 << BITS) * part - xs[:, None] * z[None, :]) * s[None, :]
-    if ONE_GROUP:
-        # The tile lies in one group: scale once per column after summing x * (q - zero).
-        s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, (r0 * VALS) // GROUP_SIZE, offs_n, n_mask, N,
-                                BITS, ZERO_OFFSET)
-        zm = zm[None, :]
-        part = tl.zeros_like(acc)
-    elif not HAS_G_IDX:
+    # Groups change inside the tile: scale and zero per code row.
+    if not HAS_G_IDX:
         g = ((rows * VALS) // GROUP_SIZE)[:, None]
         s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], tile_mask, N, BITS, ZERO_OFFSET)
     for j in tl.static_range(VALS):
@@ -109,12 +104,7 @@ def _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, pe
             g = tl.load(g_idx_ptr + rows * VALS + j, mask=r_mask, other=0)[:, None]
             s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], tile_mask, N, BITS, ZERO_OFFSET)
         q = _magic_to_float((w >> (j * BITS)) & MASK, big_bits)
-        if ONE_GROUP:
-            part += xv[:, None] * (q - zm)
-        else:
-            acc += xv[:, None] * ((q - zm) * s)
-    if ONE_GROUP:
-        acc += part * s[None, :]
+        acc += xv[:, None] * ((q - zm) * s)
     return acc
 
 
@@ -129,7 +119,7 @@ def _w4a16_gemv_kernel(
     # meta
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    ONE_GROUP: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, FOLD: tl.constexpr,
+    ONE_GROUP: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     VALS: tl.constexpr = 32 // BITS
@@ -163,8 +153,7 @@ def _w4a16_gemv_kernel(
         w_ptrs += BLOCK_KW * N
         acc = _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, perm_ptr, g_idx_ptr,
                          scales_ptr, qzeros_ptr, one_bits, big_bits, BITS, GROUP_SIZE, ZERO_OFFSET, HAS_PERM,
-                         HAS_G_IDX, ONE_GROUP, EVEN,
-                         FOLD)
+                         HAS_G_IDX, ONE_GROUP, EVEN)
     out = tl.sum(acc, axis=0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -213,7 +202,6 @@ def w4a16_gemv(
         HAS_PERM=perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
         SPLIT_K=split_k, ONE_GROUP=w.g_idx is None and w.group_size % (block_kw * vals) == 0,
         EVEN=n % config["BLOCK_N"] == 0 and k_rows % block_kw == 0, PREFETCH=bool(config.get("PREFETCH", 0)),
-        FOLD=bool(config.get("FOLD", 1)),
         BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )

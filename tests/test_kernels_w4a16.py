@@ -148,9 +148,8 @@ CASES = [
     (2, 256, 64, 64, True, "gemv", dict(GEMV_SMALL, BLOCK_KW=16, SPLIT_K=1)),  # EVEN, one group per tile
     (3, 96, 24, 32, True, "gemv", dict(GEMV_SMALL, SPLIT_K=2)),
     (1, 200, 8, -1, False, "gemv", dict(GEMV_SMALL, SPLIT_K=2)),
-    # FOLD=0: the per-weight zero subtraction instead of the folded 1 + q/16 form
-    (1, 320, 72, 128, False, "gemv", dict(GEMV_SMALL, SPLIT_K=1, FOLD=0)),
-    (2, 256, 64, 64, True, "gemv", dict(GEMV_SMALL, BLOCK_KW=16, SPLIT_K=1, FOLD=0)),
+    (1, 320, 72, 128, False, "gemv", dict(GEMV_SMALL, SPLIT_K=1, PREFETCH=1)),
+    (2, 256, 64, 64, True, "gemv", dict(GEMV_SMALL, BLOCK_KW=16, SPLIT_K=2)),  # a tile spans two groups
     (17, 192, 24, 64, False, "gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=0, PACKED_LOAD=0)),
     (17, 192, 24, 64, True, "gemm", dict(GEMM_SMALL, SPLIT_K=2, SWAP_AB=1, PREFETCH=1)),
     (17, 192, 24, 64, True, "gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=0, GATHER_X=1)),  # in-kernel gather

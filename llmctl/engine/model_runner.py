@@ -10,7 +10,8 @@ Per step it builds, from the scheduled sequences (decodes first, then prefill ch
 
 Only the token ids and block tables are gathered in Python (one list per sequence);
 positions and slots are derived on the device from those, so per-step host work grows
-with B, not with T. The cache is one tensor [2, L, num_blocks, block_size, Hkv, Dh];
+with B, not with T. A decode-only step (one token per sequence, T = B) computes them on
+the host instead, one lookup per sequence, and sends everything in two copies. The cache is one tensor [2, L, num_blocks, block_size, Hkv, Dh];
 layer i reads the contiguous views [0, i] and [1, i].
 
 Every step input is a tensor built from a handful of host lists. On CUDA, a decode-only
@@ -143,7 +144,7 @@ class ModelRunner:
         max_blocks = max(len(t) for t in tables)
         padded = [t + [0] * (max_blocks - len(t)) for t in tables]
         if len(token_ids) == len(entries):
-            return self._prepare_decode(token_ids, starts, tables, padded)
+            return self._prepare_decode(token_ids, starts, padded)
         host = self._tensor([starts, lens], torch.int32)  # [2, B]
         block_tables = self._tensor(padded, torch.int32)
         input_ids = self._tensor(token_ids, torch.long)
@@ -162,13 +163,13 @@ class ModelRunner:
         )
         return input_ids, positions, meta
 
-    def _prepare_decode(self, token_ids: list[int], starts: list[int], tables: list[list[int]],
+    def _prepare_decode(self, token_ids: list[int], starts: list[int],
                         padded: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """One new token per sequence: positions and slots are one lookup each on the host,
         so the step's inputs are two host-to-device copies and no device arithmetic."""
         bs = self.block_size
         num_seqs = len(starts)
-        slots = [table[p // bs] * bs + p % bs for table, p in zip(tables, starts)]
+        slots = [table[p // bs] * bs + p % bs for table, p in zip(padded, starts)]
         longs = self._tensor([token_ids, starts, slots], torch.long)  # [3, B]
         # int32, flat: query_start_loc [B + 1] | seq_lens [B] | block tables [B * max_blocks]
         ints = self._tensor([*range(num_seqs + 1), *(p + 1 for p in starts), *(b for row in padded for b in row)],

@@ -4,10 +4,9 @@ shapes from recipes/llama3-8b.yaml. Timing does not depend on the weights' value
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import dataclasses
 
 import torch
 
