@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.decode_attention import interpreting
 from kernels.w4a16_gemv import BITS_OF_2_23
 
 GEMM_CONFIGS = [
@@ -93,6 +94,59 @@ def _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_ma
     return (q - zm) * s
 
 
+# Four-bit codes to half-precision pairs, two codes per instruction (as Marlin and FasterTransformer
+# do): OR-ing a nibble pair masked by 0x000F000F into the bits of (MAGIC, MAGIC) gives the half2
+# (MAGIC + q_j, MAGIC + q_j+4) in one LOP3. Three shifts and four LOP3 turn a word into its eight
+# codes; Triton cannot express a packed-half result, so this is inline PTX (GPU only).
+_NIBBLES_TO_HALF2 = """{
+.reg .b32 s1, s2, s3, r0, r1, r2, r3;
+shr.u32 s1, $8, 4;
+shr.u32 s2, $8, 8;
+shr.u32 s3, $8, 12;
+lop3.b32 r0, $8, 0x000F000F, MAGIC2, 0xEA;
+lop3.b32 r1, s1, 0x000F000F, MAGIC2, 0xEA;
+lop3.b32 r2, s2, 0x000F000F, MAGIC2, 0xEA;
+lop3.b32 r3, s3, 0x000F000F, MAGIC2, 0xEA;
+mov.b32 {$0, $4}, r0;
+mov.b32 {$1, $5}, r1;
+mov.b32 {$2, $6}, r2;
+mov.b32 {$3, $7}, r3;
+}"""
+NIBBLES_TO_FP16 = _NIBBLES_TO_HALF2.replace("MAGIC2", "0x64006400")  # 1024.0 in each fp16 half
+NIBBLES_TO_BF16 = _NIBBLES_TO_HALF2.replace("MAGIC2", "0x43004300")  # 128.0 in each bf16 half
+
+
+@triton.jit
+def _nibble_codes(w, half_bits, j: tl.constexpr):
+    """Code j of each word as the 16-bit pattern of MAGIC + q (portable form of the PTX above)."""
+    return (((w >> (4 * j)) & 15) | half_bits).to(tl.int16)
+
+
+@triton.jit
+def _codes_as_half_t(w, half_bits, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """Four-bit codes of the words w [BLOCK_K/8, BLOCK_N] as exact MAGIC + q, transposed:
+    [BLOCK_N, BLOCK_K]. Each word's eight codes stay in one thread (joined along a minor dim)."""
+    if ASM:
+        asm: tl.constexpr = NIBBLES_TO_FP16 if DTYPE == tl.float16 else NIBBLES_TO_BF16
+        h0, h1, h2, h3, h4, h5, h6, h7 = tl.inline_asm_elementwise(
+            asm, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+    else:
+        h0 = _nibble_codes(w, half_bits, 0)
+        h1 = _nibble_codes(w, half_bits, 1)
+        h2 = _nibble_codes(w, half_bits, 2)
+        h3 = _nibble_codes(w, half_bits, 3)
+        h4 = _nibble_codes(w, half_bits, 4)
+        h5 = _nibble_codes(w, half_bits, 5)
+        h6 = _nibble_codes(w, half_bits, 6)
+        h7 = _nibble_codes(w, half_bits, 7)
+    # Nested joins: the last join is the most minor index, so code j lands at 4*d1 + 2*d2 + d3.
+    even = tl.join(tl.join(h0, h4), tl.join(h2, h6))
+    odd = tl.join(tl.join(h1, h5), tl.join(h3, h7))
+    codes = tl.reshape(tl.join(even, odd), [w.shape[0], w.shape[1], 8])  # [BLOCK_K/8, BLOCK_N, 8]
+    codes = tl.reshape(tl.permute(codes, (1, 0, 2)), [w.shape[1], BLOCK_K])
+    return codes.to(DTYPE, bitcast=True)
+
+
 @triton.jit
 def _codes_as_half(w, half_bits, BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr,
                    DTYPE: tl.constexpr):
@@ -143,7 +197,7 @@ def _w4a16_gemm_kernel(
     HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PACKED_LOAD: tl.constexpr, PREFETCH: tl.constexpr, INT_DOT: tl.constexpr,
-    HALF_MAGIC: tl.constexpr,
+    HALF_MAGIC: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -183,7 +237,10 @@ def _w4a16_gemm_kernel(
             # The tile lies in one group: multiply x by the exact codes MAGIC + q on the tensor
             # cores, then per column acc += s * (dot - (MAGIC + z) * sum(x)) (no per-weight
             # zero subtraction, scaling or float conversion).
-            qh = _codes_as_half(w, half_bits, BITS, BLOCK_K, PACKED_LOAD, a.dtype)
+            if PAIRS:
+                qh_t = _codes_as_half_t(w, half_bits, BLOCK_K, a.dtype, ASM)  # [BLOCK_N, BLOCK_K]
+            else:
+                qh_t = tl.trans(_codes_as_half(w, half_bits, BITS, BLOCK_K, PACKED_LOAD, a.dtype))
             VALS: tl.constexpr = 32 // BITS
             g = k0 // GROUP_SIZE
             s = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -191,10 +248,10 @@ def _w4a16_gemm_kernel(
             z = ((zw >> ((offs_n % VALS) * BITS)) & ((1 << BITS) - 1)).to(tl.float32) + (ZERO_OFFSET + HALF_MAGIC)
             xs = tl.sum(a.to(tl.float32), axis=1)  # [BLOCK_M]
             if SWAP_AB:
-                d = tl.dot(tl.trans(qh), tl.trans(a))  # [BLOCK_N, BLOCK_M]
+                d = tl.dot(qh_t, tl.trans(a))  # [BLOCK_N, BLOCK_M]
                 acc += (d - z[:, None] * xs[None, :]) * s[:, None]
             else:
-                d = tl.dot(a, qh)  # [BLOCK_M, BLOCK_N]
+                d = tl.dot(a, tl.trans(qh_t))  # [BLOCK_M, BLOCK_N]
                 acc += (d - xs[:, None] * z[None, :]) * s[None, :]
         else:
             b = _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
@@ -255,7 +312,8 @@ def w4a16_gemm(
         SPLIT_K=split_k, SWAP_AB=bool(config.get("SWAP_AB", 0)), BLOCK_M=config["BLOCK_M"],
         BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 8),
         PACKED_LOAD=bool(config.get("PACKED_LOAD", 1)), PREFETCH=bool(config.get("PREFETCH", 0)),
-        INT_DOT=int_dot, HALF_MAGIC=half_magic,
+        INT_DOT=int_dot, HALF_MAGIC=half_magic, PAIRS=int_dot and w.bits == 4 and bool(config.get("PAIRS", 0)),
+        ASM=not interpreting(),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if target is not out:

@@ -157,6 +157,9 @@ CASES = [
     (17, 192, 24, 64, False, "gemm", dict(GEMM_SMALL, SPLIT_K=2, SWAP_AB=0, INT_DOT=1)),
     (17, 192, 24, 64, True, "gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=1, INT_DOT=1)),
     (3, 200, 24, -1, False, "gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=0, INT_DOT=1)),  # one group
+    # PAIRS=1: each word's eight codes joined in-thread (two per LOP3 of inline PTX on the GPU)
+    (17, 192, 24, 64, False, "gemm", dict(GEMM_SMALL, SPLIT_K=2, SWAP_AB=1, INT_DOT=1, PAIRS=1)),
+    (5, 320, 72, 128, True, "gemm", dict(GEMM_SMALL, SPLIT_K=3, SWAP_AB=0, INT_DOT=1, PAIRS=1)),
     (3, 320, 72, 128, True, "gemm", dict(GEMM_SMALL, BLOCK_K=64, SPLIT_K=3, SWAP_AB=0)),
     (1, 96, 8, 32, False, "gemm", dict(GEMM_SMALL, BLOCK_K=64, SPLIT_K=1, SWAP_AB=1)),  # groups inside a tile
     (3, 96, 8, 32, True, "gemm", dict(GEMM_SMALL, BLOCK_K=64, SPLIT_K=2, SWAP_AB=0, PACKED_LOAD=0)),
