@@ -112,8 +112,8 @@ mov.b32 {$1, $5}, r1;
 mov.b32 {$2, $6}, r2;
 mov.b32 {$3, $7}, r3;
 }"""
-NIBBLES_TO_FP16 = _NIBBLES_TO_HALF2.replace("MAGIC2", "0x64006400")  # 1024.0 in each fp16 half
-NIBBLES_TO_BF16 = _NIBBLES_TO_HALF2.replace("MAGIC2", "0x43004300")  # 128.0 in each bf16 half
+NIBBLES_TO_FP16 = tl.constexpr(_NIBBLES_TO_HALF2.replace("MAGIC2", "0x64006400"))  # 1024.0 in each fp16 half
+NIBBLES_TO_BF16 = tl.constexpr(_NIBBLES_TO_HALF2.replace("MAGIC2", "0x43004300"))  # 128.0 in each bf16 half
 
 
 @triton.jit
@@ -123,9 +123,11 @@ def _nibble_codes(w, half_bits, j: tl.constexpr):
 
 
 @triton.jit
-def _codes_as_half_t(w, half_bits, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
-    """Four-bit codes of the words w [BLOCK_K/8, BLOCK_N] as exact MAGIC + q, transposed:
-    [BLOCK_N, BLOCK_K]. Each word's eight codes stay in one thread (joined along a minor dim)."""
+def _codes_as_half_pairs(w, half_bits, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr,
+                         TRANSPOSED: tl.constexpr):
+    """Four-bit codes of the words w [BLOCK_K/8, BLOCK_N] as exact MAGIC + q: [BLOCK_K, BLOCK_N], or
+    [BLOCK_N, BLOCK_K] if TRANSPOSED. Each word's eight codes stay in one thread (joined along a
+    minor dim)."""
     if ASM:
         asm: tl.constexpr = NIBBLES_TO_FP16 if DTYPE == tl.float16 else NIBBLES_TO_BF16
         h0, h1, h2, h3, h4, h5, h6, h7 = tl.inline_asm_elementwise(
@@ -143,7 +145,10 @@ def _codes_as_half_t(w, half_bits, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, A
     even = tl.join(tl.join(h0, h4), tl.join(h2, h6))
     odd = tl.join(tl.join(h1, h5), tl.join(h3, h7))
     codes = tl.reshape(tl.join(even, odd), [w.shape[0], w.shape[1], 8])  # [BLOCK_K/8, BLOCK_N, 8]
-    codes = tl.reshape(tl.permute(codes, (1, 0, 2)), [w.shape[1], BLOCK_K])
+    if TRANSPOSED:
+        codes = tl.reshape(tl.permute(codes, (1, 0, 2)), [w.shape[1], BLOCK_K])
+    else:
+        codes = tl.reshape(tl.permute(codes, (0, 2, 1)), [BLOCK_K, w.shape[1]])
     return codes.to(DTYPE, bitcast=True)
 
 
@@ -238,9 +243,9 @@ def _w4a16_gemm_kernel(
             # cores, then per column acc += s * (dot - (MAGIC + z) * sum(x)) (no per-weight
             # zero subtraction, scaling or float conversion).
             if PAIRS:
-                qh_t = _codes_as_half_t(w, half_bits, BLOCK_K, a.dtype, ASM)  # [BLOCK_N, BLOCK_K]
+                qh = _codes_as_half_pairs(w, half_bits, BLOCK_K, a.dtype, ASM, False)
             else:
-                qh_t = tl.trans(_codes_as_half(w, half_bits, BITS, BLOCK_K, PACKED_LOAD, a.dtype))
+                qh = _codes_as_half(w, half_bits, BITS, BLOCK_K, PACKED_LOAD, a.dtype)
             VALS: tl.constexpr = 32 // BITS
             g = k0 // GROUP_SIZE
             s = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -248,10 +253,10 @@ def _w4a16_gemm_kernel(
             z = ((zw >> ((offs_n % VALS) * BITS)) & ((1 << BITS) - 1)).to(tl.float32) + (ZERO_OFFSET + HALF_MAGIC)
             xs = tl.sum(a.to(tl.float32), axis=1)  # [BLOCK_M]
             if SWAP_AB:
-                d = tl.dot(qh_t, tl.trans(a))  # [BLOCK_N, BLOCK_M]
+                d = tl.dot(tl.trans(qh), tl.trans(a))  # [BLOCK_N, BLOCK_M]
                 acc += (d - z[:, None] * xs[None, :]) * s[:, None]
             else:
-                d = tl.dot(a, tl.trans(qh_t))  # [BLOCK_M, BLOCK_N]
+                d = tl.dot(a, qh)  # [BLOCK_M, BLOCK_N]
                 acc += (d - xs[:, None] * z[None, :]) * s[None, :]
         else:
             b = _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
