@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.decode_attention import interpreting
-from kernels.w4a16_gemv import BITS_OF_2_23
+from kernels.w4a16_gemv import BITS_OF_2_23, _half_pair
 
 GEMM_CONFIGS = [
     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SWAP_AB=swap, GROUP_M=8, PACKED_LOAD=1, PREFETCH=pf,
@@ -96,10 +96,12 @@ def _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_ma
 
 # Four-bit codes to half-precision pairs, two codes per instruction (as Marlin and FasterTransformer
 # do): OR-ing a nibble pair masked by 0x000F000F into the bits of (MAGIC, MAGIC) gives the half2
-# (MAGIC + q_j, MAGIC + q_j+4) in one LOP3. Three shifts and four LOP3 turn a word into its eight
-# codes; Triton cannot express a packed-half result, so this is inline PTX (GPU only).
+# (MAGIC + q_j, MAGIC + q_j+4) in one LOP3, and one HFMA2 with -(MAGIC + z) leaves the exact q - z.
+# Three shifts, four LOP3 and four HFMA2 turn a word into its eight codes; Triton cannot express a
+# packed-half result, so this is inline PTX (GPU only).
 _NIBBLES_TO_HALF2 = """{
-.reg .b32 s1, s2, s3, r0, r1, r2, r3;
+.reg .b32 s1, s2, s3, r0, r1, r2, r3, one;
+mov.b32 one, ONE2;
 shr.u32 s1, $8, 4;
 shr.u32 s2, $8, 8;
 shr.u32 s3, $8, 12;
@@ -107,49 +109,54 @@ lop3.b32 r0, $8, 0x000F000F, MAGIC2, 0xEA;
 lop3.b32 r1, s1, 0x000F000F, MAGIC2, 0xEA;
 lop3.b32 r2, s2, 0x000F000F, MAGIC2, 0xEA;
 lop3.b32 r3, s3, 0x000F000F, MAGIC2, 0xEA;
+fma.rn.TYPE r0, r0, one, $9;
+fma.rn.TYPE r1, r1, one, $9;
+fma.rn.TYPE r2, r2, one, $9;
+fma.rn.TYPE r3, r3, one, $9;
 mov.b32 {$0, $4}, r0;
 mov.b32 {$1, $5}, r1;
 mov.b32 {$2, $6}, r2;
 mov.b32 {$3, $7}, r3;
 }"""
-NIBBLES_TO_FP16 = tl.constexpr(_NIBBLES_TO_HALF2.replace("MAGIC2", "0x64006400"))  # 1024.0 in each fp16 half
-NIBBLES_TO_BF16 = tl.constexpr(_NIBBLES_TO_HALF2.replace("MAGIC2", "0x43004300"))  # 128.0 in each bf16 half
+# MAGIC: 1024.0 in fp16, 128.0 in bf16 (one unit in the last place is 1)
+NIBBLES_TO_FP16 = tl.constexpr(
+    _NIBBLES_TO_HALF2.replace("MAGIC2", "0x64006400").replace("ONE2", "0x3C003C00").replace("TYPE", "f16x2"))
+NIBBLES_TO_BF16 = tl.constexpr(
+    _NIBBLES_TO_HALF2.replace("MAGIC2", "0x43004300").replace("ONE2", "0x3F803F80").replace("TYPE", "bf16x2"))
 
 
 @triton.jit
-def _nibble_codes(w, half_bits, j: tl.constexpr):
-    """Code j of each word as the 16-bit pattern of MAGIC + q (portable form of the PTX above)."""
-    return (((w >> (4 * j)) & 15) | half_bits).to(tl.int16)
-
-
-@triton.jit
-def _codes_as_half_pairs(w, half_bits, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr,
-                         TRANSPOSED: tl.constexpr):
-    """Four-bit codes of the words w [BLOCK_K/8, BLOCK_N] as exact MAGIC + q: [BLOCK_K, BLOCK_N], or
-    [BLOCK_N, BLOCK_K] if TRANSPOSED. Each word's eight codes stay in one thread (joined along a
-    minor dim)."""
+def _codes_minus_zero_pairs(w, z, half_magic: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr,
+                            ASM: tl.constexpr):
+    """The exact q - z of the four-bit words w [BLOCK_K/8, BLOCK_N] (z: int32 [BLOCK_N]) in DTYPE:
+    [BLOCK_K, BLOCK_N]. Each word's eight codes stay in one thread (joined along a minor dim)."""
     if ASM:
         asm: tl.constexpr = NIBBLES_TO_FP16 if DTYPE == tl.float16 else NIBBLES_TO_BF16
+        nz = (-(z + half_magic).to(tl.float32)).to(DTYPE)
         h0, h1, h2, h3, h4, h5, h6, h7 = tl.inline_asm_elementwise(
-            asm, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+            asm, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [w, _half_pair(nz, nz)[None, :]], dtype=(tl.int16,) * 8,
+            is_pure=True, pack=1)
     else:
-        h0 = _nibble_codes(w, half_bits, 0)
-        h1 = _nibble_codes(w, half_bits, 1)
-        h2 = _nibble_codes(w, half_bits, 2)
-        h3 = _nibble_codes(w, half_bits, 3)
-        h4 = _nibble_codes(w, half_bits, 4)
-        h5 = _nibble_codes(w, half_bits, 5)
-        h6 = _nibble_codes(w, half_bits, 6)
-        h7 = _nibble_codes(w, half_bits, 7)
+        h0 = _nibble_minus_zero(w, z, DTYPE, 0)
+        h1 = _nibble_minus_zero(w, z, DTYPE, 1)
+        h2 = _nibble_minus_zero(w, z, DTYPE, 2)
+        h3 = _nibble_minus_zero(w, z, DTYPE, 3)
+        h4 = _nibble_minus_zero(w, z, DTYPE, 4)
+        h5 = _nibble_minus_zero(w, z, DTYPE, 5)
+        h6 = _nibble_minus_zero(w, z, DTYPE, 6)
+        h7 = _nibble_minus_zero(w, z, DTYPE, 7)
     # Nested joins: the last join is the most minor index, so code j lands at 4*d1 + 2*d2 + d3.
     even = tl.join(tl.join(h0, h4), tl.join(h2, h6))
     odd = tl.join(tl.join(h1, h5), tl.join(h3, h7))
     codes = tl.reshape(tl.join(even, odd), [w.shape[0], w.shape[1], 8])  # [BLOCK_K/8, BLOCK_N, 8]
-    if TRANSPOSED:
-        codes = tl.reshape(tl.permute(codes, (1, 0, 2)), [w.shape[1], BLOCK_K])
-    else:
-        codes = tl.reshape(tl.permute(codes, (0, 2, 1)), [BLOCK_K, w.shape[1]])
+    codes = tl.reshape(tl.permute(codes, (0, 2, 1)), [BLOCK_K, w.shape[1]])
     return codes.to(DTYPE, bitcast=True)
+
+
+@triton.jit
+def _nibble_minus_zero(w, z, DTYPE: tl.constexpr, j: tl.constexpr):
+    """Code j of each word minus z as the bits of a DTYPE number (portable form of the PTX above)."""
+    return (((w >> (4 * j)) & 15) - z[None, :]).to(tl.float32).to(DTYPE).to(tl.int16, bitcast=True)
 
 
 @triton.jit
@@ -242,22 +249,28 @@ def _w4a16_gemm_kernel(
             # The tile lies in one group: multiply x by the exact codes MAGIC + q on the tensor
             # cores, then per column acc += s * (dot - (MAGIC + z) * sum(x)) (no per-weight
             # zero subtraction, scaling or float conversion).
-            if PAIRS:
-                qh = _codes_as_half_pairs(w, half_bits, BLOCK_K, a.dtype, ASM, False)
-            else:
-                qh = _codes_as_half(w, half_bits, BITS, BLOCK_K, PACKED_LOAD, a.dtype)
             VALS: tl.constexpr = 32 // BITS
             g = k0 // GROUP_SIZE
             s = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             zw = tl.load(qzeros_ptr + g * (N // VALS) + offs_n // VALS, mask=n_mask, other=0)
-            z = ((zw >> ((offs_n % VALS) * BITS)) & ((1 << BITS) - 1)).to(tl.float32) + (ZERO_OFFSET + HALF_MAGIC)
-            xs = tl.sum(a.to(tl.float32), axis=1)  # [BLOCK_M]
-            if SWAP_AB:
-                d = tl.dot(tl.trans(qh), tl.trans(a))  # [BLOCK_N, BLOCK_M]
-                acc += (d - z[:, None] * xs[None, :]) * s[:, None]
+            zq = ((zw >> ((offs_n % VALS) * BITS)) & ((1 << BITS) - 1)) + ZERO_OFFSET
+            if PAIRS:
+                # q - z exactly, two codes per instruction: the dot needs no correction
+                qz = _codes_minus_zero_pairs(w, zq, HALF_MAGIC, BLOCK_K, a.dtype, ASM)
+                if SWAP_AB:
+                    acc += tl.dot(tl.trans(qz), tl.trans(a)) * s[:, None]
+                else:
+                    acc += tl.dot(a, qz) * s[None, :]
             else:
-                d = tl.dot(a, qh)  # [BLOCK_M, BLOCK_N]
-                acc += (d - xs[:, None] * z[None, :]) * s[None, :]
+                qh = _codes_as_half(w, half_bits, BITS, BLOCK_K, PACKED_LOAD, a.dtype)
+                z = zq.to(tl.float32) + HALF_MAGIC
+                xs = tl.sum(a.to(tl.float32), axis=1)  # [BLOCK_M]
+                if SWAP_AB:
+                    d = tl.dot(tl.trans(qh), tl.trans(a))  # [BLOCK_N, BLOCK_M]
+                    acc += (d - z[:, None] * xs[None, :]) * s[:, None]
+                else:
+                    d = tl.dot(a, qh)  # [BLOCK_M, BLOCK_N]
+                    acc += (d - xs[:, None] * z[None, :]) * s[None, :]
         else:
             b = _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
                                BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, PACKED_LOAD).to(a.dtype)

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.decode_attention import interpreting
+
 # The configurations the tuner sweeps (kernels/configs/*.json records the winners per GPU).
 GEMV_CONFIGS = [
     dict(BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=sk, PREFETCH=pf, num_warps=nw, num_stages=1)
@@ -61,23 +63,95 @@ def _code_as_fraction(w, j: tl.constexpr, one_bits, BITS: tl.constexpr):
 
 @triton.jit
 def _x_of_code(x_row, perm_ptr, rows, j: tl.constexpr, r_mask, VALS: tl.constexpr, HAS_PERM: tl.constexpr,
-               EVEN: tl.constexpr):
-    """x at code j of each word row (through perm with act-order), in fp32: [BLOCK_KW]."""
+               EVEN: tl.constexpr, FP32: tl.constexpr = True):
+    """x at code j of each word row (through perm with act-order), in fp32 (or x's dtype): [BLOCK_KW]."""
     k = rows * VALS + j
     if HAS_PERM:
         xk = tl.load(perm_ptr + k, mask=r_mask, other=0)
     else:
         xk = k
     if EVEN:
-        return tl.load(x_row + xk).to(tl.float32)
-    return tl.load(x_row + xk, mask=r_mask, other=0.0).to(tl.float32)
+        xv = tl.load(x_row + xk)
+    else:
+        xv = tl.load(x_row + xk, mask=r_mask, other=0.0)
+    return xv.to(tl.float32) if FP32 else xv
+
+
+# HALF2 (fp16 activations, 4-bit codes, one group per tile): per word, three shifts and four LOP3
+# give the code pairs (1024 + q_j, 1024 + q_j+4); one HFMA2 per pair makes them the exact
+# (q - z) / 16, in [-1, 1); four more HFMA2 multiply them by the matching pairs of x and add, and
+# the two halves leave as one fp32 sum. So eight products of a word are rounded to fp16 and summed
+# four at a time in fp16 (|x * (q - z) / 16| <= |x|: no new overflow), then accumulated in fp32.
+# Half the instructions of the fp32 form; inline PTX, so GPU only.
+_WORD_DOT_FP16 = tl.constexpr("""{
+.reg .b32 s1, s2, s3, c0, c1, c2, c3, k, acc;
+.reg .f16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 k, 0x2C002C00;
+shr.u32 s1, $1, 4;
+shr.u32 s2, $1, 8;
+shr.u32 s3, $1, 12;
+lop3.b32 c0, $1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 c1, s1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 c2, s2, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 c3, s3, 0x000F000F, 0x64006400, 0xEA;
+fma.rn.f16x2 c0, c0, k, $2;
+fma.rn.f16x2 c1, c1, k, $2;
+fma.rn.f16x2 c2, c2, k, $2;
+fma.rn.f16x2 c3, c3, k, $2;
+mul.rn.f16x2 acc, c0, $3;
+fma.rn.f16x2 acc, c1, $4, acc;
+fma.rn.f16x2 acc, c2, $5, acc;
+fma.rn.f16x2 acc, c3, $6, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}""")
+
+
+@triton.jit
+def _half_pair(lo, hi):
+    """The fp16 values lo and hi packed as one 32-bit half2 pattern (lo in the low half)."""
+    lo_bits = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi_bits = hi.to(tl.int16, bitcast=True).to(tl.int32)
+    return lo_bits | (hi_bits << 16)
+
+
+@triton.jit
+def _word_dots_half2(w, x_row, perm_ptr, rows, r_mask, z, HAS_PERM: tl.constexpr, EVEN: tl.constexpr,
+                     ASM: tl.constexpr):
+    """sum_j x[8r + j] * (q_j - z) / 16 for every word w [BLOCK_KW, BLOCK_N] (4-bit, fp16 x): fp32."""
+    if ASM:
+        x0 = _x_of_code(x_row, perm_ptr, rows, 0, r_mask, 8, HAS_PERM, EVEN, False)
+        x1 = _x_of_code(x_row, perm_ptr, rows, 1, r_mask, 8, HAS_PERM, EVEN, False)
+        x2 = _x_of_code(x_row, perm_ptr, rows, 2, r_mask, 8, HAS_PERM, EVEN, False)
+        x3 = _x_of_code(x_row, perm_ptr, rows, 3, r_mask, 8, HAS_PERM, EVEN, False)
+        x4 = _x_of_code(x_row, perm_ptr, rows, 4, r_mask, 8, HAS_PERM, EVEN, False)
+        x5 = _x_of_code(x_row, perm_ptr, rows, 5, r_mask, 8, HAS_PERM, EVEN, False)
+        x6 = _x_of_code(x_row, perm_ptr, rows, 6, r_mask, 8, HAS_PERM, EVEN, False)
+        x7 = _x_of_code(x_row, perm_ptr, rows, 7, r_mask, 8, HAS_PERM, EVEN, False)
+        # -(64 + z/16) in both halves: (1024 + q)/16 - (64 + z/16) = (q - z)/16, exactly
+        nz = (-(64.0 + z * 0.0625)).to(tl.float16)
+        return tl.inline_asm_elementwise(
+            _WORD_DOT_FP16, "=f,r,r,r,r,r,r",
+            [w, _half_pair(nz, nz)[None, :], _half_pair(x0, x4)[:, None], _half_pair(x1, x5)[:, None],
+             _half_pair(x2, x6)[:, None], _half_pair(x3, x7)[:, None]],
+            dtype=tl.float32, is_pure=True, pack=1)
+    # The same sum in fp32 (the interpreter cannot run PTX).
+    dots = tl.zeros(w.shape, dtype=tl.float32)
+    for j in tl.static_range(8):
+        xv = _x_of_code(x_row, perm_ptr, rows, j, r_mask, 8, HAS_PERM, EVEN, True)
+        q = ((w >> (4 * j)) & 15).to(tl.float32)
+        dots += xv[:, None] * ((q - z[None, :]) * 0.0625)
+    return dots
 
 
 @triton.jit
 def _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, perm_ptr, g_idx_ptr,
                scales_ptr, qzeros_ptr, one_bits, big_bits, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                ZERO_OFFSET: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr,
-               ONE_GROUP: tl.constexpr, EVEN: tl.constexpr):
+               ONE_GROUP: tl.constexpr, EVEN: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr):
     """acc [BLOCK_KW, BLOCK_N] += x[rows' codes] * W[rows' codes, offs_n] for one tile of words w."""
     VALS: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -86,6 +160,10 @@ def _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, pe
         # per weight one shift, one AND-OR and one FMA; the zero point costs one FMA per word row.
         s = tl.load(scales_ptr + ((r0 * VALS) // GROUP_SIZE) * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         zw = tl.load(qzeros_ptr + ((r0 * VALS) // GROUP_SIZE) * (N // VALS) + offs_n // VALS, mask=n_mask, other=0)
+        if HALF2:
+            z = ((zw >> ((offs_n % VALS) * BITS)) & MASK).to(tl.float32) + ZERO_OFFSET
+            dots = _word_dots_half2(w, x_row, perm_ptr, rows, r_mask, z, HAS_PERM, EVEN, ASM)
+            return acc + dots * (16.0 * s[None, :])
         z = ((zw >> ((offs_n % VALS) * BITS)) & MASK).to(tl.float32) + (ZERO_OFFSET + (1 << BITS))
         part = tl.zeros_like(acc)
         xs = tl.zeros([acc.shape[0]], dtype=tl.float32)
@@ -119,7 +197,7 @@ def _w4a16_gemv_kernel(
     # meta
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    ONE_GROUP: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr,
+    ONE_GROUP: tl.constexpr, EVEN: tl.constexpr, PREFETCH: tl.constexpr, HALF2: tl.constexpr, ASM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     VALS: tl.constexpr = 32 // BITS
@@ -153,7 +231,7 @@ def _w4a16_gemv_kernel(
         w_ptrs += BLOCK_KW * N
         acc = _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, perm_ptr, g_idx_ptr,
                          scales_ptr, qzeros_ptr, one_bits, big_bits, BITS, GROUP_SIZE, ZERO_OFFSET, HAS_PERM,
-                         HAS_G_IDX, ONE_GROUP, EVEN)
+                         HAS_G_IDX, ONE_GROUP, EVEN, HALF2, ASM)
     out = tl.sum(acc, axis=0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -190,6 +268,7 @@ def w4a16_gemv(
         # One gather of x up front (a tiny kernel) beats a perm load per code in the kernel.
         x = x.index_select(1, perm)
         perm = None
+    one_group = w.g_idx is None and w.group_size % (block_kw * vals) == 0
     grid = (triton.cdiv(n, config["BLOCK_N"]), split_k, m)
     dummy = w.qweight
     _w4a16_gemv_kernel[grid](
@@ -200,9 +279,10 @@ def w4a16_gemv(
         x.stride(0), target.stride(0),
         BITS=w.bits, GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset,
         HAS_PERM=perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
-        SPLIT_K=split_k, ONE_GROUP=w.g_idx is None and w.group_size % (block_kw * vals) == 0,
+        SPLIT_K=split_k, ONE_GROUP=one_group,
         EVEN=n % config["BLOCK_N"] == 0 and k_rows % block_kw == 0, PREFETCH=bool(config.get("PREFETCH", 0)),
-        BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
+        HALF2=bool(config.get("HALF2", 0)) and one_group and w.bits == 4 and x.dtype == torch.float16,
+        ASM=not interpreting(), BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if target is not out:

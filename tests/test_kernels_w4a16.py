@@ -150,6 +150,9 @@ CASES = [
     (1, 200, 8, -1, False, "gemv", dict(GEMV_SMALL, SPLIT_K=2)),
     (1, 320, 72, 128, False, "gemv", dict(GEMV_SMALL, SPLIT_K=1, PREFETCH=1)),
     (2, 256, 64, 64, True, "gemv", dict(GEMV_SMALL, BLOCK_KW=16, SPLIT_K=2)),  # a tile spans two groups
+    # HALF2=1: each word's products in fp16 pairs (inline PTX on the GPU), fp32 between words
+    (1, 320, 72, 128, False, "gemv", dict(GEMV_SMALL, SPLIT_K=2, HALF2=1)),
+    (2, 256, 64, 64, True, "gemv", dict(GEMV_SMALL, BLOCK_KW=8, SPLIT_K=1, HALF2=1)),
     (17, 192, 24, 64, False, "gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=0, PACKED_LOAD=0)),
     (17, 192, 24, 64, True, "gemm", dict(GEMM_SMALL, SPLIT_K=2, SWAP_AB=1, PREFETCH=1)),
     (17, 192, 24, 64, True, "gemm", dict(GEMM_SMALL, SPLIT_K=1, SWAP_AB=0, GATHER_X=1)),  # in-kernel gather
