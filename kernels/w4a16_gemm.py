@@ -18,19 +18,25 @@ from kernels.w4a16_gemv import BITS_OF_2_23, _half_pair
 GEMM_CONFIGS = [
     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SWAP_AB=swap, GROUP_M=8, PACKED_LOAD=1, PREFETCH=pf,
          num_warps=nw, num_stages=st)
-    for bm, bn, bk, nw, st, sk, swap in (
+    for bm, bn, bk, nw, st, sk, swap, pf in (
         # batched decode: small M, split-K to fill the SMs
-        (16, 64, 128, 4, 3, 4, 0), (16, 128, 128, 4, 3, 2, 0), (16, 64, 128, 4, 3, 8, 0),
-        (16, 128, 64, 4, 4, 4, 1), (16, 64, 256, 4, 2, 4, 0), (16, 128, 128, 8, 3, 4, 1),
-        (32, 128, 128, 4, 3, 4, 1), (32, 64, 128, 4, 3, 2, 0),
-        (64, 128, 64, 4, 4, 2, 1), (64, 64, 128, 4, 3, 1, 0), (64, 128, 128, 8, 3, 1, 0),
+        (16, 64, 128, 4, 3, 4, 0, 0), (16, 64, 128, 4, 3, 8, 0, 0), (16, 64, 128, 4, 3, 8, 0, 1),
+        (16, 128, 64, 4, 4, 4, 1, 0), (32, 128, 128, 4, 3, 4, 1, 0), (64, 64, 128, 4, 3, 1, 0, 0),
     )
-    for pf in (1, 0)
 ] + [
-    # exact codes on the tensor cores, zero and scale after the dot (won on some shapes on H200)
+    # exact codes on the tensor cores, zero and scale after the dot
     dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, SWAP_AB=1, GROUP_M=8, PACKED_LOAD=1, PREFETCH=0,
          num_warps=nw, num_stages=3, INT_DOT=1)
-    for bm, nw in ((16, 8), (32, 4), (64, 4))
+    for bm, nw in ((16, 8), (32, 4))
+] + [
+    # PAIRS: q - z built two codes per instruction (inline PTX), no correction after the dot
+    dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SWAP_AB=swap, GROUP_M=8, PACKED_LOAD=1, PREFETCH=0,
+         num_warps=4, num_stages=st, INT_DOT=1, PAIRS=1)
+    for bm, bn, bk, st, sk, swap in (
+        (16, 128, 64, 4, 8, 1), (16, 128, 64, 4, 16, 1), (16, 64, 64, 4, 8, 1), (16, 64, 128, 3, 8, 1),
+        (32, 64, 128, 3, 4, 1), (32, 64, 128, 3, 2, 1), (64, 64, 128, 3, 4, 1), (64, 64, 128, 3, 2, 1),
+        (64, 128, 128, 3, 1, 0), (32, 128, 128, 3, 4, 1),
+    )
 ] + [
     # prefill: large tiles
     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, SWAP_AB=swap, GROUP_M=8, PACKED_LOAD=1, PREFETCH=0,

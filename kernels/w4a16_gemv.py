@@ -16,12 +16,11 @@ from kernels.decode_attention import interpreting
 
 # The configurations the tuner sweeps (kernels/configs/*.json records the winners per GPU).
 GEMV_CONFIGS = [
-    dict(BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=sk, PREFETCH=pf, num_warps=nw, num_stages=1)
-    for bn, bkw, nw in ((64, 16, 4), (128, 16, 4), (64, 32, 4), (128, 32, 8), (256, 16, 4), (256, 16, 8),
-                        (512, 8, 4), (512, 8, 8), (128, 64, 8))
-    for sk in (1, 4, 8, 16)
-    for pf in (1, 0)
-]
+    dict(BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=sk, PREFETCH=0, HALF2=h2, num_warps=nw, num_stages=1)
+    for bn, bkw, nw in ((128, 16, 4), (256, 16, 4), (256, 8, 4), (512, 8, 4), (512, 8, 8), (128, 32, 8))
+    for sk in (8, 16)
+    for h2 in (1, 0)
+] + [dict(BLOCK_N=256, BLOCK_KW=16, SPLIT_K=sk, PREFETCH=1, HALF2=0, num_warps=4, num_stages=1) for sk in (8, 16)]
 
 
 # The bit patterns OR-ed into codes arrive as kernel arguments, not literals: in a register, the

@@ -241,7 +241,8 @@ def test_every_tuned_config_at_llama_shapes(dtype: torch.dtype, act_order: bool)
         ref = x.float() @ dense + bias.float()
         kinds = {}
         for path, config in candidates(m):
-            kind = (path, config.get("SPLIT_K", 1) > 1, config.get("SWAP_AB", 0), config.get("PREFETCH", 0))
+            kind = (path, config.get("SPLIT_K", 1) > 1, config.get("SWAP_AB", 0), config.get("PREFETCH", 0),
+                    config.get("INT_DOT", 0), config.get("PAIRS", 0), config.get("HALF2", 0))
             kinds.setdefault(kind, (path, config))
         for path, config in kinds.values():
             out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
