@@ -118,13 +118,20 @@ def _load_tables() -> dict:
 # measured on an H200 (kernels/configs/w4a16.json), the same SM generation as the H100.
 DEFAULT_TABLE = [
     {"max_m": 1, "path": "gemv",
-     "config": dict(BLOCK_N=256, BLOCK_KW=16, SPLIT_K=16, PREFETCH=0, num_warps=4, num_stages=1)},
+     "config": dict(BLOCK_N=256, BLOCK_KW=16, SPLIT_K=16, PREFETCH=0, HALF2=1, num_warps=4, num_stages=1)},
     {"max_m": 2, "path": "gemv",
-     "config": dict(BLOCK_N=512, BLOCK_KW=8, SPLIT_K=16, PREFETCH=0, num_warps=4, num_stages=1)},
+     "config": dict(BLOCK_N=256, BLOCK_KW=8, SPLIT_K=16, PREFETCH=0, HALF2=1, num_warps=4, num_stages=1)},
     {"max_m": 16, "path": "gemm", "config": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, SWAP_AB=0, GROUP_M=8,
                                                  PACKED_LOAD=1, PREFETCH=0, num_warps=4, num_stages=3)},
-    {"max_m": 64, "path": "gemm", "config": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, SWAP_AB=1, GROUP_M=8,
-                                                 PACKED_LOAD=1, PREFETCH=0, num_warps=4, num_stages=3)},
+    {"max_m": 32, "path": "gemm", "config": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SWAP_AB=1, GROUP_M=8,
+                                                 PACKED_LOAD=1, PREFETCH=0, INT_DOT=1, PAIRS=1, num_warps=4,
+                                                 num_stages=3)},
+    {"max_m": 64, "path": "gemm", "config": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SWAP_AB=1, GROUP_M=8,
+                                                 PACKED_LOAD=1, PREFETCH=0, INT_DOT=1, PAIRS=1, num_warps=4,
+                                                 num_stages=3)},
+    {"max_m": 128, "path": "gemm", "config": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, SWAP_AB=1, GROUP_M=8,
+                                                  PACKED_LOAD=1, PREFETCH=0, INT_DOT=1, PAIRS=1, num_warps=4,
+                                                  num_stages=3)},
     {"max_m": None, "path": "dequant", "config": {}},
 ]
 
