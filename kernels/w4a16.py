@@ -18,7 +18,11 @@ rows back to checkpoint order, so x needs no gather there.
 Only a g_idx whose sorted form is not runs of one size (never written by GPTQ) keeps `g_idx` and
 takes the slower per-k gather. Paths, chosen by M from kernels/configs/w4a16.json:
 `gemv` (split-K, no tensor cores), `gemm` (tensor cores, split-K at small M) and `dequant`
-(dequantize to fp16, then cuBLAS), with thresholds and tile sizes measured per GPU.
+(dequantize to fp16, then cuBLAS), with thresholds and tile sizes measured per GPU. Two config
+flags select inline-PTX variants that split a word into half-precision code pairs, two codes per
+instruction (GPU only; the CPU interpreter runs a portable form): `HALF2` (GEMV, fp16 x: products
+of a word rounded to fp16 and summed four at a time, fp32 between words) and `PAIRS` (GEMM: the
+exact q - z enters the dot). docs/benchmarks.md has the measurements behind both.
 """
 
 from __future__ import annotations
