@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.decode_attention import interpreting
-from kernels.w4a16_gemv import BITS_OF_2_23, _half_pair
+from kernels.w4a16_gemv import BITS_OF_2_23, half_pair
 
 GEMM_CONFIGS = [
     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SWAP_AB=swap, GROUP_M=8, PACKED_LOAD=1, PREFETCH=pf,
@@ -140,7 +140,7 @@ def _codes_minus_zero_pairs(w, z, half_magic: tl.constexpr, BLOCK_K: tl.constexp
         asm: tl.constexpr = NIBBLES_TO_FP16 if DTYPE == tl.float16 else NIBBLES_TO_BF16
         nz = (-(z + half_magic).to(tl.float32)).to(DTYPE)
         h0, h1, h2, h3, h4, h5, h6, h7 = tl.inline_asm_elementwise(
-            asm, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [w, _half_pair(nz, nz)[None, :]], dtype=(tl.int16,) * 8,
+            asm, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [w, half_pair(nz, nz)[None, :]], dtype=(tl.int16,) * 8,
             is_pure=True, pack=1)
     else:
         h0 = _nibble_minus_zero(w, z, DTYPE, 0)

@@ -110,7 +110,7 @@ add.f32 $0, flo, fhi;
 
 
 @triton.jit
-def _half_pair(lo, hi):
+def half_pair(lo, hi):
     """The fp16 values lo and hi packed as one 32-bit half2 pattern (lo in the low half)."""
     lo_bits = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     hi_bits = hi.to(tl.int16, bitcast=True).to(tl.int32)
@@ -134,8 +134,8 @@ def _word_dots_half2(w, x_row, perm_ptr, rows, r_mask, z, HAS_PERM: tl.constexpr
         nz = (-(64.0 + z * 0.0625)).to(tl.float16)
         return tl.inline_asm_elementwise(
             _WORD_DOT_FP16, "=f,r,r,r,r,r,r",
-            [w, _half_pair(nz, nz)[None, :], _half_pair(x0, x4)[:, None], _half_pair(x1, x5)[:, None],
-             _half_pair(x2, x6)[:, None], _half_pair(x3, x7)[:, None]],
+            [w, half_pair(nz, nz)[None, :], half_pair(x0, x4)[:, None], half_pair(x1, x5)[:, None],
+             half_pair(x2, x6)[:, None], half_pair(x3, x7)[:, None]],
             dtype=tl.float32, is_pure=True, pack=1)
     # The same sum in fp32 (the interpreter cannot run PTX).
     dots = tl.zeros(w.shape, dtype=tl.float32)
