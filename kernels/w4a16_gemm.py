@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.decode_attention import interpreting
-from kernels.w4a16_gemv import BITS_OF_2_23, half_pair
+from kernels.w4a16_gemv import BITS_OF_2_23, half_pair, split_word_ptx
 
 GEMM_CONFIGS = [
     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SWAP_AB=swap, GROUP_M=8, PACKED_LOAD=1, PREFETCH=pf,
@@ -100,29 +100,20 @@ def _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_ma
     return (q - zm) * s
 
 
-# Four-bit codes to half-precision pairs, two codes per instruction (as Marlin and FasterTransformer
-# do): OR-ing a nibble pair masked by 0x000F000F into the bits of (MAGIC, MAGIC) gives the half2
-# (MAGIC + q_j, MAGIC + q_j+4) in one LOP3, and one HFMA2 with -(MAGIC + z) leaves the exact q - z.
-# Three shifts, four LOP3 and four HFMA2 turn a word into its eight codes; Triton cannot express a
+# PAIRS: the code pairs of a word (w4a16_gemv.split_word_ptx) and one HFMA2 per pair with
+# -(MAGIC + z) leave the exact q - z, two codes per instruction. Triton cannot express a
 # packed-half result, so this is inline PTX (GPU only).
 _NIBBLES_TO_HALF2 = """{
-.reg .b32 s1, s2, s3, r0, r1, r2, r3, one;
+.reg .b32 s1, s2, s3, c0, c1, c2, c3, one;
 mov.b32 one, ONE2;
-shr.u32 s1, $8, 4;
-shr.u32 s2, $8, 8;
-shr.u32 s3, $8, 12;
-lop3.b32 r0, $8, 0x000F000F, MAGIC2, 0xEA;
-lop3.b32 r1, s1, 0x000F000F, MAGIC2, 0xEA;
-lop3.b32 r2, s2, 0x000F000F, MAGIC2, 0xEA;
-lop3.b32 r3, s3, 0x000F000F, MAGIC2, 0xEA;
-fma.rn.TYPE r0, r0, one, $9;
-fma.rn.TYPE r1, r1, one, $9;
-fma.rn.TYPE r2, r2, one, $9;
-fma.rn.TYPE r3, r3, one, $9;
-mov.b32 {$0, $4}, r0;
-mov.b32 {$1, $5}, r1;
-mov.b32 {$2, $6}, r2;
-mov.b32 {$3, $7}, r3;
+""" + split_word_ptx("$8", "MAGIC2") + """fma.rn.TYPE c0, c0, one, $9;
+fma.rn.TYPE c1, c1, one, $9;
+fma.rn.TYPE c2, c2, one, $9;
+fma.rn.TYPE c3, c3, one, $9;
+mov.b32 {$0, $4}, c0;
+mov.b32 {$1, $5}, c1;
+mov.b32 {$2, $6}, c2;
+mov.b32 {$3, $7}, c3;
 }"""
 # MAGIC: 1024.0 in fp16, 128.0 in bf16 (one unit in the last place is 1)
 NIBBLES_TO_FP16 = tl.constexpr(
@@ -252,9 +243,8 @@ def _w4a16_gemm_kernel(
             a = _load_x(x_rows, perm_ptr, k0, k_end, m_mask, HAS_PERM, BLOCK_K)
             w = _load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
         if INT_DOT:
-            # The tile lies in one group: multiply x by the exact codes MAGIC + q on the tensor
-            # cores, then per column acc += s * (dot - (MAGIC + z) * sum(x)) (no per-weight
-            # zero subtraction, scaling or float conversion).
+            # The tile lies in one group: exact integer codes on the tensor cores, the scale (and
+            # without PAIRS the zero point) applied per column after the dot.
             VALS: tl.constexpr = 32 // BITS
             g = k0 // GROUP_SIZE
             s = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -268,6 +258,7 @@ def _w4a16_gemm_kernel(
                 else:
                     acc += tl.dot(a, qz) * s[None, :]
             else:
+                # codes MAGIC + q; per column acc += s * (dot - (MAGIC + z) * sum(x))
                 qh = _codes_as_half(w, half_bits, BITS, BLOCK_K, PACKED_LOAD, a.dtype)
                 z = zq.to(tl.float32) + HALF_MAGIC
                 xs = tl.sum(a.to(tl.float32), axis=1)  # [BLOCK_M]

@@ -76,25 +76,33 @@ def _x_of_code(x_row, perm_ptr, rows, j: tl.constexpr, r_mask, VALS: tl.constexp
     return xv.to(tl.float32) if FP32 else xv
 
 
-# HALF2 (fp16 activations, 4-bit codes, one group per tile): per word, three shifts and four LOP3
-# give the code pairs (1024 + q_j, 1024 + q_j+4); one HFMA2 per pair makes them the exact
-# (q - z) / 16, in [-1, 1); four more HFMA2 multiply them by the matching pairs of x and add, and
+def split_word_ptx(word: str, magic2: str) -> str:
+    """PTX that splits the 32-bit word `word` into four half2 code pairs c0..c3 (declared by the
+    caller): c_j = (MAGIC + q_j, MAGIC + q_j+4), with magic2 the bits of (MAGIC, MAGIC). OR-ing a
+    nibble pair masked by 0x000F000F into those bits is one LOP3 per two codes (as Marlin and
+    FasterTransformer do); three shifts and four LOP3 per word in all."""
+    return f"""shr.u32 s1, {word}, 4;
+shr.u32 s2, {word}, 8;
+shr.u32 s3, {word}, 12;
+lop3.b32 c0, {word}, 0x000F000F, {magic2}, 0xEA;
+lop3.b32 c1, s1, 0x000F000F, {magic2}, 0xEA;
+lop3.b32 c2, s2, 0x000F000F, {magic2}, 0xEA;
+lop3.b32 c3, s3, 0x000F000F, {magic2}, 0xEA;
+"""
+
+
+# HALF2 (fp16 activations, 4-bit codes, one group per tile): per word the code pairs
+# (1024 + q_j, 1024 + q_j+4) (split_word_ptx); one HFMA2 per pair makes them the exact
+# (q - z) / 16, in [-1, 1]; four more HFMA2 multiply them by the matching pairs of x and add, and
 # the two halves leave as one fp32 sum. So eight products of a word are rounded to fp16 and summed
-# four at a time in fp16 (|x * (q - z) / 16| <= |x|: no new overflow), then accumulated in fp32.
-# Half the instructions of the fp32 form; inline PTX, so GPU only.
+# four at a time in fp16 (each partial sum stays within 4 |x|), then accumulated in fp32. About 30%
+# fewer instructions than the fp32 form (docs/benchmarks.md); inline PTX, so GPU only.
 _WORD_DOT_FP16 = tl.constexpr("""{
 .reg .b32 s1, s2, s3, c0, c1, c2, c3, k, acc;
 .reg .f16 lo, hi;
 .reg .f32 flo, fhi;
 mov.b32 k, 0x2C002C00;
-shr.u32 s1, $1, 4;
-shr.u32 s2, $1, 8;
-shr.u32 s3, $1, 12;
-lop3.b32 c0, $1, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 c1, s1, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 c2, s2, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 c3, s3, 0x000F000F, 0x64006400, 0xEA;
-fma.rn.f16x2 c0, c0, k, $2;
+""" + split_word_ptx("$1", "0x64006400") + """fma.rn.f16x2 c0, c0, k, $2;
 fma.rn.f16x2 c1, c1, k, $2;
 fma.rn.f16x2 c2, c2, k, $2;
 fma.rn.f16x2 c3, c3, k, $2;
@@ -159,11 +167,11 @@ def _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, pe
         # per weight one shift, one AND-OR and one FMA; the zero point costs one FMA per word row.
         s = tl.load(scales_ptr + ((r0 * VALS) // GROUP_SIZE) * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         zw = tl.load(qzeros_ptr + ((r0 * VALS) // GROUP_SIZE) * (N // VALS) + offs_n // VALS, mask=n_mask, other=0)
+        z = ((zw >> ((offs_n % VALS) * BITS)) & MASK).to(tl.float32) + ZERO_OFFSET
         if HALF2:
-            z = ((zw >> ((offs_n % VALS) * BITS)) & MASK).to(tl.float32) + ZERO_OFFSET
             dots = _word_dots_half2(w, x_row, perm_ptr, rows, r_mask, z, HAS_PERM, EVEN, ASM)
             return acc + dots * (16.0 * s[None, :])
-        z = ((zw >> ((offs_n % VALS) * BITS)) & MASK).to(tl.float32) + (ZERO_OFFSET + (1 << BITS))
+        z += 1 << BITS
         part = tl.zeros_like(acc)
         xs = tl.zeros([acc.shape[0]], dtype=tl.float32)
         for j in tl.static_range(VALS):
