@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.decode_attention import interpreting
-from kernels.w4a16_gemv import BITS_OF_2_23, half_pair, split_word_ptx
+from kernels.w4a16_gemv import BITS_OF_2_23, _scale_and_zero, half_pair, split_word_ptx
 
 GEMM_CONFIGS = [
     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SWAP_AB=swap, GROUP_M=8, PACKED_LOAD=1, PREFETCH=pf,
@@ -66,37 +66,39 @@ def _load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N,
 
 
 @triton.jit
-def _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
-                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-                   HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
-    """The fp32 weight tile W[k0:k0+BLOCK_K, offs_n] from `_load_words`' words: [BLOCK_K, BLOCK_N]."""
+def _codes_fp32(w, k0, BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr, big_bits):
+    """The codes of `_load_words`' words as the fp32 2**23 + q: [BLOCK_K, BLOCK_N]."""
     VALS: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
-    MAGIC: tl.constexpr = 8388608.0
-    ks = k0 + tl.arange(0, BLOCK_K)
-    k_mask = ks < k_end
-    tile_mask = k_mask[:, None] & n_mask[None, :]
     if PACKED_LOAD:
         # Split each word in registers: [BLOCK_K/VALS, VALS, BLOCK_N] -> [BLOCK_K, BLOCK_N].
         shifts = tl.arange(0, VALS) * BITS
         q = tl.reshape((w[:, None, :] >> shifts[None, :, None]) & MASK, [BLOCK_K, w.shape[1]])
     else:
+        ks = k0 + tl.arange(0, BLOCK_K)
         q = (w >> ((ks % VALS) * BITS)[:, None]) & MASK
-    q = (q | big_bits).to(tl.float32, bitcast=True)  # big_bits: 2**23 (see w4a16_gemv.BITS_OF_2_23)
-    zero_shift = (offs_n % VALS) * BITS
+    return (q | big_bits).to(tl.float32, bitcast=True)  # big_bits: 2**23 (see w4a16_gemv.BITS_OF_2_23)
+
+
+@triton.jit
+def _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
+                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+                   HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
+    """The fp32 weight tile W[k0:k0+BLOCK_K, offs_n] from `_load_words`' words: [BLOCK_K, BLOCK_N]."""
+    q = _codes_fp32(w, k0, BITS, BLOCK_K, PACKED_LOAD, big_bits)
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_mask = ks < k_end
     if HAS_G_IDX:
         g = tl.load(g_idx_ptr + ks, mask=k_mask, other=0)[:, None]
-        s_mask = tile_mask
+        s_mask = k_mask[:, None] & n_mask[None, :]
     elif GROUP_SIZE % BLOCK_K == 0:
         # The whole tile lies in one group (k0 is a multiple of BLOCK_K): one row of scales.
         g = tl.zeros([1, 1], dtype=tl.int32) + k0 // GROUP_SIZE
         s_mask = n_mask[None, :]
     else:
         g = (ks // GROUP_SIZE)[:, None]
-        s_mask = tile_mask
-    s = tl.load(scales_ptr + g * N + offs_n[None, :], mask=s_mask, other=0.0).to(tl.float32)
-    zw = tl.load(qzeros_ptr + g * (N // VALS) + (offs_n // VALS)[None, :], mask=s_mask, other=0)
-    zm = ((zw >> zero_shift[None, :]) & MASK).to(tl.float32) + (ZERO_OFFSET + MAGIC)
+        s_mask = k_mask[:, None] & n_mask[None, :]
+    s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], s_mask, N, BITS, ZERO_OFFSET)
     return (q - zm) * s
 
 
@@ -125,11 +127,11 @@ NIBBLES_TO_BF16 = tl.constexpr(
 @triton.jit
 def _codes_minus_zero_pairs(w, z, half_magic: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr,
                             ASM: tl.constexpr):
-    """The exact q - z of the four-bit words w [BLOCK_K/8, BLOCK_N] (z: int32 [BLOCK_N]) in DTYPE:
+    """The exact q - z of the four-bit words w [BLOCK_K/8, BLOCK_N] (z: fp32 [BLOCK_N]) in DTYPE:
     [BLOCK_K, BLOCK_N]. Each word's eight codes stay in one thread (joined along a minor dim)."""
     if ASM:
         asm: tl.constexpr = NIBBLES_TO_FP16 if DTYPE == tl.float16 else NIBBLES_TO_BF16
-        nz = (-(z + half_magic).to(tl.float32)).to(DTYPE)
+        nz = (-(z + half_magic)).to(DTYPE)
         h0, h1, h2, h3, h4, h5, h6, h7 = tl.inline_asm_elementwise(
             asm, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [w, half_pair(nz, nz)[None, :]], dtype=(tl.int16,) * 8,
             is_pure=True, pack=1)
@@ -153,7 +155,7 @@ def _codes_minus_zero_pairs(w, z, half_magic: tl.constexpr, BLOCK_K: tl.constexp
 @triton.jit
 def _nibble_minus_zero(w, z, DTYPE: tl.constexpr, j: tl.constexpr):
     """Code j of each word minus z as the bits of a DTYPE number (portable form of the PTX above)."""
-    return (((w >> (4 * j)) & 15) - z[None, :]).to(tl.float32).to(DTYPE).to(tl.int16, bitcast=True)
+    return (((w >> (4 * j)) & 15).to(tl.float32) - z[None, :]).to(DTYPE).to(tl.int16, bitcast=True)
 
 
 @triton.jit
@@ -206,7 +208,8 @@ def _w4a16_gemm_kernel(
     HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PACKED_LOAD: tl.constexpr, PREFETCH: tl.constexpr, INT_DOT: tl.constexpr,
-    HALF_MAGIC: tl.constexpr, PAIRS: tl.constexpr, ASM: tl.constexpr,
+    HALF_MAGIC: tl.constexpr, PAIRS: tl.constexpr, ONE_GROUP: tl.constexpr, SCALES_AHEAD: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -233,6 +236,12 @@ def _w4a16_gemm_kernel(
         # Registers hold the next tiles while this one is multiplied.
         a_next = _load_x(x_rows, perm_ptr, k_start, k_end, m_mask, HAS_PERM, BLOCK_K)
         w_next = _load_words(qweight_ptr, k_start, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
+    if ONE_GROUP and SCALES_AHEAD:
+        # Every tile lies in one group. Its row of scales and zeros is loaded a step ahead, into
+        # registers: the pipeliner leaves the 16-bit scale load synchronous, and loaded where it is
+        # used it would stall every step for a DRAM round trip.
+        s_next, zm_next = _scale_and_zero(scales_ptr, qzeros_ptr, k_start // GROUP_SIZE, offs_n, n_mask, N,
+                                          BITS, ZERO_OFFSET)
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
             a = a_next
@@ -242,17 +251,23 @@ def _w4a16_gemm_kernel(
         else:
             a = _load_x(x_rows, perm_ptr, k0, k_end, m_mask, HAS_PERM, BLOCK_K)
             w = _load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
+        if ONE_GROUP:
+            if SCALES_AHEAD:
+                s = s_next
+                zm = zm_next
+                # (the last step reloads the last group rather than read past the scales)
+                g_next = tl.minimum(k0 + BLOCK_K, K - 1) // GROUP_SIZE
+                s_next, zm_next = _scale_and_zero(scales_ptr, qzeros_ptr, g_next, offs_n, n_mask, N, BITS,
+                                                  ZERO_OFFSET)
+            else:
+                s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, N, BITS,
+                                        ZERO_OFFSET)
         if INT_DOT:
-            # The tile lies in one group: exact integer codes on the tensor cores, the scale (and
-            # without PAIRS the zero point) applied per column after the dot.
-            VALS: tl.constexpr = 32 // BITS
-            g = k0 // GROUP_SIZE
-            s = tl.load(scales_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            zw = tl.load(qzeros_ptr + g * (N // VALS) + offs_n // VALS, mask=n_mask, other=0)
-            zq = ((zw >> ((offs_n % VALS) * BITS)) & ((1 << BITS) - 1)) + ZERO_OFFSET
+            # Exact integer codes on the tensor cores, the scale (and without PAIRS the zero point)
+            # applied per column after the dot. zm is 2**23 + z (w4a16_gemv._scale_and_zero).
             if PAIRS:
                 # q - z exactly, two codes per instruction: the dot needs no correction
-                qz = _codes_minus_zero_pairs(w, zq, HALF_MAGIC, BLOCK_K, a.dtype, ASM)
+                qz = _codes_minus_zero_pairs(w, zm - 8388608.0, HALF_MAGIC, BLOCK_K, a.dtype, ASM)
                 if SWAP_AB:
                     acc += tl.dot(tl.trans(qz), tl.trans(a)) * s[:, None]
                 else:
@@ -260,7 +275,7 @@ def _w4a16_gemm_kernel(
             else:
                 # codes MAGIC + q; per column acc += s * (dot - (MAGIC + z) * sum(x))
                 qh = _codes_as_half(w, half_bits, BITS, BLOCK_K, PACKED_LOAD, a.dtype)
-                z = zq.to(tl.float32) + HALF_MAGIC
+                z = zm - (8388608.0 - HALF_MAGIC)
                 xs = tl.sum(a.to(tl.float32), axis=1)  # [BLOCK_M]
                 if SWAP_AB:
                     d = tl.dot(tl.trans(qh), tl.trans(a))  # [BLOCK_N, BLOCK_M]
@@ -269,8 +284,12 @@ def _w4a16_gemm_kernel(
                     d = tl.dot(a, qh)  # [BLOCK_M, BLOCK_N]
                     acc += (d - xs[:, None] * z[None, :]) * s[None, :]
         else:
-            b = _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
-                               BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, PACKED_LOAD).to(a.dtype)
+            if ONE_GROUP:
+                q = _codes_fp32(w, k0, BITS, BLOCK_K, PACKED_LOAD, big_bits)
+                b = ((q - zm[None, :]) * s[None, :]).to(a.dtype)
+            else:
+                b = _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
+                                   BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, PACKED_LOAD).to(a.dtype)
             if SWAP_AB:
                 acc = tl.dot(tl.trans(b), tl.trans(a), acc)
             else:
@@ -328,6 +347,7 @@ def w4a16_gemm(
         BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 8),
         PACKED_LOAD=bool(config.get("PACKED_LOAD", 1)), PREFETCH=bool(config.get("PREFETCH", 0)),
         INT_DOT=int_dot, HALF_MAGIC=half_magic, PAIRS=int_dot and w.bits == 4 and bool(config.get("PAIRS", 0)),
+        ONE_GROUP=w.g_idx is None and w.group_size % block_k == 0, SCALES_AHEAD=bool(config.get("SCALES_AHEAD", 1)),
         ASM=not interpreting(),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
