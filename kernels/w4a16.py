@@ -5,8 +5,11 @@ Public API (what `GPTQLinear` calls on CUDA):
     weights = prepare_w4a16_weights(qweight, qzeros, scales, g_idx, bits=4, zero_offset=1)
     out = w4a16_matmul(x, weights, bias=None)          # x: [..., K] fp16/bf16 -> [..., N]
 
-Layout after preparation (`W4A16Weights`): the checkpoint's own tensors, unchanged when g_idx is
-in order. With act-order, K is permuted once at load time, as vLLM does: rows of `qweight` are
+Layout after preparation (`W4A16Weights`). 4-bit weights whose shapes allow it (K and the group
+size multiples of 64, N of 16) are repacked into the fragment layout ("frag",
+kernels/w4a16_frag.py): the order in which the tensor cores take the codes, so that a dequantized
+tile needs no shared-memory round trip; all three paths read it. Other weights (2 and 8 bits, odd
+shapes) keep the checkpoint's own tensors ("gptq"), unchanged when g_idx is in order. With act-order, K is permuted once at load time, as vLLM does: rows of `qweight` are
 sorted by group so that every group is a contiguous run of `group_size` rows again, and `perm`
 (int32 [K]) records where each row came from. The GEMV reads x[:, perm[k]] in the kernel, the
 GEMM path gathers x once before its launch (one small index_select), and the dequant path writes
@@ -16,13 +19,14 @@ rows back to checkpoint order, so x needs no gather there.
     prepared    k': 1  3  ...  0  2  ...       perm:  [1, 3, ..., 0, 2, ...]   groups: 0 0 ... 1 1 ...
 
 Only a g_idx whose sorted form is not runs of one size (never written by GPTQ) keeps `g_idx` and
-takes the slower per-k gather. Paths, chosen by M from kernels/configs/w4a16.json:
+takes the slower per-k gather (checkpoint layout only). Paths, chosen by M from
+kernels/configs/w4a16.json (one table per layout):
 `gemv` (split-K, no tensor cores), `gemm` (tensor cores, split-K at small M) and `dequant`
 (dequantize to fp16, then cuBLAS), with thresholds and tile sizes measured per GPU. Two config
 flags select inline-PTX variants that split a word into half-precision code pairs, two codes per
 instruction (GPU only; the CPU interpreter runs a portable form): `HALF2` (GEMV, fp16 x: products
 of a word rounded to fp16 and summed four at a time, fp32 between words) and `PAIRS` (GEMM: the
-exact q - z enters the dot). docs/benchmarks.md has the measurements behind both.
+exact q - z enters the dot) for the checkpoint layout. docs/benchmarks.md has the measurements.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from pathlib import Path
 import torch
 
 from kernels.reference import pack_qweight, unpack_qweight
+from kernels.w4a16_frag import FRAG_K, FRAG_N, frag_eligible, repack_frag
 
 PATHS = ("gemv", "gemm", "dequant")
+LAYOUTS = ("frag", "gptq")
 TRITON_BITS = (2, 4, 8)
 _CONFIG_FILE = Path(__file__).parent / "configs" / "w4a16.json"
 
@@ -45,7 +51,7 @@ _CONFIG_FILE = Path(__file__).parent / "configs" / "w4a16.json"
 class W4A16Weights:
     """GPTQ weights in the layout the kernels read (see the module docstring)."""
 
-    qweight: torch.Tensor  # int32 [K*bits/32, N], rows in group order
+    qweight: torch.Tensor  # gptq: int32 [K*bits/32, N], rows in group order; frag: int32 [K/64, N/16, 128]
     qzeros: torch.Tensor  # int32 [G, N*bits/32]
     scales: torch.Tensor  # fp16/bf16 [G, N]
     perm: torch.Tensor | None  # int32 [K]: source column of x for each prepared row
@@ -55,6 +61,7 @@ class W4A16Weights:
     zero_offset: int  # 1 for checkpoint format gptq (v1), 0 for gptq_v2
     in_features: int
     out_features: int
+    layout: str = "gptq"  # "frag" or "gptq" (the module docstring)
 
 
 def _uniform_group_size(sorted_g_idx: torch.Tensor, num_groups: int, vals: int) -> int | None:
@@ -74,6 +81,7 @@ def prepare_w4a16_weights(
     g_idx: torch.Tensor | None,  # int [K]; None means groups in order (size K/G)
     bits: int = 4,
     zero_offset: int = 1,
+    layout: str | None = None,  # None: "frag" where eligible, else "gptq"
 ) -> W4A16Weights:
     """Check a GPTQ linear's tensors and put them in kernel order (once, at load time)."""
     if bits not in TRITON_BITS:
@@ -105,9 +113,20 @@ def prepare_w4a16_weights(
     elif not torch.equal(order, torch.arange(k, device=order.device)):
         perm = order.to(torch.int32).contiguous()
         qweight = pack_qweight(unpack_qweight(qweight, bits)[order], bits)
+    eligible = frag_eligible(bits, k, n, group_size, kept_g_idx is not None)
+    if layout is None:
+        layout = "frag" if eligible else "gptq"
+    elif layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    elif layout == "frag" and not eligible:
+        raise ValueError(f"the frag layout needs 4-bit codes, K and the group size multiples of {FRAG_K} and N of "
+                         f"{FRAG_N}; got bits={bits}, K={k}, N={n}, group size {group_size}")
+    if layout == "frag":
+        qweight = repack_frag(qweight)
     return W4A16Weights(
         qweight=qweight.contiguous(), qzeros=qzeros.contiguous(), scales=scales.contiguous(), perm=perm,
         g_idx=kept_g_idx, bits=bits, group_size=group_size, zero_offset=zero_offset, in_features=k, out_features=n,
+        layout=layout,
     )
 
 
@@ -118,42 +137,51 @@ def _load_tables() -> dict:
     return json.loads(_CONFIG_FILE.read_text())
 
 
-# Used where no tuned table names the GPU (and under the CPU interpreter): the "default" rows
-# measured on an H200 (kernels/configs/w4a16.json), the same SM generation as the H100.
-DEFAULT_TABLE = [
-    {"max_m": 1, "path": "gemv",
-     "config": dict(BLOCK_N=256, BLOCK_KW=16, SPLIT_K=16, PREFETCH=0, HALF2=1, num_warps=4, num_stages=1)},
-    {"max_m": 2, "path": "gemv",
-     "config": dict(BLOCK_N=256, BLOCK_KW=8, SPLIT_K=16, PREFETCH=0, HALF2=1, num_warps=4, num_stages=1)},
-    {"max_m": 16, "path": "gemm", "config": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, SWAP_AB=0, GROUP_M=8,
-                                                 PACKED_LOAD=1, PREFETCH=0, num_warps=4, num_stages=3)},
-    {"max_m": 32, "path": "gemm", "config": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SWAP_AB=1, GROUP_M=8,
-                                                 PACKED_LOAD=1, PREFETCH=0, INT_DOT=1, PAIRS=1, num_warps=4,
-                                                 num_stages=3)},
-    {"max_m": 64, "path": "gemm", "config": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SWAP_AB=1, GROUP_M=8,
-                                                 PACKED_LOAD=1, PREFETCH=0, INT_DOT=1, PAIRS=1, num_warps=4,
-                                                 num_stages=3)},
-    {"max_m": 128, "path": "gemm", "config": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, SWAP_AB=1, GROUP_M=8,
-                                                  PACKED_LOAD=1, PREFETCH=0, INT_DOT=1, PAIRS=1, num_warps=4,
-                                                  num_stages=3)},
-    {"max_m": None, "path": "dequant", "config": {}},
-]
+# Used where no tuned table names the GPU (and under the CPU interpreter), per layout: the
+# "default" rows measured on an H200 (kernels/configs/w4a16.json), the same SM generation as the H100.
+DEFAULT_TABLES = {
+    "frag": [
+        {"max_m": 16, "path": "gemm",
+         "config": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=4)},
+        {"max_m": 128, "path": "gemm",
+         "config": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3)},
+        {"max_m": None, "path": "dequant", "config": {}},
+    ],
+    "gptq": [
+        {"max_m": 1, "path": "gemv",
+         "config": dict(BLOCK_N=256, BLOCK_KW=16, SPLIT_K=16, PREFETCH=0, HALF2=1, num_warps=4, num_stages=1)},
+        {"max_m": 2, "path": "gemv",
+         "config": dict(BLOCK_N=256, BLOCK_KW=8, SPLIT_K=16, PREFETCH=0, HALF2=1, num_warps=4, num_stages=1)},
+        {"max_m": 16, "path": "gemm", "config": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, SWAP_AB=0,
+                                                     GROUP_M=8, PACKED_LOAD=1, PREFETCH=0, num_warps=4, num_stages=3)},
+        {"max_m": 32, "path": "gemm", "config": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SWAP_AB=1,
+                                                     GROUP_M=8, PACKED_LOAD=1, PREFETCH=0, INT_DOT=1, PAIRS=1,
+                                                     num_warps=4, num_stages=3)},
+        {"max_m": 64, "path": "gemm", "config": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, SWAP_AB=1,
+                                                     GROUP_M=8, PACKED_LOAD=1, PREFETCH=0, INT_DOT=1, PAIRS=1,
+                                                     num_warps=4, num_stages=3)},
+        {"max_m": 128, "path": "gemm", "config": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, SWAP_AB=1,
+                                                      GROUP_M=8, PACKED_LOAD=1, PREFETCH=0, INT_DOT=1, PAIRS=1,
+                                                      num_warps=4, num_stages=3)},
+        {"max_m": None, "path": "dequant", "config": {}},
+    ],
+}
 
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def select_path(m: int, n: int, k: int, device: torch.device) -> tuple[str, dict]:
-    """(path, config) for an [m, k] x [k, n] product: the tuned table for this GPU and shape."""
-    path, config = _select_path(m, n, k, device)
+def select_path(m: int, n: int, k: int, device: torch.device, layout: str = "frag") -> tuple[str, dict]:
+    """(path, config) for an [m, k] x [k, n] product over `layout`: the tuned table for this GPU and shape."""
+    path, config = _select_path(m, n, k, device, layout)
     return path, dict(config)
 
 
 @functools.lru_cache(maxsize=4096)
-def _select_path(m: int, n: int, k: int, device: torch.device) -> tuple[str, dict]:
-    per_device = _load_tables().get("devices", {}).get(device_name(device), {})
-    table = per_device.get(f"{n}x{k}") or per_device.get("default") or DEFAULT_TABLE
+def _select_path(m: int, n: int, k: int, device: torch.device, layout: str) -> tuple[str, dict]:
+    per_device = _load_tables().get("devices", {}).get(device_name(device), {}).get(layout, {})
+    table = per_device.get(f"{n}x{k}") or per_device.get("default") or DEFAULT_TABLES[layout]
     for row in table:
         if row["max_m"] is None or m <= row["max_m"]:
             return row["path"], dict(row["config"])
@@ -171,6 +199,7 @@ def w4a16_matmul(
 ) -> torch.Tensor:
     """x @ dequant(W) (+ bias) -> [..., N] in x's dtype, fp32 accumulation."""
     from kernels.w4a16_dequant import w4a16_dequant_matmul
+    from kernels.w4a16_frag import frag_gemm, frag_gemv
     from kernels.w4a16_gemm import w4a16_gemm
     from kernels.w4a16_gemv import w4a16_gemv
 
@@ -195,14 +224,18 @@ def w4a16_matmul(
     if m == 0:
         return out.reshape(*lead, n)
     if path is None:
-        path, picked = _select_path(m, n, k, x.device)  # not copied: the launchers only read it
+        path, picked = _select_path(m, n, k, x.device, weights.layout)  # not copied: the launchers only read it
         config = config or picked
     elif config is None:
-        config = next((dict(row["config"]) for row in DEFAULT_TABLE if row["path"] == path), {})
+        config = next((dict(row["config"]) for row in DEFAULT_TABLES[weights.layout] if row["path"] == path), {})
+    frag = weights.layout == "frag"
+    if frag and path in ("gemv", "gemm") and weights.perm is not None:
+        # One gather of x up front (a tiny kernel): the prepared rows are in group order.
+        x2 = x2.index_select(1, weights.perm)
     if path == "gemv":
-        w4a16_gemv(x2, weights, bias, out, config)
+        (frag_gemv if frag else w4a16_gemv)(x2, weights, bias, out, config)
     elif path == "gemm":
-        w4a16_gemm(x2, weights, bias, out, config)
+        (frag_gemm if frag else w4a16_gemm)(x2, weights, bias, out, config)
     elif path == "dequant":
         w4a16_dequant_matmul(x2, weights, bias, out)
     else:

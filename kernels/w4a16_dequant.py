@@ -44,6 +44,10 @@ def _w4a16_dequant_kernel(
 
 def w4a16_dequantize(w, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense weight [K, N] in `dtype`, rows in checkpoint order."""
+    if w.layout == "frag":
+        from kernels.w4a16_frag import frag_dequantize
+
+        return frag_dequantize(w, dtype, out)
     k, n = w.in_features, w.out_features
     if out is None:
         out = torch.empty(k, n, device=w.qweight.device, dtype=dtype)

@@ -25,6 +25,7 @@ from kernels.w4a16 import (
     w4a16_matmul,
 )
 from kernels.w4a16_dequant import w4a16_dequantize
+from kernels.w4a16_frag import FRAG_GEMM_CONFIGS, FRAG_GEMV_CONFIGS
 from kernels.w4a16_gemm import GEMM_CONFIGS
 from kernels.w4a16_gemv import GEMV_CONFIGS
 
@@ -32,7 +33,8 @@ GEMV_MAX_M = 4  # beyond this the GEMV rereads the weights once per row and cann
 DEQUANT_MIN_M = 64
 
 
-def random_layer(n: int, k: int, group_size: int, act_order: bool, device: torch.device, seed: int = 0) -> W4A16Weights:
+def random_layer(n: int, k: int, group_size: int, act_order: bool, device: torch.device, seed: int = 0,
+                 layout: str | None = None) -> W4A16Weights:
     """A GPTQ linear with random codes, zeros and scales, prepared for the kernels."""
     gen = torch.Generator(device=device).manual_seed(seed)
     gs = k if group_size == -1 else group_size
@@ -43,7 +45,7 @@ def random_layer(n: int, k: int, group_size: int, act_order: bool, device: torch
     order = torch.randperm(k, generator=gen, device=device) if act_order else torch.arange(k, device=device)
     g_idx = torch.empty(k, dtype=torch.int32, device=device)
     g_idx[order] = (torch.arange(k, device=device) // gs).int()
-    return prepare_w4a16_weights(qweight, qzeros, scales, g_idx, 4, 1)
+    return prepare_w4a16_weights(qweight, qzeros, scales, g_idx, 4, 1, layout=layout)
 
 
 def time_ms(fn: Callable[[], object], rep_ms: int = 20, warmup_ms: int = 5) -> float:
@@ -99,12 +101,12 @@ def layer_bytes(w: W4A16Weights) -> int:
     return sum(t.numel() * t.element_size() for t in (w.qweight, w.qzeros, w.scales, w.perm) if t is not None)
 
 
-def candidates(m: int) -> list[tuple[str, dict]]:
-    """The (path, config) pairs worth timing at this M."""
+def candidates(m: int, layout: str = "frag") -> list[tuple[str, dict]]:
+    """The (path, config) pairs worth timing at this M, for weights in `layout`."""
     out: list[tuple[str, dict]] = []
     if m <= GEMV_MAX_M:
-        out += [("gemv", c) for c in GEMV_CONFIGS]
-    for c in GEMM_CONFIGS:
+        out += [("gemv", c) for c in (FRAG_GEMV_CONFIGS if layout == "frag" else GEMV_CONFIGS)]
+    for c in FRAG_GEMM_CONFIGS if layout == "frag" else GEMM_CONFIGS:
         if c["BLOCK_M"] > max(16, 4 * m) or (c["SPLIT_K"] > 1 and m > 256):
             continue
         out.append(("gemm", c))
@@ -114,20 +116,20 @@ def candidates(m: int) -> list[tuple[str, dict]]:
 
 
 def sweep(shapes: list[tuple[int, int]], ms: list[int], group_size: int = 128,
-          log: Callable[[str], None] = print) -> list[dict]:
+          log: Callable[[str], None] = print, layout: str = "frag") -> list[dict]:
     """Time every candidate on every (N, K) and M; each result also carries its error against fp32."""
     device = torch.device("cuda")
     records = []
     for n, k in shapes:
-        w = random_layer(n, k, group_size, False, device)
-        rotated = [w] + [random_layer(n, k, group_size, False, device, seed=s)
+        w = random_layer(n, k, group_size, False, device, layout=layout)
+        rotated = [w] + [random_layer(n, k, group_size, False, device, seed=s, layout=layout)
                          for s in range(1, num_rotations(layer_bytes(w), device))]
         dense = w4a16_dequantize(w, torch.float32)
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=torch.float16)
             ref = x.float() @ dense
             best = math.inf
-            for path, config in candidates(m):
+            for path, config in candidates(m, layout):
                 rec = dict(n=n, k=k, m=m, path=path, config=config)
                 try:
                     out = w4a16_matmul(x, w, path=path, config=config)
@@ -193,10 +195,10 @@ def build_table(records: list[dict]) -> dict[str, list[dict]]:
     return table
 
 
-def write_table(table: dict[str, list[dict]], device: torch.device, path=_CONFIG_FILE) -> None:
-    """Merge this GPU's table into the JSON file, keeping other GPUs' entries."""
+def write_table(table: dict[str, list[dict]], device: torch.device, layout: str = "frag", path=_CONFIG_FILE) -> None:
+    """Merge this GPU's table for `layout` into the JSON file, keeping other GPUs' and layouts' entries."""
     data = json.loads(path.read_text()) if path.exists() else {}
-    data.setdefault("devices", {})[device_name(device)] = table
+    data.setdefault("devices", {}).setdefault(device_name(device), {})[layout] = table
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     _load_tables.cache_clear()

@@ -118,7 +118,8 @@ def _random_gptq(k: int, n: int, group: int, act_order: bool, gen: torch.Generat
     return pack_qweight(q, bits), pack_qzeros(z, bits), s, g_idx
 
 
-def _check(m, k, n, group, act_order, path, config, *, bias=True, zero_offset=1, seed=0, dtype=torch.float16):
+def _check(m, k, n, group, act_order, path, config, *, bias=True, zero_offset=1, seed=0, dtype=torch.float16,
+           layout="gptq"):
     gen = torch.Generator().manual_seed(seed)
     qweight, qzeros, scales, g_idx = _random_gptq(k, n, group, act_order, gen)
     x = torch.randn(m, k, generator=gen).to(dtype)
@@ -126,7 +127,9 @@ def _check(m, k, n, group, act_order, path, config, *, bias=True, zero_offset=1,
     ref = w4a16_matmul_reference(x.float(), qweight, qzeros, scales, g_idx, None if b is None else b.float(),
                                  4, zero_offset)
     weights = prepare_w4a16_weights(qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), g_idx.to(DEVICE),
-                                    4, zero_offset)
+                                    4, zero_offset, layout=layout)
+    eligible = n % 16 == 0 and k % 64 == 0 and (group == -1 or group % 64 == 0)
+    assert weights.layout == (layout or ("frag" if eligible else "gptq"))
     assert (weights.perm is not None) == (act_order and group != -1)  # one group: nothing to permute
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
     got = w4a16_matmul(x.to(DEVICE), weights, None if b is None else b.to(DEVICE), path=path, config=config,
@@ -199,6 +202,67 @@ def test_v2_zeros_no_bias_and_default_dispatch() -> None:
     seed = int(torch.randint(0, 10**6, ()))
     _check(1, 128, 24, 64, True, None, None, bias=False, zero_offset=0, seed=seed)
     _check(5, 128, 24, 64, False, None, None, bias=True, zero_offset=0, seed=seed + 1)
+    # layout=None picks the fragment layout where the shape allows it
+    _check(1, 128, 32, 64, True, None, None, bias=False, zero_offset=0, seed=seed + 2, layout=None)
+    _check(5, 128, 48, 128, False, None, None, bias=True, zero_offset=0, seed=seed + 3, layout=None)
+    _check(3, 128, 24, 64, False, None, None, seed=seed + 4, layout=None)  # N % 16 != 0: checkpoint layout
+
+
+# The fragment layout (kernels/w4a16_frag.py): K and groups multiples of 64, N of 16.
+FRAG_GEMV_SMALL = dict(BLOCK_N=32, BLOCK_K=128, num_warps=1, num_stages=1)
+FRAG_GEMM_SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=1, num_stages=1)
+FRAG_CASES = [
+    (1, 320, 80, 64, False, "gemv", dict(FRAG_GEMV_SMALL, SPLIT_K=1)),  # N tail; BLOCK_K lowered to the group
+    (1, 320, 80, 64, True, "gemv", dict(FRAG_GEMV_SMALL, BLOCK_K=64, SPLIT_K=3)),
+    (3, 256, 48, 128, True, "gemv", dict(FRAG_GEMV_SMALL, SPLIT_K=2)),
+    (2, 384, 32, -1, False, "gemv", dict(FRAG_GEMV_SMALL, SPLIT_K=1)),  # one group, two tiles
+    (17, 192, 48, 64, False, "gemm", dict(FRAG_GEMM_SMALL, SPLIT_K=1)),
+    (5, 320, 80, 64, True, "gemm", dict(FRAG_GEMM_SMALL, BLOCK_K=64, SPLIT_K=3)),
+    (33, 256, 80, 128, True, "gemm", dict(FRAG_GEMM_SMALL, BLOCK_M=32, SPLIT_K=2)),
+    (3, 384, 16, -1, True, "gemm", dict(FRAG_GEMM_SMALL, BLOCK_N=16, SPLIT_K=1)),
+    (17, 320, 80, 64, True, "dequant", {}),
+    (3, 192, 48, -1, False, "dequant", {}),
+]
+
+
+@pytest.mark.parametrize("m,k,n,group,act_order,path,config", FRAG_CASES)
+def test_frag_paths_match_reference(m, k, n, group, act_order, path, config) -> None:
+    _check(m, k, n, group, act_order, path, config, seed=hash((m, k, n, group, path, 1)) % 1000, layout="frag")
+
+
+@pytest.mark.parametrize("path,config", [("gemv", dict(FRAG_GEMV_SMALL, SPLIT_K=2)),
+                                         ("gemm", dict(FRAG_GEMM_SMALL, SPLIT_K=2))])
+def test_frag_bf16_activations(path: str, config: dict) -> None:
+    _check(3, 256, 48, 64, True, path, config, seed=int(torch.randint(0, 10**6, ())), dtype=torch.bfloat16,
+           layout="frag")
+
+
+def test_frag_repack_round_trips_and_places_codes_in_fragment_order() -> None:
+    from kernels.w4a16_frag import repack_frag, unpack_frag
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    k, n = 192, 48
+    q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
+    qf = repack_frag(pack_qweight(q, 4))
+    assert qf.shape == (k // 64, n // 16, 128) and qf.dtype == torch.int32
+    assert torch.equal(unpack_frag(qf), q)
+    # The documented mapping, word by word: lane = 4 lr + lc; pair j = 2 jhi + jlo holds rows k and k + 1.
+    for kb, nb, lane, kbi in ((0, 0, 0, 0), (2, 1, 13, 3), (1, 2, 31, 2)):
+        word = int(qf[kb, nb, 4 * lane + kbi]) & 0xFFFFFFFF
+        lr, lc = divmod(lane, 4)
+        for j in range(4):
+            row = 16 * nb + 8 * (j % 2) + lr
+            col = 64 * kb + 16 * kbi + 8 * (j // 2) + 2 * lc
+            assert (word >> (4 * j)) & 15 == q[col, row] and (word >> (4 * j + 16)) & 15 == q[col + 1, row]
+
+
+def test_frag_layout_rejects_ineligible_weights() -> None:
+    gen = torch.Generator().manual_seed(0)
+    qweight, qzeros, scales, g_idx = _random_gptq(128, 24, 64, False, gen)
+    with pytest.raises(ValueError, match="frag layout needs"):
+        prepare_w4a16_weights(qweight, qzeros, scales, g_idx, layout="frag")
+    with pytest.raises(ValueError, match="layout must be"):
+        prepare_w4a16_weights(qweight, qzeros, scales, g_idx, layout="marlin")
 
 
 def test_bf16_activations_gemv() -> None:
@@ -226,13 +290,14 @@ def test_launcher_rejects_bad_input() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_every_tuned_config_at_llama_shapes(dtype: torch.dtype, act_order: bool) -> None:
+@pytest.mark.parametrize("layout", ["frag", "gptq"])
+def test_every_tuned_config_at_llama_shapes(dtype: torch.dtype, act_order: bool, layout: str) -> None:
     """Every configuration the tuner may pick, at a real shape, against the fp32 reference on the GPU."""
     from kernels.w4a16_dequant import w4a16_dequantize
     from kernels.w4a16_tune import candidates, random_layer
 
     k, n = 4096, 6144
-    w = random_layer(n, k, 128, act_order, DEVICE, seed=int(torch.randint(0, 10**6, ())))
+    w = random_layer(n, k, 128, act_order, DEVICE, seed=int(torch.randint(0, 10**6, ())), layout=layout)
     dense = w4a16_dequantize(w, torch.float32)
     # One configuration per kind of launch (the tuner checks every configuration's error itself).
     bias = torch.randn(n, device=DEVICE, dtype=dtype)
@@ -240,9 +305,10 @@ def test_every_tuned_config_at_llama_shapes(dtype: torch.dtype, act_order: bool)
         x = torch.randn(m, k, device=DEVICE, dtype=dtype)
         ref = x.float() @ dense + bias.float()
         kinds = {}
-        for path, config in candidates(m):
+        for path, config in candidates(m, layout):
             kind = (path, config.get("SPLIT_K", 1) > 1, config.get("SWAP_AB", 0), config.get("PREFETCH", 0),
-                    config.get("INT_DOT", 0), config.get("PAIRS", 0), config.get("HALF2", 0))
+                    config.get("INT_DOT", 0), config.get("PAIRS", 0), config.get("HALF2", 0),
+                    config.get("num_warps") if layout == "frag" else 0)
             kinds.setdefault(kind, (path, config))
         for path, config in kinds.values():
             out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)

@@ -91,8 +91,8 @@ def _bench_shape(
         rel_err = float((out.float() - ref).norm() / ref.norm())
         fp16_ms = time_graph_ms([functools.partial(F.linear, x, d) for d in dense], reps=cfg.reps)
         ours_ms = time_graph_ms([functools.partial(w4a16_matmul, x, w) for w in plain], reps=cfg.reps)
-        path, config = select_path(m, n, k, device)
-        row = dict(shape=name, k=k, n=n, m=m, path=path, config=config, rel_err=rel_err,
+        path, config = select_path(m, n, k, device, plain[0].layout)
+        row = dict(shape=name, k=k, n=n, m=m, layout=plain[0].layout, path=path, config=config, rel_err=rel_err,
                    fp16_us=fp16_ms * 1e3, w4a16_us=ours_ms * 1e3, speedup=fp16_ms / ours_ms)
         row["gbps"] = _w4a16_bytes(m, k, n, gs, False) / (ours_ms * 1e-3) / 1e9
         row["bw_share"] = row["gbps"] / copy_gbps
