@@ -141,10 +141,15 @@ def _load_tables() -> dict:
 # "default" rows measured on an H200 (kernels/configs/w4a16.json), the same SM generation as the H100.
 DEFAULT_TABLES = {
     "frag": [
+        {"max_m": 1, "path": "gemv", "config": dict(BLOCK_N=256, BLOCK_K=128, SPLIT_K=16, num_warps=4, num_stages=1)},
         {"max_m": 16, "path": "gemm",
-         "config": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=4)},
+         "config": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, SCALE_IN_A=0, num_warps=4, num_stages=4)},
+        {"max_m": 64, "path": "gemm",
+         "config": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, SCALE_IN_A=0, num_warps=4, num_stages=3)},
         {"max_m": 128, "path": "gemm",
-         "config": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3)},
+         "config": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, SCALE_IN_A=0, num_warps=4, num_stages=3)},
+        {"max_m": 256, "path": "gemm",
+         "config": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=2, SCALE_IN_A=1, num_warps=8, num_stages=3)},
         {"max_m": None, "path": "dequant", "config": {}},
     ],
     "gptq": [

@@ -43,13 +43,15 @@ FRAG_GEMV_CONFIGS = [
     for sk in (8, 16)
 ]
 FRAG_GEMM_CONFIGS = [
-    dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=sk, num_warps=nw, num_stages=st)
-    for bm, bn, nw, st, sk in (
-        (16, 64, 4, 4, 2), (16, 64, 4, 4, 4), (16, 64, 4, 4, 8), (16, 128, 8, 4, 4), (16, 128, 4, 4, 4),
-        (32, 64, 4, 3, 2), (32, 64, 4, 3, 4), (32, 128, 4, 3, 4),
-        (64, 64, 4, 3, 2), (64, 64, 4, 3, 4), (64, 128, 8, 3, 2),
-        (128, 64, 4, 3, 1), (128, 64, 4, 3, 2), (128, 128, 8, 3, 1), (128, 128, 8, 3, 2),
-        (256, 128, 8, 3, 1), (128, 256, 8, 3, 1),
+    dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SCALE_IN_A=sa, num_warps=nw, num_stages=st)
+    for bm, bn, bk, nw, st, sk, sa in (
+        # decode: exact q - z on the tensor cores, scaled after the dot; split-K fills the GPU
+        (16, 64, 128, 4, 4, 4, 0), (16, 64, 128, 4, 4, 8, 0), (16, 128, 128, 4, 4, 2, 0), (16, 128, 128, 4, 4, 4, 0),
+        (16, 128, 128, 8, 4, 4, 0), (32, 128, 128, 4, 3, 2, 0), (32, 128, 128, 4, 3, 4, 0),
+        (64, 64, 128, 4, 3, 2, 0), (64, 64, 128, 4, 3, 4, 0), (64, 128, 128, 4, 3, 2, 0), (64, 128, 128, 8, 3, 2, 0),
+        # prefill: scaled weights, the dot accumulates in place
+        (64, 128, 64, 4, 3, 2, 1), (128, 128, 64, 8, 3, 1, 1), (128, 128, 64, 8, 3, 2, 1), (128, 128, 128, 8, 3, 1, 1),
+        (256, 128, 64, 8, 3, 1, 1), (256, 128, 64, 8, 3, 2, 1), (256, 128, 64, 8, 4, 3, 1),
     )
 ]
 
@@ -106,10 +108,27 @@ fma.rn.TYPE $1, c1, one, $6;
 fma.rn.TYPE $2, c2, one, $5;
 fma.rn.TYPE $3, c3, one, $6;
 }"""
-FRAG_PAIRS_FP16 = tl.constexpr(
-    _FRAG_PAIRS.replace("MAGIC2", "0x64006400").replace("ONE2", "0x3C003C00").replace("TYPE", "f16x2"))
-FRAG_PAIRS_BF16 = tl.constexpr(
-    _FRAG_PAIRS.replace("MAGIC2", "0x43004300").replace("ONE2", "0x3F803F80").replace("TYPE", "bf16x2"))
+# SCALED: then times the rows' scales, one rounding (the weight as a dequantize-then-multiply GEMM
+# sees it), so the dot accumulates in place and its result is not waited for inside the step.
+_FRAG_SCALED = _FRAG_PAIRS.replace("}", """mul.rn.TYPE $0, $0, $7;
+mul.rn.TYPE $1, $1, $8;
+mul.rn.TYPE $2, $2, $7;
+mul.rn.TYPE $3, $3, $8;
+}""")
+_FP16 = dict(MAGIC2="0x64006400", ONE2="0x3C003C00", TYPE="f16x2")
+_BF16 = dict(MAGIC2="0x43004300", ONE2="0x3F803F80", TYPE="bf16x2")
+
+
+def _instantiate(template: str, words: dict) -> tl.constexpr:
+    for key, value in words.items():
+        template = template.replace(key, value)
+    return tl.constexpr(template)
+
+
+FRAG_PAIRS_FP16 = _instantiate(_FRAG_PAIRS, _FP16)
+FRAG_PAIRS_BF16 = _instantiate(_FRAG_PAIRS, _BF16)
+FRAG_SCALED_FP16 = _instantiate(_FRAG_SCALED, _FP16)
+FRAG_SCALED_BF16 = _instantiate(_FRAG_SCALED, _BF16)
 
 # GEMV, fp16 x, two words of a thread (same rows, K 16 apart): the pairs as (q - z) / 16 (one HFMA2
 # with 1/16 and -(64 + z/16), exact) times the matching pairs of x, (x[k], x[k+1]) and
@@ -183,21 +202,30 @@ def _frag_tile(h0, h1, h2, h3, h4, h5, h6, h7, BLOCK_N: tl.constexpr, BLOCK_K: t
 
 
 @triton.jit
-def _frag_weight_tile(w, zm, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr,
-                      ASM: tl.constexpr):
-    """The exact q - z of words w [KB, NB, lr, lc, kbi] as the DTYPE tile [BLOCK_N, BLOCK_K];
-    zm: fp32 [BLOCK_N], 2**23 + z (w4a16_gemv._scale_and_zero)."""
+def _frag_weight_tile(w, zm, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr,
+                      ASM: tl.constexpr, SCALED: tl.constexpr):
+    """The exact q - z of words w [KB, NB, lr, lc, kbi] (times the scales s if SCALED) as the
+    DTYPE tile [BLOCK_N, BLOCK_K]; zm: fp32 [BLOCK_N], 2**23 + z (w4a16_gemv._scale_and_zero)."""
     NB: tl.constexpr = BLOCK_N // 16
     z_lo, z_hi = _split_rows(zm - 8388608.0, NB)
     if ASM:
-        asm: tl.constexpr = FRAG_PAIRS_FP16 if DTYPE == tl.float16 else FRAG_PAIRS_BF16
         magic: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
         nz_lo = (-(z_lo + magic)).to(DTYPE)
         nz_hi = (-(z_hi + magic)).to(DTYPE)
-        c0, c1, c2, c3 = tl.inline_asm_elementwise(
-            asm, "=r,=r,=r,=r,r,r,r",
-            [w, half_pair(nz_lo, nz_lo)[None, :, :, None, None], half_pair(nz_hi, nz_hi)[None, :, :, None, None]],
-            dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        args = [w, half_pair(nz_lo, nz_lo)[None, :, :, None, None], half_pair(nz_hi, nz_hi)[None, :, :, None, None]]
+        if SCALED:
+            asm: tl.constexpr = FRAG_SCALED_FP16 if DTYPE == tl.float16 else FRAG_SCALED_BF16
+            s_lo, s_hi = _split_rows(s, NB)
+            s_lo = s_lo.to(DTYPE)
+            s_hi = s_hi.to(DTYPE)
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                asm, "=r,=r,=r,=r,r,r,r,r,r",
+                args + [half_pair(s_lo, s_lo)[None, :, :, None, None], half_pair(s_hi, s_hi)[None, :, :, None, None]],
+                dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        else:
+            asm2: tl.constexpr = FRAG_PAIRS_FP16 if DTYPE == tl.float16 else FRAG_PAIRS_BF16
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(asm2, "=r,=r,=r,=r,r,r,r", args, dtype=(tl.int32,) * 4,
+                                                       is_pure=True, pack=1)
         # The halves of each register; the compiler folds the split and the re-pairing away.
         tile = _frag_tile(c0.to(tl.int16), c1.to(tl.int16), c2.to(tl.int16), c3.to(tl.int16),
                           (c0 >> 16).to(tl.int16), (c1 >> 16).to(tl.int16), (c2 >> 16).to(tl.int16),
@@ -208,7 +236,20 @@ def _frag_weight_tile(w, zm, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE
     tile = _frag_tile(_code_minus_zero(w, 0, zl), _code_minus_zero(w, 1, zh), _code_minus_zero(w, 2, zl),
                       _code_minus_zero(w, 3, zh), _code_minus_zero(w, 4, zl), _code_minus_zero(w, 5, zh),
                       _code_minus_zero(w, 6, zl), _code_minus_zero(w, 7, zh), BLOCK_N, BLOCK_K)
+    if SCALED:
+        tile = tile * s[:, None]
     return tile.to(DTYPE)
+
+
+@triton.jit
+def _store_output(out, out_ptrs, mask, ATOMIC: tl.constexpr):
+    """Store a program's fp32 output tile; with split-K the partial sums meet through atomic adds
+    into a zeroed output. (A scratch buffer with per-tile arrival counters, the last split adding
+    the partials, needs no zeroing launch but measured slower on the H200: docs/benchmarks.md.)"""
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask, sem="relaxed")
+    else:
+        tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -216,7 +257,8 @@ def _frag_gemm_kernel(
     x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_ptr,
     M, N, K, k_per_split, stride_xm, stride_om,
     GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_IN_A: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -244,21 +286,24 @@ def _frag_gemm_kernel(
         g_next = tl.minimum(k0 + BLOCK_K, K - 1) // GROUP_SIZE
         s_next, zm_next = _scale_and_zero(scales_ptr, qzeros_ptr, g_next, offs_n, n_mask, N, 4, ZERO_OFFSET)
         if ASM:
-            acc += tl.dot(_frag_weight_tile(w, zm, BLOCK_N, BLOCK_K, a.dtype, True), tl.trans(a)) * s[:, None]
+            wt = _frag_weight_tile(w, zm, s, BLOCK_N, BLOCK_K, a.dtype, True, SCALE_IN_A)
+            xt = tl.trans(a)
         else:
             # the interpreter's bf16 arithmetic is broken: fp32 operands, upcast right after loading
-            wt = _frag_weight_tile(w, zm, BLOCK_N, BLOCK_K, tl.float32, False)
-            acc += tl.dot(wt, tl.trans(a.to(tl.float32)), input_precision="ieee") * s[:, None]
+            wt = _frag_weight_tile(w, zm, s, BLOCK_N, BLOCK_K, tl.float32, False, SCALE_IN_A)
+            xt = tl.trans(a.to(tl.float32))  # (fp32 dots are exact in the interpreter)
+        if SCALE_IN_A:
+            # (large M) the dot accumulates in place and runs while the next tile is dequantized
+            acc = tl.dot(wt, xt, acc)
+        else:
+            # (small M) exact q - z on the tensor cores, scaled per output feature after the dot
+            acc += tl.dot(wt, xt) * s[:, None]
     acc = tl.trans(acc)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if not ATOMIC:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask, sem="relaxed")
+    _store_output(acc, out_ptrs, m_mask[:, None] & n_mask[None, :], ATOMIC)
 
 
 @triton.jit
@@ -340,11 +385,7 @@ def _frag_gemv_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         out += tl.where(pid_k == 0, bias, 0.0)
-    out_ptrs = out_ptr + pid_m * stride_om + offs_n
-    if not ATOMIC:
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.atomic_add(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=n_mask, sem="relaxed")
+    _store_output(out, out_ptr + pid_m * stride_om + offs_n, n_mask, ATOMIC)
 
 
 @triton.jit
@@ -358,7 +399,7 @@ def _frag_dequant_kernel(qweight_ptr, scales_ptr, qzeros_ptr, perm_ptr, out_ptr,
     n_mask = offs_n < N
     w = _load_frag_words(qweight_ptr, k0, K, pid_n, N, BLOCK_N, 64)
     s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, N, 4, ZERO_OFFSET)
-    tile = _frag_weight_tile(w, zm, BLOCK_N, 64, tl.float32, False) * s[:, None]  # [BLOCK_N, 64]
+    tile = _frag_weight_tile(w, zm, s, BLOCK_N, 64, tl.float32, False, True)  # [BLOCK_N, 64]
     ks = k0 + tl.arange(0, 64)
     if HAS_PERM:
         rows = tl.load(perm_ptr + ks)
@@ -401,7 +442,8 @@ def frag_gemm(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, 
         x, w.qweight, w.scales, w.qzeros, bias if bias is not None else w.scales, target,
         m, n, k, k_per_split, x.stride(0), target.stride(0),
         GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset, HAS_BIAS=bias is not None, ATOMIC=split_k > 1,
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, ASM=not interpreting(),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k,
+        SCALE_IN_A=bool(config.get("SCALE_IN_A", 0)), ASM=not interpreting(),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if target is not out:
@@ -415,8 +457,8 @@ def frag_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, 
     n = w.out_features
     block_k = _block_k(w, config)
     k_per_split, split_k = _split(k, config["SPLIT_K"], block_k)
-    target = _target(out, split_k)
     half2 = x.dtype == torch.float16 and not interpreting()
+    target = _target(out, split_k)
     grid = (triton.cdiv(n, config["BLOCK_N"]), split_k, m)
     _frag_gemv_kernel[grid](
         x.view(torch.int32) if half2 else x, w.qweight, w.scales, w.qzeros, bias if bias is not None else w.scales,

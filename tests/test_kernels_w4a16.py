@@ -219,6 +219,7 @@ FRAG_CASES = [
     (17, 192, 48, 64, False, "gemm", dict(FRAG_GEMM_SMALL, SPLIT_K=1)),
     (5, 320, 80, 64, True, "gemm", dict(FRAG_GEMM_SMALL, BLOCK_K=64, SPLIT_K=3)),
     (33, 256, 80, 128, True, "gemm", dict(FRAG_GEMM_SMALL, BLOCK_M=32, SPLIT_K=2)),
+    (40, 320, 48, 64, False, "gemm", dict(FRAG_GEMM_SMALL, BLOCK_M=32, SPLIT_K=2, SCALE_IN_A=1)),  # scaled weights
     (3, 384, 16, -1, True, "gemm", dict(FRAG_GEMM_SMALL, BLOCK_N=16, SPLIT_K=1)),
     (17, 320, 80, 64, True, "dequant", {}),
     (3, 192, 48, -1, False, "dequant", {}),
