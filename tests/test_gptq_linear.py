@@ -65,9 +65,11 @@ def test_cuda_path_runs_the_triton_kernels_and_matches_the_reference(desc_act):
         param = getattr(layer, name.split(".")[-1])
         param.weight_loader(param, tensor.cuda())
     layer.process_weights_after_loading()
-    assert layer.w4a16 is not None
+    assert layer.w4a16 is not None and layer.w4a16.layout == "frag"
+    assert layer.qweight.numel() == 0  # the repacked copy replaces the checkpoint's codes
+    dense = dequantize_gptq(packed.qweight, packed.qzeros, packed.scales.float(), packed.g_idx, 4, 1).cuda()
     for m in (1, 7, 300):
         x = torch.randn(m, 1024, device="cuda", dtype=torch.float16)
-        expected = x.float() @ dequantize_gptq(packed.qweight, packed.qzeros, packed.scales.float(), packed.g_idx,
-                                               4, 1).cuda()
-        torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(layer(x).float(), x.float() @ dense, rtol=2e-2, atol=2e-2)
+    x = torch.randn(5, 1024, device="cuda")  # fp32 activations: dequantized from the prepared weights
+    torch.testing.assert_close(layer(x), x @ dense, rtol=1e-4, atol=1e-4)

@@ -63,6 +63,8 @@ class GPTQLinearMethod(LinearMethodBase):
             create_bias(layer, out_size, params_dtype)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if getattr(layer, "w4a16", None) is not None:
+            return  # prepared already (the checkpoint's codes may be gone)
         layer.w4a16 = None
         if layer.qweight.is_cuda and self.config.bits in (2, 4, 8):
             from kernels.w4a16 import prepare_w4a16_weights
@@ -71,6 +73,10 @@ class GPTQLinearMethod(LinearMethodBase):
                 layer.qweight.data, layer.qzeros.data, layer.scales.data, layer.g_idx.data,
                 bits=self.config.bits, zero_offset=self.config.zero_offset,
             )
+            if layer.w4a16.qweight.data_ptr() != layer.qweight.data_ptr():
+                # The kernels read a repacked copy (fragment order, or rows sorted by group):
+                # the checkpoint's codes would only double the weight memory.
+                layer.qweight.data = layer.qweight.data.new_empty(0)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
@@ -80,6 +86,11 @@ class GPTQLinearMethod(LinearMethodBase):
             from kernels.w4a16 import w4a16_matmul
 
             return w4a16_matmul(x, prepared, bias.to(x.dtype) if bias is not None else None)
-        weight = dequantize_gptq(layer.qweight, layer.qzeros, layer.scales.to(torch.float32), layer.g_idx,
-                                 bits=self.config.bits, zero_offset=self.config.zero_offset)  # [K, N]
+        if prepared is not None:  # e.g. fp32 activations on CUDA
+            from kernels.w4a16_dequant import w4a16_dequantize
+
+            weight = w4a16_dequantize(prepared, torch.float32)  # [K, N]
+        else:
+            weight = dequantize_gptq(layer.qweight, layer.qzeros, layer.scales.to(torch.float32), layer.g_idx,
+                                     bits=self.config.bits, zero_offset=self.config.zero_offset)  # [K, N]
         return torch.nn.functional.linear(x, weight.t().to(x.dtype), bias)
