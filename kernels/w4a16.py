@@ -234,9 +234,6 @@ def w4a16_matmul(
     elif config is None:
         config = next((dict(row["config"]) for row in DEFAULT_TABLES[weights.layout] if row["path"] == path), {})
     frag = weights.layout == "frag"
-    if frag and path in ("gemv", "gemm") and weights.perm is not None:
-        # One gather of x up front (a tiny kernel): the prepared rows are in group order.
-        x2 = x2.index_select(1, weights.perm)
     if path == "gemv":
         (frag_gemv if frag else w4a16_gemv)(x2, weights, bias, out, config)
     elif path == "gemm":

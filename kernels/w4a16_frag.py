@@ -307,27 +307,39 @@ def _frag_gemm_kernel(
 
 
 @triton.jit
-def _x_pairs(x_row, k0, k_end, jhi: tl.constexpr, KB: tl.constexpr):
-    """x[k], x[k+1] at k = k0 + 64 kb + 16 kbi + 8 jhi + 2 lc, as half2 words [KB, 1, 1, lc, kbi]."""
-    k = (k0 + 64 * tl.arange(0, KB)[:, None, None, None, None] + 16 * tl.arange(0, 4)[None, None, None, None, :]
-         + 8 * jhi + 2 * tl.arange(0, 4)[None, None, None, :, None])
-    return tl.load(x_row + k // 2, mask=k < k_end, other=0)
+def _x_k(k0, jhi: tl.constexpr, KB: tl.constexpr):
+    """k = k0 + 64 kb + 16 kbi + 8 jhi + 2 lc, the first row of the x pair that a word's code
+    pairs 2 jhi and 2 jhi + 1 meet: [KB, 1, 1, lc, kbi]."""
+    return (k0 + 64 * tl.arange(0, KB)[:, None, None, None, None] + 16 * tl.arange(0, 4)[None, None, None, None, :]
+            + 8 * jhi + 2 * tl.arange(0, 4)[None, None, None, :, None])
 
 
 @triton.jit
-def _x_at(x_row, k0, k_end, jhi: tl.constexpr, h: tl.constexpr, KB: tl.constexpr):
-    """x at k = k0 + 64 kb + 16 kbi + 8 jhi + 2 lc + h in fp32: [KB, 1, 1, lc, kbi]."""
-    k = (k0 + 64 * tl.arange(0, KB)[:, None, None, None, None] + 16 * tl.arange(0, 4)[None, None, None, None, :]
-         + 8 * jhi + 2 * tl.arange(0, 4)[None, None, None, :, None] + h)
-    return tl.load(x_row + k, mask=k < k_end, other=0.0).to(tl.float32)
+def _x_at(x_row, perm_ptr, k, k_end, HAS_PERM: tl.constexpr):
+    """x at (prepared) rows k, through perm with act-order."""
+    if HAS_PERM:
+        src = tl.load(perm_ptr + k, mask=k < k_end, other=0)
+    else:
+        src = k
+    return tl.load(x_row + src, mask=k < k_end, other=0.0)
+
+
+@triton.jit
+def _x_pairs(x_row, perm_ptr, k0, k_end, jhi: tl.constexpr, KB: tl.constexpr, HAS_PERM: tl.constexpr):
+    """(x[k], x[k+1]) as half2 words [KB, 1, 1, lc, kbi] (k from `_x_k`): one 32-bit load per pair,
+    or two gathered halves with act-order."""
+    k = _x_k(k0, jhi, KB)
+    if HAS_PERM:
+        return half_pair(_x_at(x_row, perm_ptr, k, k_end, True), _x_at(x_row, perm_ptr, k + 1, k_end, True))
+    return tl.load(x_row.to(tl.pointer_type(tl.int32)) + k // 2, mask=k < k_end, other=0)
 
 
 @triton.jit
 def _frag_gemv_kernel(
-    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_ptr,
+    x_ptr, perm_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_ptr,
     N, K, k_per_split, stride_xm, stride_om,
     GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF2: tl.constexpr,
+    HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF2: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] W[k, n] on the CUDA cores: one row of x per program, split-K."""
     NB: tl.constexpr = BLOCK_N // 16
@@ -343,20 +355,21 @@ def _frag_gemv_kernel(
     ACC_W: tl.constexpr = 2 if HALF2 else 4
     acc_lo = tl.zeros([KB, NB, 8, 4, ACC_W], dtype=tl.float32)
     acc_hi = tl.zeros([KB, NB, 8, 4, ACC_W], dtype=tl.float32)
+    x_row = x_ptr + pid_m * stride_xm
     for k0 in range(k_start, k_end, BLOCK_K):
         w = _load_frag_words(qweight_ptr, k0, k_end, pid_n, N, BLOCK_N, BLOCK_K)
         s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, N, 4, ZERO_OFFSET)
         s_lo, s_hi = _split_rows(s, NB)
         z_lo, z_hi = _split_rows(zm - 8388608.0, NB)
         if HALF2:
-            # x as half2 words: x_ptr points at x viewed as int32 (pairs of fp16)
-            x_row = x_ptr + pid_m * (stride_xm // 2)
             nz_lo = (-(64.0 + z_lo * 0.0625)).to(tl.float16)
             nz_hi = (-(64.0 + z_hi * 0.0625)).to(tl.float16)
             # words and x pairs of kbi = 2i and 2i + 1 side by side: [KB, NB, lr, lc, 2]
             wa, wb = tl.split(tl.reshape(w, [KB, NB, 8, 4, 2, 2]))
-            xa0, xb0 = tl.split(tl.reshape(_x_pairs(x_row, k0, k_end, 0, KB), [KB, 1, 1, 4, 2, 2]))
-            xa1, xb1 = tl.split(tl.reshape(_x_pairs(x_row, k0, k_end, 1, KB), [KB, 1, 1, 4, 2, 2]))
+            x0 = _x_pairs(x_row, perm_ptr, k0, k_end, 0, KB, HAS_PERM)
+            x1 = _x_pairs(x_row, perm_ptr, k0, k_end, 1, KB, HAS_PERM)
+            xa0, xb0 = tl.split(tl.reshape(x0, [KB, 1, 1, 4, 2, 2]))
+            xa1, xb1 = tl.split(tl.reshape(x1, [KB, 1, 1, 4, 2, 2]))
             lo, hi = tl.inline_asm_elementwise(
                 _FRAG_DOT_FP16, "=f,=f,r,r,r,r,r,r,r,r",
                 [wa, wb, half_pair(nz_lo, nz_lo)[None, :, :, None, None],
@@ -365,11 +378,12 @@ def _frag_gemv_kernel(
             acc_lo += lo * (16.0 * s_lo)[None, :, :, None, None]
             acc_hi += hi * (16.0 * s_hi)[None, :, :, None, None]
         else:
-            x_row = x_ptr + pid_m * stride_xm
-            x00 = _x_at(x_row, k0, k_end, 0, 0, KB)
-            x01 = _x_at(x_row, k0, k_end, 0, 1, KB)
-            x10 = _x_at(x_row, k0, k_end, 1, 0, KB)
-            x11 = _x_at(x_row, k0, k_end, 1, 1, KB)
+            k_0 = _x_k(k0, 0, KB)
+            k_1 = _x_k(k0, 1, KB)
+            x00 = _x_at(x_row, perm_ptr, k_0, k_end, HAS_PERM).to(tl.float32)
+            x01 = _x_at(x_row, perm_ptr, k_0 + 1, k_end, HAS_PERM).to(tl.float32)
+            x10 = _x_at(x_row, perm_ptr, k_1, k_end, HAS_PERM).to(tl.float32)
+            x11 = _x_at(x_row, perm_ptr, k_1 + 1, k_end, HAS_PERM).to(tl.float32)
             zl = z_lo[None, :, :, None, None]
             zh = z_hi[None, :, :, None, None]
             # nibble i: pair j = i % 4 (jhi = j // 2, row jlo = j % 2), h = i // 4
@@ -431,13 +445,17 @@ def _target(out: torch.Tensor, split_k: int) -> torch.Tensor:
 
 
 def frag_gemm(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, config: dict) -> torch.Tensor:
-    """Tensor-core GEMM over the fragment layout; x [M, K] already in the weights' row order."""
+    """Tensor-core GEMM over the fragment layout; x [M, K] in checkpoint order."""
     m, k = x.shape
     n = w.out_features
     block_k = _block_k(w, config)
     k_per_split, split_k = _split(k, config["SPLIT_K"], block_k)
     target = _target(out, split_k)
     grid = (triton.cdiv(n, config["BLOCK_N"]), split_k, triton.cdiv(m, config["BLOCK_M"]))
+    if w.perm is not None:
+        # act-order: one gather of x up front (a gather inside the loop, 16-bit values that cannot
+        # be copied asynchronously, measured 1.5-15x slower on the H200)
+        x = x.index_select(1, w.perm)
     _frag_gemm_kernel[grid](
         x, w.qweight, w.scales, w.qzeros, bias if bias is not None else w.scales, target,
         m, n, k, k_per_split, x.stride(0), target.stride(0),
@@ -452,7 +470,8 @@ def frag_gemm(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, 
 
 
 def frag_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, config: dict) -> torch.Tensor:
-    """CUDA-core GEMV over the fragment layout (fp16 x: half2 products; bf16: fp32)."""
+    """CUDA-core GEMV over the fragment layout (fp16 x: half2 products; bf16: fp32); x in checkpoint
+    order (act-order: gathered through w.perm in the kernel, or up front with GATHER_X=0)."""
     m, k = x.shape
     n = w.out_features
     block_k = _block_k(w, config)
@@ -460,10 +479,16 @@ def frag_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, 
     half2 = x.dtype == torch.float16 and not interpreting()
     target = _target(out, split_k)
     grid = (triton.cdiv(n, config["BLOCK_N"]), split_k, m)
+    # act-order: x gathered through perm in the kernel (saves the launch of a gather up front, 3-15%
+    # at M=1 on the H200), or up front with GATHER_X=0
+    perm = w.perm if config.get("GATHER_X", 1) else None
+    if w.perm is not None and perm is None:
+        x = x.index_select(1, w.perm)
     _frag_gemv_kernel[grid](
-        x.view(torch.int32) if half2 else x, w.qweight, w.scales, w.qzeros, bias if bias is not None else w.scales,
-        target, n, k, k_per_split, x.stride(0), target.stride(0),
+        x, perm if perm is not None else w.qweight, w.qweight, w.scales, w.qzeros,
+        bias if bias is not None else w.scales, target, n, k, k_per_split, x.stride(0), target.stride(0),
         GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset, HAS_BIAS=bias is not None, ATOMIC=split_k > 1,
+        HAS_PERM=perm is not None,
         BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, HALF2=half2,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )

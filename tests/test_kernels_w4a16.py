@@ -214,6 +214,7 @@ FRAG_GEMM_SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=1, num_sta
 FRAG_CASES = [
     (1, 320, 80, 64, False, "gemv", dict(FRAG_GEMV_SMALL, SPLIT_K=1)),  # N tail; BLOCK_K lowered to the group
     (1, 320, 80, 64, True, "gemv", dict(FRAG_GEMV_SMALL, BLOCK_K=64, SPLIT_K=3)),
+    (1, 320, 80, 64, True, "gemv", dict(FRAG_GEMV_SMALL, BLOCK_K=64, SPLIT_K=3, GATHER_X=0)),  # gather up front
     (3, 256, 48, 128, True, "gemv", dict(FRAG_GEMV_SMALL, SPLIT_K=2)),
     (2, 384, 32, -1, False, "gemv", dict(FRAG_GEMV_SMALL, SPLIT_K=1)),  # one group, two tiles
     (17, 192, 48, 64, False, "gemm", dict(FRAG_GEMM_SMALL, SPLIT_K=1)),
