@@ -449,14 +449,53 @@ def _gather_and_zero_kernel(x_ptr, perm_ptr, xg_ptr, zero_ptr, K, N, stride_xm, 
         tl.store(zero_ptr + m * stride_zm + offs, tl.zeros([BLOCK], dtype=zero_ptr.dtype.element_ty), mask=n_mask)
 
 
+@triton.jit
+def _drain_kernel(acc_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """out = acc in out's dtype, and acc = 0 again for the next launch."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    tl.store(out_ptr + offs, tl.load(acc_ptr + offs, mask=mask).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(acc_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=mask)
+
+
+# bf16 split-K sums in fp32 (bf16 atomics would round every partial to 8 bits of mantissa), in a
+# buffer per device that is zero between launches: the kernel that converts the sums to bf16 also
+# zeroes it, so no memset launch comes before the next product. Grown outside graph capture only;
+# a buffer an earlier capture recorded stays alive.
+_FP32_SUMS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+
+
+def _zeroed_sums(out: torch.Tensor) -> torch.Tensor:
+    held = _FP32_SUMS.get(out.device)
+    if held is None or held.numel() < out.numel():
+        if out.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.zeros(out.shape, device=out.device, dtype=torch.float32)  # this launch only
+        if held is not None:
+            _RETIRED.append(held)
+        held = torch.zeros(out.numel(), device=out.device, dtype=torch.float32)
+        _FP32_SUMS[out.device] = held
+    return held[:out.numel()].view(out.shape)
+
+
 def _target(out: torch.Tensor, split_k: int) -> torch.Tensor:
-    # Partial sums meet through atomic adds: fp16 in the output itself, bf16 in an fp32 buffer
-    # (bf16 atomics would round every partial to 8 bits of mantissa).
+    """Where the kernel writes: the output itself, or with split-K the atomic adds' zeroed target
+    (fp16: the output; bf16: fp32 sums, see `_finish`)."""
     if split_k == 1:
         return out
     if out.dtype == torch.float16:
         return out.zero_()
-    return torch.zeros(out.shape, device=out.device, dtype=torch.float32)
+    return _zeroed_sums(out)
+
+
+def _finish(target: torch.Tensor, out: torch.Tensor) -> None:
+    if target is out:
+        return
+    if target.data_ptr() == _FP32_SUMS.get(out.device, out).data_ptr():
+        block = 1024
+        _drain_kernel[(triton.cdiv(out.numel(), block),)](target, out, out.numel(), BLOCK=block, num_warps=4)
+    else:
+        out.copy_(target)
 
 
 def frag_gemm(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, config: dict) -> torch.Tensor:
@@ -471,12 +510,12 @@ def frag_gemm(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, 
         # (on the H200 at M <= 64: 0.7-4.5 us over in-order weights, against 6-7.5 us with an
         # index_select and a memset; a gather inside the loop, 16-bit values that cannot be
         # copied asynchronously, was 1.5-15x slower)
-        target = out if split_k == 1 or out.dtype == torch.float16 else torch.empty(
-            m, n, device=out.device, dtype=torch.float32)
+        target = out if split_k == 1 or out.dtype == torch.float16 else _zeroed_sums(out)
         xg = torch.empty(m, k, device=x.device, dtype=x.dtype)
         block = 1024
         _gather_and_zero_kernel[(triton.cdiv(max(k, n), block), m)](
-            x, w.perm, xg, target, k, n, x.stride(0), target.stride(0), ZERO=split_k > 1, BLOCK=block, num_warps=4)
+            x, w.perm, xg, target, k, n, x.stride(0), target.stride(0), ZERO=split_k > 1 and target is out,
+            BLOCK=block, num_warps=4)
         x = xg
     else:
         target = _target(out, split_k)
@@ -488,8 +527,7 @@ def frag_gemm(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, 
         SCALE_IN_A=bool(config.get("SCALE_IN_A", 0)), ASM=not interpreting(),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
-    if target is not out:
-        out.copy_(target)
+    _finish(target, out)
     return out
 
 
@@ -516,8 +554,7 @@ def frag_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, 
         BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, HALF2=half2,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
-    if target is not out:
-        out.copy_(target)
+    _finish(target, out)
     return out
 
 

@@ -240,6 +240,26 @@ def test_frag_bf16_activations(path: str, config: dict) -> None:
            layout="frag")
 
 
+@pytest.mark.parametrize("path,config", [("gemv", dict(FRAG_GEMV_SMALL, BLOCK_K=64, SPLIT_K=4)),
+                                         ("gemm", dict(FRAG_GEMM_SMALL, BLOCK_K=64, SPLIT_K=4))])
+def test_frag_bf16_split_k_sums_buffer_is_zero_between_launches(path: str, config: dict) -> None:
+    """bf16 split-K adds in a persistent fp32 buffer that the conversion to bf16 zeroes again:
+    launch after launch (in order and act-order, different M) is right and leaves it zero."""
+    from kernels.w4a16_frag import _FP32_SUMS
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    k, n = 256, 48
+    for act_order, m in ((False, 3), (True, 2), (False, 5)):
+        qweight, qzeros, scales, g_idx = _random_gptq(k, n, 64, act_order, gen)
+        weights = prepare_w4a16_weights(qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), g_idx.to(DEVICE))
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        ref = w4a16_matmul_reference(x.float(), qweight, qzeros, scales, g_idx)
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        got = w4a16_matmul(x.to(DEVICE), weights, path=path, config=config, out=out).cpu()
+        assert (got.float() - ref).norm() / ref.norm() <= 4e-3
+        assert float(_FP32_SUMS[out.device].abs().sum()) == 0.0
+
+
 def test_frag_repack_round_trips_and_places_codes_in_fragment_order() -> None:
     from kernels.w4a16_frag import repack_frag, unpack_frag
 
