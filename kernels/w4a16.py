@@ -147,7 +147,7 @@ DEFAULT_TABLES = {
         {"max_m": 64, "path": "gemm",
          "config": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, SCALE_IN_A=0, num_warps=4, num_stages=3)},
         {"max_m": 128, "path": "gemm",
-         "config": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, SCALE_IN_A=0, num_warps=4, num_stages=3)},
+         "config": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, SCALE_IN_A=1, num_warps=8, num_stages=3)},
         {"max_m": 256, "path": "gemm",
          "config": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=2, SCALE_IN_A=1, num_warps=8, num_stages=3)},
         {"max_m": None, "path": "dequant", "config": {}},
