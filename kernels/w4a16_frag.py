@@ -430,9 +430,11 @@ def _split(k: int, split_k: int, block_k: int) -> tuple[int, int]:
 
 
 def _block_k(w, config: dict) -> int:
-    """The config's BLOCK_K, lowered to 64 when a tile would span two groups."""
+    """The config's BLOCK_K, halved (down to 64) until a tile lies in one group."""
     block_k = config["BLOCK_K"]
-    return block_k if w.group_size % block_k == 0 else FRAG_K
+    while w.group_size % block_k:
+        block_k //= 2
+    return max(block_k, FRAG_K)
 
 
 @triton.jit

@@ -218,6 +218,7 @@ FRAG_CASES = [
     (1, 320, 80, 64, True, "gemv", dict(FRAG_GEMV_SMALL, BLOCK_K=64, SPLIT_K=3, GATHER_X=0)),  # gather up front
     (3, 256, 48, 128, True, "gemv", dict(FRAG_GEMV_SMALL, SPLIT_K=2)),
     (2, 384, 32, -1, False, "gemv", dict(FRAG_GEMV_SMALL, SPLIT_K=1)),  # one group, two tiles
+    (2, 512, 32, 128, False, "gemv", dict(FRAG_GEMV_SMALL, BLOCK_K=256, SPLIT_K=1)),  # BLOCK_K halved to the group
     (17, 192, 48, 64, False, "gemm", dict(FRAG_GEMM_SMALL, SPLIT_K=1)),
     (5, 320, 80, 64, True, "gemm", dict(FRAG_GEMM_SMALL, BLOCK_K=64, SPLIT_K=3)),
     (33, 256, 80, 128, True, "gemm", dict(FRAG_GEMM_SMALL, BLOCK_M=32, SPLIT_K=2)),
