@@ -208,7 +208,7 @@ def _w4a16_gemm_kernel(
     HAS_PERM: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PACKED_LOAD: tl.constexpr, PREFETCH: tl.constexpr, INT_DOT: tl.constexpr,
-    HALF_MAGIC: tl.constexpr, PAIRS: tl.constexpr, ONE_GROUP: tl.constexpr, SCALES_AHEAD: tl.constexpr,
+    HALF_MAGIC: tl.constexpr, PAIRS: tl.constexpr, ONE_GROUP: tl.constexpr,
     ASM: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -236,7 +236,7 @@ def _w4a16_gemm_kernel(
         # Registers hold the next tiles while this one is multiplied.
         a_next = _load_x(x_rows, perm_ptr, k_start, k_end, m_mask, HAS_PERM, BLOCK_K)
         w_next = _load_words(qweight_ptr, k_start, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
-    if ONE_GROUP and SCALES_AHEAD:
+    if ONE_GROUP:
         # Every tile lies in one group. Its row of scales and zeros is loaded a step ahead, into
         # registers: the pipeliner leaves the 16-bit scale load synchronous, and loaded where it is
         # used it would stall every step for a DRAM round trip.
@@ -252,16 +252,11 @@ def _w4a16_gemm_kernel(
             a = _load_x(x_rows, perm_ptr, k0, k_end, m_mask, HAS_PERM, BLOCK_K)
             w = _load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
         if ONE_GROUP:
-            if SCALES_AHEAD:
-                s = s_next
-                zm = zm_next
-                # (the last step reloads the last group rather than read past the scales)
-                g_next = tl.minimum(k0 + BLOCK_K, K - 1) // GROUP_SIZE
-                s_next, zm_next = _scale_and_zero(scales_ptr, qzeros_ptr, g_next, offs_n, n_mask, N, BITS,
-                                                  ZERO_OFFSET)
-            else:
-                s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, N, BITS,
-                                        ZERO_OFFSET)
+            s = s_next
+            zm = zm_next
+            # (the last step reloads the last group rather than read past the scales)
+            g_next = tl.minimum(k0 + BLOCK_K, K - 1) // GROUP_SIZE
+            s_next, zm_next = _scale_and_zero(scales_ptr, qzeros_ptr, g_next, offs_n, n_mask, N, BITS, ZERO_OFFSET)
         if INT_DOT:
             # Exact integer codes on the tensor cores, the scale (and without PAIRS the zero point)
             # applied per column after the dot. zm is 2**23 + z (w4a16_gemv._scale_and_zero).
@@ -347,7 +342,7 @@ def w4a16_gemm(
         BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 8),
         PACKED_LOAD=bool(config.get("PACKED_LOAD", 1)), PREFETCH=bool(config.get("PREFETCH", 0)),
         INT_DOT=int_dot, HALF_MAGIC=half_magic, PAIRS=int_dot and w.bits == 4 and bool(config.get("PAIRS", 0)),
-        ONE_GROUP=w.g_idx is None and w.group_size % block_k == 0, SCALES_AHEAD=bool(config.get("SCALES_AHEAD", 1)),
+        ONE_GROUP=w.g_idx is None and w.group_size % block_k == 0,
         ASM=not interpreting(),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
