@@ -31,7 +31,7 @@ import triton.language as tl
 
 from kernels.decode_attention import interpreting
 from kernels.reference import unpack_qweight
-from kernels.w4a16_gemv import _scale_and_zero, half_pair, split_word_ptx
+from kernels.w4a16_gemv import CODE_PAIRS, _scale_and_zero, half2_sum_ptx, half_pair, pairs_fma_ptx, split_word_ptx
 
 FRAG_K = 64  # input features per word block
 FRAG_N = 16  # output features per slab
@@ -104,11 +104,8 @@ def unpack_frag(qf: torch.Tensor) -> torch.Tensor:
 _FRAG_PAIRS = """{
 .reg .b32 s1, s2, s3, c0, c1, c2, c3, one;
 mov.b32 one, ONE2;
-""" + split_word_ptx("$4", "MAGIC2") + """fma.rn.TYPE $0, c0, one, $5;
-fma.rn.TYPE $1, c1, one, $6;
-fma.rn.TYPE $2, c2, one, $5;
-fma.rn.TYPE $3, c3, one, $6;
-}"""
+""" + split_word_ptx("$4", "MAGIC2") + pairs_fma_ptx(["$0", "$1", "$2", "$3"], CODE_PAIRS, "one", ["$5", "$6"],
+                                                      "TYPE") + "}"
 # SCALED: then times the rows' scales, one rounding (the weight as a dequantize-then-multiply GEMM
 # sees it), so the dot accumulates in place and its result is not waited for inside the step.
 _FRAG_SCALED = _FRAG_PAIRS.replace("}", """mul.rn.TYPE $0, $0, $7;
@@ -140,14 +137,9 @@ _FRAG_DOT_FP16 = tl.constexpr("""{
 .reg .f16 a, b;
 .reg .f32 fa, fb;
 mov.b32 k, 0x2C002C00;
-""" + split_word_ptx("$2", "0x64006400") + """fma.rn.f16x2 d0, c0, k, $4;
-fma.rn.f16x2 d1, c1, k, $5;
-fma.rn.f16x2 d2, c2, k, $4;
-fma.rn.f16x2 d3, c3, k, $5;
-""" + split_word_ptx("$3", "0x64006400") + """fma.rn.f16x2 c0, c0, k, $4;
-fma.rn.f16x2 c1, c1, k, $5;
-fma.rn.f16x2 c2, c2, k, $4;
-fma.rn.f16x2 c3, c3, k, $5;
+"""
+    + split_word_ptx("$2", "0x64006400") + pairs_fma_ptx(["d0", "d1", "d2", "d3"], CODE_PAIRS, "k", ["$4", "$5"])
+    + split_word_ptx("$3", "0x64006400") + pairs_fma_ptx(CODE_PAIRS, CODE_PAIRS, "k", ["$4", "$5"]) + """\
 mul.rn.f16x2 lo, d0, $6;
 fma.rn.f16x2 lo, d2, $7, lo;
 fma.rn.f16x2 lo, c0, $8, lo;
@@ -156,15 +148,7 @@ mul.rn.f16x2 hi, d1, $6;
 fma.rn.f16x2 hi, d3, $7, hi;
 fma.rn.f16x2 hi, c1, $8, hi;
 fma.rn.f16x2 hi, c3, $9, hi;
-mov.b32 {a, b}, lo;
-cvt.f32.f16 fa, a;
-cvt.f32.f16 fb, b;
-add.f32 $0, fa, fb;
-mov.b32 {a, b}, hi;
-cvt.f32.f16 fa, a;
-cvt.f32.f16 fb, b;
-add.f32 $1, fa, fb;
-}""")
+""" + half2_sum_ptx("$0", "lo", "a, b", "fa, fb") + half2_sum_ptx("$1", "hi", "a, b", "fa, fb") + "}")
 
 
 @triton.jit

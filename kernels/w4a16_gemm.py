@@ -13,7 +13,14 @@ import triton
 import triton.language as tl
 
 from kernels.decode_attention import interpreting
-from kernels.w4a16_gemv import BITS_OF_2_23, _scale_and_zero, half_pair, split_word_ptx
+from kernels.w4a16_gemv import (
+    BITS_OF_2_23,
+    CODE_PAIRS,
+    _scale_and_zero,
+    half_pair,
+    pairs_fma_ptx,
+    split_word_ptx,
+)
 
 GEMM_CONFIGS = [
     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SWAP_AB=swap, GROUP_M=8, PACKED_LOAD=1, PREFETCH=pf,
@@ -66,8 +73,8 @@ def _load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N,
 
 
 @triton.jit
-def _codes_fp32(w, k0, BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr, big_bits):
-    """The codes of `_load_words`' words as the fp32 2**23 + q: [BLOCK_K, BLOCK_N]."""
+def _unpack_codes(w, BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
+    """The integer codes of `_load_words`' words: [BLOCK_K, BLOCK_N]."""
     VALS: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     if PACKED_LOAD:
@@ -75,8 +82,16 @@ def _codes_fp32(w, k0, BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: t
         shifts = tl.arange(0, VALS) * BITS
         q = tl.reshape((w[:, None, :] >> shifts[None, :, None]) & MASK, [BLOCK_K, w.shape[1]])
     else:
-        ks = k0 + tl.arange(0, BLOCK_K)
+        # one word per k (tile starts are multiples of VALS): code k % VALS of it
+        ks = tl.arange(0, BLOCK_K)
         q = (w >> ((ks % VALS) * BITS)[:, None]) & MASK
+    return q
+
+
+@triton.jit
+def _codes_fp32(w, BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr, big_bits):
+    """The codes of `_load_words`' words as the fp32 2**23 + q: [BLOCK_K, BLOCK_N]."""
+    q = _unpack_codes(w, BITS, BLOCK_K, PACKED_LOAD)
     return (q | big_bits).to(tl.float32, bitcast=True)  # big_bits: 2**23 (see w4a16_gemv.BITS_OF_2_23)
 
 
@@ -85,7 +100,7 @@ def _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_ma
                    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
                    HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
     """The fp32 weight tile W[k0:k0+BLOCK_K, offs_n] from `_load_words`' words: [BLOCK_K, BLOCK_N]."""
-    q = _codes_fp32(w, k0, BITS, BLOCK_K, PACKED_LOAD, big_bits)
+    q = _codes_fp32(w, BITS, BLOCK_K, PACKED_LOAD, big_bits)
     ks = k0 + tl.arange(0, BLOCK_K)
     k_mask = ks < k_end
     if HAS_G_IDX:
@@ -108,10 +123,7 @@ def _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_ma
 _NIBBLES_TO_HALF2 = """{
 .reg .b32 s1, s2, s3, c0, c1, c2, c3, one;
 mov.b32 one, ONE2;
-""" + split_word_ptx("$8", "MAGIC2") + """fma.rn.TYPE c0, c0, one, $9;
-fma.rn.TYPE c1, c1, one, $9;
-fma.rn.TYPE c2, c2, one, $9;
-fma.rn.TYPE c3, c3, one, $9;
+""" + split_word_ptx("$8", "MAGIC2") + pairs_fma_ptx(CODE_PAIRS, CODE_PAIRS, "one", ["$9"], "TYPE") + """\
 mov.b32 {$0, $4}, c0;
 mov.b32 {$1, $5}, c1;
 mov.b32 {$2, $6}, c2;
@@ -163,14 +175,7 @@ def _codes_as_half(w, half_bits, BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACK
                    DTYPE: tl.constexpr):
     """The codes of W[k0:k0+BLOCK_K, :] as exact half-precision numbers MAGIC + q: one shift and
     one AND-OR per code put q in the mantissa of MAGIC (half_bits: 1024.0 in fp16, 128.0 in bf16)."""
-    VALS: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    if PACKED_LOAD:
-        shifts = tl.arange(0, VALS) * BITS
-        q = tl.reshape((w[:, None, :] >> shifts[None, :, None]) & MASK, [BLOCK_K, w.shape[1]])
-    else:
-        ks = tl.arange(0, BLOCK_K)
-        q = (w >> ((ks % VALS) * BITS)[:, None]) & MASK
+    q = _unpack_codes(w, BITS, BLOCK_K, PACKED_LOAD)
     return (q | half_bits).to(tl.int16).to(DTYPE, bitcast=True)
 
 
@@ -280,7 +285,7 @@ def _w4a16_gemm_kernel(
                     acc += (d - xs[:, None] * z[None, :]) * s[None, :]
         else:
             if ONE_GROUP:
-                q = _codes_fp32(w, k0, BITS, BLOCK_K, PACKED_LOAD, big_bits)
+                q = _codes_fp32(w, BITS, BLOCK_K, PACKED_LOAD, big_bits)
                 b = ((q - zm[None, :]) * s[None, :]).to(a.dtype)
             else:
                 b = _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,

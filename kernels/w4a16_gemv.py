@@ -91,6 +91,25 @@ lop3.b32 c3, s3, 0x000F000F, {magic2}, 0xEA;
 """
 
 
+def pairs_fma_ptx(dst: list[str], src: list[str], mul: str, addends: list[str], type_: str = "f16x2") -> str:
+    """PTX: dst[j] = src[j] * mul + addends[j % len(addends)] for the four code pairs of a word
+    (packed halves; `split_word_ptx` names them c0..c3)."""
+    return "".join(f"fma.rn.{type_} {d}, {x}, {mul}, {addends[j % len(addends)]};\n"
+                   for j, (d, x) in enumerate(zip(dst, src)))
+
+
+def half2_sum_ptx(dst: str, pair: str, halves: str = "lo, hi", floats: str = "flo, fhi") -> str:
+    """PTX: the f32 dst = the sum of the two fp16 halves of `pair` (the caller declares the
+    .f16 registers `halves` and the .f32 registers `floats`)."""
+    h0, h1 = halves.split(", ")
+    f0, f1 = floats.split(", ")
+    return (f"mov.b32 {{{h0}, {h1}}}, {pair};\ncvt.f32.f16 {f0}, {h0};\ncvt.f32.f16 {f1}, {h1};\n"
+            f"add.f32 {dst}, {f0}, {f1};\n")
+
+
+CODE_PAIRS = ["c0", "c1", "c2", "c3"]
+
+
 # HALF2 (fp16 activations, 4-bit codes, one group per tile): per word the code pairs
 # (1024 + q_j, 1024 + q_j+4) (split_word_ptx); one HFMA2 per pair makes them the exact
 # (q - z) / 16, in [-1, 1]; four more HFMA2 multiply them by the matching pairs of x and add, and
@@ -102,19 +121,12 @@ _WORD_DOT_FP16 = tl.constexpr("""{
 .reg .f16 lo, hi;
 .reg .f32 flo, fhi;
 mov.b32 k, 0x2C002C00;
-""" + split_word_ptx("$1", "0x64006400") + """fma.rn.f16x2 c0, c0, k, $2;
-fma.rn.f16x2 c1, c1, k, $2;
-fma.rn.f16x2 c2, c2, k, $2;
-fma.rn.f16x2 c3, c3, k, $2;
+""" + split_word_ptx("$1", "0x64006400") + pairs_fma_ptx(CODE_PAIRS, CODE_PAIRS, "k", ["$2"]) + """\
 mul.rn.f16x2 acc, c0, $3;
 fma.rn.f16x2 acc, c1, $4, acc;
 fma.rn.f16x2 acc, c2, $5, acc;
 fma.rn.f16x2 acc, c3, $6, acc;
-mov.b32 {lo, hi}, acc;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
-}""")
+""" + half2_sum_ptx("$0", "acc") + "}")
 
 
 @triton.jit
