@@ -9,11 +9,13 @@ Layout after preparation (`W4A16Weights`). 4-bit weights whose shapes allow it (
 size multiples of 64, N of 16) are repacked into the fragment layout ("frag",
 kernels/w4a16_frag.py): the order in which the tensor cores take the codes, so that a dequantized
 tile needs no shared-memory round trip; all three paths read it. Other weights (2 and 8 bits, odd
-shapes) keep the checkpoint's own tensors ("gptq"), unchanged when g_idx is in order. With act-order, K is permuted once at load time, as vLLM does: rows of `qweight` are
-sorted by group so that every group is a contiguous run of `group_size` rows again, and `perm`
-(int32 [K]) records where each row came from. The GEMV reads x[:, perm[k]] in the kernel, the
-GEMM path gathers x once before its launch (one small index_select), and the dequant path writes
-rows back to checkpoint order, so x needs no gather there.
+shapes) keep the checkpoint's own tensors ("gptq"), unchanged when g_idx is in order.
+
+With act-order, K is permuted once at load time, as vLLM does: rows of `qweight` are sorted by
+group so that every group is a contiguous run of `group_size` rows again, and `perm` (int32 [K])
+records where each row came from. The GEMVs read x[:, perm[k]] in the kernel; the GEMMs gather x
+once before their launch (the frag GEMM in the launch that zeroes its split-K output); the
+dequant path writes rows back to checkpoint order, so x needs no gather there.
 
     checkpoint  k:  0  1  2  3  4  5  ...      g_idx: 1 0 1 0 ...
     prepared    k': 1  3  ...  0  2  ...       perm:  [1, 3, ..., 0, 2, ...]   groups: 0 0 ... 1 1 ...
