@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import launch_options, pdl_enter
+
 # One program per token moves Hkv * Dh elements of K and of V: memory-bound, so small
 # programs and no autotuning; 4 warps cover up to 8 x 128 halves in one pass.
 NUM_WARPS = 4
@@ -22,8 +24,9 @@ def _reshape_and_cache_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch,
     # meta
-    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     # A negative slot marks a padding token (vLLM's convention): nothing to write.
@@ -70,5 +73,5 @@ def reshape_and_cache(
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, **launch_options(k.device),
     )

@@ -6,20 +6,17 @@ table; a second kernel merges the slices by their log-sum-exp."""
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import interpreting, launch_options, pdl_enter
+
 LOG2E = 1.4426950408889634
 # A slice shorter than this costs more to merge than it saves in parallelism.
 MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 32
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
 def dot_in_fp32(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -106,8 +103,9 @@ def _paged_decode_kernel(
     stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
     # meta
     QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -165,8 +163,9 @@ def _merge_splits_kernel(
     # strides
     stride_ot, stride_oh, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
     # meta
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
@@ -218,6 +217,7 @@ def paged_decode_attention(
     parts = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
+    launch = launch_options(q.device)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, parts, lse, q, k_cache, v_cache, block_tables, seq_lens,
         scale * LOG2E, head_dim, tokens_per_split,
@@ -227,13 +227,13 @@ def paged_decode_attention(
         QUERIES_PER_KV=num_heads // num_kv_heads, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), BLOCK_D=block_d,
         BLOCK_N=block_n, SPLIT=split, DOT_FP32=dot_in_fp32(q, k_cache),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **launch,
     )
     if split:
         _merge_splits_kernel[(num_seqs, num_heads)](
             out, parts, lse, num_splits, head_dim,
             out.stride(0), out.stride(1), parts.stride(0), parts.stride(1), parts.stride(2),
             lse.stride(0), lse.stride(1),
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, **launch,
         )
     return out

@@ -20,13 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import launch_options, pdl_enter
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, n_cols, eps,
     stride_x, stride_r, stride_o,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -57,6 +60,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
             x, residual if residual is not None else x, weight, out, n_cols, eps,
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            **launch_options(x.device),
         )
     return out
 
@@ -66,8 +70,9 @@ def _rotary_kernel(
     q_ptr, k_ptr, positions_ptr, cos_sin_ptr,
     stride_qt, stride_kt, stride_cp,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -109,12 +114,13 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
             q, k, positions, cos_sin_cache, q.stride(0), k.stride(0), cos_sin_cache.stride(0),
             NUM_Q_HEADS=num_q, NUM_K_HEADS=num_k, HEAD_DIM=head_dim,
             BLOCK_H=triton.next_power_of_2(max(num_q, num_k)), BLOCK_D=triton.next_power_of_2(head_dim // 2),
-            num_warps=4,
+            num_warps=4, **launch_options(q.device),
         )
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -133,6 +139,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(n_cols))
     if num_rows:
         _silu_and_mul_kernel[(num_rows, triton.cdiv(n_cols, block))](
-            x, out, n_cols, x.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+            x, out, n_cols, x.stride(0), out.stride(0), BLOCK=block, num_warps=4, **launch_options(x.device),
         )
     return out

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import interpreting
+from kernels.launch import interpreting, launch_options, pdl_enter, pdl_signal, pdl_wait, prefetch_l2
 from kernels.reference import unpack_qweight
 from kernels.w4a16_gemv import CODE_PAIRS, _scale_and_zero, half2_sum_ptx, half_pair, pairs_fma_ptx, split_word_ptx
 
@@ -171,6 +171,32 @@ def _load_frag_words(qweight_ptr, k0, k_end, pid_n, N, BLOCK_N: tl.constexpr, BL
 
 
 @triton.jit
+def _prefetch_frag_words(qweight_ptr, k_start, k_end, pid_n, N, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Ask L2 for every 128-byte line of the words W[k_start:k_end, pid_n*BLOCK_N:...] (a program's
+    whole slice; with PDL, while the previous kernel still runs)."""
+    NB: tl.constexpr = BLOCK_N // 16
+    KB: tl.constexpr = BLOCK_K // 64
+    nbs = pid_n * NB + tl.arange(0, NB)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kbs = k0 // 64 + tl.arange(0, KB)
+        mask = (kbs * 64 < k_end)[:, None, None] & (nbs < N // 16)[None, :, None]
+        lines = (qweight_ptr + kbs[:, None, None] * (N // 16 * 128) + nbs[None, :, None] * 128
+                 + 32 * tl.arange(0, 4)[None, None, :])
+        prefetch_l2(tl.where(mask, lines, qweight_ptr))
+
+
+@triton.jit
+def _frag_enter(qweight_ptr, k_start, k_end, pid_n, N, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PDL: tl.constexpr, PREFETCH: tl.constexpr):
+    """PDL entry of a kernel reading the fragment layout: signal, prefetch the weights (nothing
+    writes them), then wait for the previous kernel before touching x or the output."""
+    pdl_signal(PDL)
+    if PREFETCH:
+        _prefetch_frag_words(qweight_ptr, k_start, k_end, pid_n, N, BLOCK_N, BLOCK_K)
+    pdl_wait(PDL)
+
+
+@triton.jit
 def _code_minus_zero(w, i: tl.constexpr, z):
     """Nibble i of each word minus z, in fp32 (the portable form of the PTX above)."""
     return ((w >> (4 * i)) & 15).to(tl.float32) - z
@@ -243,7 +269,7 @@ def _frag_gemm_kernel(
     M, N, K, k_per_split, stride_xm, stride_om,
     GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_IN_A: tl.constexpr,
-    ASM: tl.constexpr,
+    ASM: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -254,6 +280,7 @@ def _frag_gemm_kernel(
     n_mask = offs_n < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    _frag_enter(qweight_ptr, k_start, k_end, pid_n, N, BLOCK_N, BLOCK_K, PDL, PREFETCH)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     # Every tile lies in one group (GROUP_SIZE % BLOCK_K == 0). Its scales and zeros are loaded a
@@ -325,6 +352,7 @@ def _frag_gemv_kernel(
     N, K, k_per_split, stride_xm, stride_om,
     GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF2: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] W[k, n] on the CUDA cores: one row of x per program, split-K."""
     NB: tl.constexpr = BLOCK_N // 16
@@ -336,6 +364,7 @@ def _frag_gemv_kernel(
     n_mask = offs_n < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    _frag_enter(qweight_ptr, k_start, k_end, pid_n, N, BLOCK_N, BLOCK_K, PDL, PREFETCH)
     # partial sums per word (per pair of words with HALF2), reduced once at the end
     ACC_W: tl.constexpr = 2 if HALF2 else 4
     acc_lo = tl.zeros([KB, NB, 8, 4, ACC_W], dtype=tl.float32)
@@ -423,26 +452,45 @@ def _block_k(w, config: dict) -> int:
 
 @triton.jit
 def _gather_and_zero_kernel(x_ptr, perm_ptr, xg_ptr, zero_ptr, K, N, stride_xm, stride_zm,
-                            ZERO: tl.constexpr, BLOCK: tl.constexpr):
-    """xg[m, k] = x[m, perm[k]] and, with ZERO, zero[m, :] = 0: act-order's gather and split-K's
-    zeroed output in one launch instead of two."""
+                            GATHER: tl.constexpr, ZERO: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """xg[m, k] = x[m, perm[k]] with GATHER and zero[m, :] = 0 with ZERO: act-order's gather and
+    split-K's zeroed output in one launch instead of two (with PDL, the zeroing is a kernel
+    rather than a memset, which could not overlap its neighbours)."""
+    pdl_enter(PDL)
     m = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    k_mask = offs < K
-    src = tl.load(perm_ptr + offs, mask=k_mask, other=0)
-    tl.store(xg_ptr + m * K + offs, tl.load(x_ptr + m * stride_xm + src, mask=k_mask), mask=k_mask)
+    if GATHER:
+        k_mask = offs < K
+        src = tl.load(perm_ptr + offs, mask=k_mask, other=0)
+        tl.store(xg_ptr + m * K + offs, tl.load(x_ptr + m * stride_xm + src, mask=k_mask), mask=k_mask)
     if ZERO:
         n_mask = offs < N
         tl.store(zero_ptr + m * stride_zm + offs, tl.zeros([BLOCK], dtype=zero_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
-def _drain_kernel(acc_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+def _drain_kernel(acc_ptr, out_ptr, numel, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out = acc in out's dtype, and acc = 0 again for the next launch."""
+    pdl_enter(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     tl.store(out_ptr + offs, tl.load(acc_ptr + offs, mask=mask).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(acc_ptr + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=mask)
+
+
+def _gather_and_zero(x: torch.Tensor | None, perm: torch.Tensor | None, zero: torch.Tensor | None,
+                     m: int, k: int, n: int, launch: dict) -> torch.Tensor | None:
+    """Launch `_gather_and_zero_kernel`; returns x gathered through perm (None without perm)."""
+    xg = torch.empty(m, k, device=zero.device if x is None else x.device, dtype=x.dtype) if perm is not None else None
+    block = 1024
+    width = max(k if perm is not None else 0, n if zero is not None else 0)
+    any_ = zero if zero is not None else xg
+    _gather_and_zero_kernel[(triton.cdiv(width, block), m)](
+        x if x is not None else any_, perm if perm is not None else any_, xg if xg is not None else any_,
+        zero if zero is not None else any_, k, n, x.stride(0) if x is not None else 0,
+        zero.stride(0) if zero is not None else 0, GATHER=perm is not None, ZERO=zero is not None,
+        BLOCK=block, num_warps=4, **launch)
+    return xg
 
 
 # bf16 split-K sums in fp32 (bf16 atomics would round every partial to 8 bits of mantissa), in a
@@ -465,24 +513,33 @@ def _zeroed_sums(out: torch.Tensor) -> torch.Tensor:
     return held[:out.numel()].view(out.shape)
 
 
-def _target(out: torch.Tensor, split_k: int) -> torch.Tensor:
+def _target(out: torch.Tensor, split_k: int, launch: dict) -> torch.Tensor:
     """Where the kernel writes: the output itself, or with split-K the atomic adds' zeroed target
-    (fp16: the output; bf16: fp32 sums, see `_finish`)."""
+    (fp16: the output, zeroed here; bf16: fp32 sums, see `_finish`)."""
     if split_k == 1:
         return out
     if out.dtype == torch.float16:
+        if launch["PDL"]:
+            _gather_and_zero(None, None, out, out.shape[0], 0, out.shape[1], launch)
+            return out
         return out.zero_()
     return _zeroed_sums(out)
 
 
-def _finish(target: torch.Tensor, out: torch.Tensor) -> None:
+def _finish(target: torch.Tensor, out: torch.Tensor, launch: dict) -> None:
     if target is out:
         return
     if target.data_ptr() == _FP32_SUMS.get(out.device, out).data_ptr():
         block = 1024
-        _drain_kernel[(triton.cdiv(out.numel(), block),)](target, out, out.numel(), BLOCK=block, num_warps=4)
+        _drain_kernel[(triton.cdiv(out.numel(), block),)](target, out, out.numel(), BLOCK=block, num_warps=4,
+                                                          **launch)
     else:
         out.copy_(target)
+
+
+def _prefetch(launch: dict, config: dict) -> bool:
+    """Prefetch the weights into L2 before the PDL wait (on by default wherever PDL is)."""
+    return launch["PDL"] and bool(config.get("PREFETCH", 1))
 
 
 def frag_gemm(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, config: dict) -> torch.Tensor:
@@ -492,29 +549,25 @@ def frag_gemm(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, 
     block_k = _block_k(w, config)
     k_per_split, split_k = _split(k, config["SPLIT_K"], block_k)
     grid = (triton.cdiv(n, config["BLOCK_N"]), split_k, triton.cdiv(m, config["BLOCK_M"]))
+    launch = launch_options(x.device)
     if w.perm is not None:
         # act-order: x gathered once up front, in the same launch that zeroes the split-K output
         # (on the H200 at M <= 64: 0.7-4.5 us over in-order weights, against 6-7.5 us with an
         # index_select and a memset; a gather inside the loop, 16-bit values that cannot be
         # copied asynchronously, was 1.5-15x slower)
         target = out if split_k == 1 or out.dtype == torch.float16 else _zeroed_sums(out)
-        xg = torch.empty(m, k, device=x.device, dtype=x.dtype)
-        block = 1024
-        _gather_and_zero_kernel[(triton.cdiv(max(k, n), block), m)](
-            x, w.perm, xg, target, k, n, x.stride(0), target.stride(0), ZERO=split_k > 1 and target is out,
-            BLOCK=block, num_warps=4)
-        x = xg
+        x = _gather_and_zero(x, w.perm, target if split_k > 1 and target is out else None, m, k, n, launch)
     else:
-        target = _target(out, split_k)
+        target = _target(out, split_k, launch)
     _frag_gemm_kernel[grid](
         x, w.qweight, w.scales, w.qzeros, bias if bias is not None else w.scales, target,
         m, n, k, k_per_split, x.stride(0), target.stride(0),
         GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset, HAS_BIAS=bias is not None, ATOMIC=split_k > 1,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k,
-        SCALE_IN_A=bool(config.get("SCALE_IN_A", 0)), ASM=not interpreting(),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        SCALE_IN_A=bool(config.get("SCALE_IN_A", 0)), ASM=not interpreting(), PREFETCH=_prefetch(launch, config),
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **launch,
     )
-    _finish(target, out)
+    _finish(target, out, launch)
     return out
 
 
@@ -526,7 +579,8 @@ def frag_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, 
     block_k = _block_k(w, config)
     k_per_split, split_k = _split(k, config["SPLIT_K"], block_k)
     half2 = x.dtype == torch.float16 and not interpreting()
-    target = _target(out, split_k)
+    launch = launch_options(x.device)
+    target = _target(out, split_k, launch)
     grid = (triton.cdiv(n, config["BLOCK_N"]), split_k, m)
     # act-order: x gathered through perm in the kernel (saves the launch of a gather up front, 3-15%
     # at M=1 on the H200), or up front with GATHER_X=0
@@ -538,10 +592,10 @@ def frag_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, 
         bias if bias is not None else w.scales, target, n, k, k_per_split, x.stride(0), target.stride(0),
         GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset, HAS_BIAS=bias is not None, ATOMIC=split_k > 1,
         HAS_PERM=perm is not None,
-        BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, HALF2=half2,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, HALF2=half2, PREFETCH=_prefetch(launch, config),
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **launch,
     )
-    _finish(target, out)
+    _finish(target, out, launch)
     return out
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import interpreting
+from kernels.launch import interpreting
 from kernels.w4a16_gemv import (
     BITS_OF_2_23,
     CODE_PAIRS,

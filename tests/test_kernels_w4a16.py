@@ -137,8 +137,9 @@ def _check(m, k, n, group, act_order, path, config, *, bias=True, zero_offset=1,
     assert got.shape == (m, n) and got.dtype == dtype
     assert not torch.isnan(got).any(), "unwritten output elements"
     rel = (got.float() - ref).norm() / ref.norm()
-    # bf16 output alone rounds away up to 2**-9 of each element; fp16 up to 2**-12.
-    tol = 1e-3 if dtype == torch.float16 else 4e-3
+    # bf16 output alone rounds away up to 2**-9 of each element; fp16 up to 2**-12. The interpreter
+    # converts fp32 to bf16 by truncation (up to 2**-7 of each element), so it gets twice the room.
+    tol = 1e-3 if dtype == torch.float16 else (4e-3 if DEVICE.type == "cuda" else 8e-3)
     assert rel <= tol, f"relative error {rel:.2e} (seed {seed})"
 
 
