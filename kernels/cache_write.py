@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import launch_options, pdl_enter
+from kernels.launch import launch_options, pdl_wait
 
 # One program per token moves Hkv * Dh elements of K and of V: memory-bound, so small
 # programs and no autotuning; 4 warps cover up to 8 x 128 halves in one pass.
@@ -26,7 +26,7 @@ def _reshape_and_cache_kernel(
     # meta
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
+    pdl_wait(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     # A negative slot marks a padding token (vLLM's convention): nothing to write.

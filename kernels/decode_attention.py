@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreting, launch_options, pdl_enter
+from kernels.launch import interpreting, launch_options, pdl_wait
 
 LOG2E = 1.4426950408889634
 # A slice shorter than this costs more to merge than it saves in parallelism.
@@ -105,7 +105,7 @@ def _paged_decode_kernel(
     QUERIES_PER_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
+    pdl_wait(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -165,7 +165,7 @@ def _merge_splits_kernel(
     # meta
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
+    pdl_wait(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)

@@ -1,27 +1,23 @@
 """How the kernels are launched: under the Triton interpreter or not, and with programmatic
 dependent launch.
 
-Programmatic dependent launch (Hopper and later): each kernel of the decode path lets the next
-one launch while it runs, and the W4A16 kernels stream their weights in that time.
+Programmatic dependent launch (PDL, Hopper and later). In a captured decode step each kernel
+waits for the one before it to finish, then pays its own launch and the placement of its
+programs. A kernel launched with PDL may be launched as soon as every program of the kernel before
+it has signalled (`griddepcontrol.launch_dependents`) or exited; before it touches anything it
+waits (`griddepcontrol.wait`: the previous kernel complete, its writes visible). Its launch then
+overlaps the previous kernel's tail instead of following it.
 
-Why. In a captured decode step every kernel waits for the one before it to finish, then pays its
-own launch, its first memory round trip and its tail: a few microseconds each, about as long as a
-4-bit linear of a small layer takes to stream its weights. With programmatic dependent launch
-(PDL) a kernel launched with the attribute may start as soon as every program of the kernel before
-it has signalled (`griddepcontrol.launch_dependents`); it must then wait (`griddepcontrol.wait`:
-the previous kernel complete and its writes visible) before it reads anything that kernel may
-write, or writes anything at all. What it may do before the wait is read what no kernel writes:
-a linear's weights, scales and zero points. The W4A16 kernels prefetch their slice of the weights
-into L2 there, so the weight stream overlaps the previous kernel's tail and the launch gap.
-
-Protocol, for every kernel launched with `launch_pdl=True` (through `launch_options`):
-- `pdl_enter(PDL)` (`pdl_signal`, then `pdl_wait`) before the first access to activations,
-  caches or outputs; the signal comes first, so the next kernel's launch overlaps this one's work;
-- nothing but loads of immutable tensors before it.
-Waits are transitive (a kernel completes only after its own wait returned), so a kernel that
-passed its wait sees the writes of every kernel before it in the stream. Kernels launched without
-the attribute (torch's, cuBLAS's, memsets) are ordinary stream dependencies. CUDA-graph capture
-keeps the attribute.
+Protocol for every kernel launched with `**launch_options(device)`:
+- `pdl_wait(PDL)` before the first load or store (every kernel of the chain obeys it, so waits
+  are transitive: a kernel completes only after its own wait returned);
+- `pdl_signal(PDL)` where the next kernel may be launched: the W4A16 products signal after their
+  main loop, so the next kernel's programs are placed while theirs are leaving; the zeroing
+  kernel signals at entry, so the product after it launches while it runs; the other kernels
+  signal by exiting. Signalled at entry, a large kernel's successor took SM slots beside the
+  running programs and was placed unevenly (the down projection at M=16: 23 -> 33 us on the H100).
+Kernels launched without the attribute (torch's, cuBLAS's, memsets) are ordinary stream
+dependencies. CUDA-graph capture keeps the attribute.
 
 `LLMCTL_PDL=0` in the environment (or `set_pdl(False)`) turns it off; it is off in the Triton
 interpreter and before sm_90.
@@ -41,6 +37,7 @@ def interpreting() -> bool:
     """Running under the Triton interpreter (TRITON_INTERPRET=1: the kernels' CPU path)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
+
 _ENABLED = os.environ.get("LLMCTL_PDL", "1").lower() not in ("0", "false", "off")
 
 
@@ -58,7 +55,9 @@ def _capable(index: int) -> bool:
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    return _ENABLED and device.type == "cuda" and not interpreting() and _capable(device.index or 0)
+    if not _ENABLED or device.type != "cuda" or interpreting():
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def launch_options(device: torch.device) -> dict:
@@ -79,19 +78,3 @@ def pdl_wait(PDL: tl.constexpr):
     """Wait until the previous kernel has completed and its writes are visible."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
-def pdl_enter(PDL: tl.constexpr):
-    """Signal, then wait: the entry of a kernel with nothing to do before its wait."""
-    pdl_signal(PDL)
-    pdl_wait(PDL)
-
-
-PREFETCH_L2_PTX = tl.constexpr("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;")
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Ask L2 for the 128-byte lines at ptrs (no registers wait for them)."""
-    tl.inline_asm_elementwise(PREFETCH_L2_PTX, "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)

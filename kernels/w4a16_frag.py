@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreting, launch_options, pdl_enter, pdl_signal, pdl_wait, prefetch_l2
+from kernels.launch import interpreting, launch_options, pdl_signal, pdl_wait
 from kernels.reference import unpack_qweight
 from kernels.w4a16_gemv import CODE_PAIRS, _scale_and_zero, half2_sum_ptx, half_pair, pairs_fma_ptx, split_word_ptx
 
@@ -171,32 +171,6 @@ def _load_frag_words(qweight_ptr, k0, k_end, pid_n, N, BLOCK_N: tl.constexpr, BL
 
 
 @triton.jit
-def _prefetch_frag_words(qweight_ptr, k_start, k_end, pid_n, N, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Ask L2 for every 128-byte line of the words W[k_start:k_end, pid_n*BLOCK_N:...] (a program's
-    whole slice; with PDL, while the previous kernel still runs)."""
-    NB: tl.constexpr = BLOCK_N // 16
-    KB: tl.constexpr = BLOCK_K // 64
-    nbs = pid_n * NB + tl.arange(0, NB)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        kbs = k0 // 64 + tl.arange(0, KB)
-        mask = (kbs * 64 < k_end)[:, None, None] & (nbs < N // 16)[None, :, None]
-        lines = (qweight_ptr + kbs[:, None, None] * (N // 16 * 128) + nbs[None, :, None] * 128
-                 + 32 * tl.arange(0, 4)[None, None, :])
-        prefetch_l2(tl.where(mask, lines, qweight_ptr))
-
-
-@triton.jit
-def _frag_enter(qweight_ptr, k_start, k_end, pid_n, N, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                PDL: tl.constexpr, PREFETCH: tl.constexpr):
-    """PDL entry of a kernel reading the fragment layout: signal, prefetch the weights (nothing
-    writes them), then wait for the previous kernel before touching x or the output."""
-    pdl_signal(PDL)
-    if PREFETCH:
-        _prefetch_frag_words(qweight_ptr, k_start, k_end, pid_n, N, BLOCK_N, BLOCK_K)
-    pdl_wait(PDL)
-
-
-@triton.jit
 def _code_minus_zero(w, i: tl.constexpr, z):
     """Nibble i of each word minus z, in fp32 (the portable form of the PTX above)."""
     return ((w >> (4 * i)) & 15).to(tl.float32) - z
@@ -269,7 +243,7 @@ def _frag_gemm_kernel(
     M, N, K, k_per_split, stride_xm, stride_om,
     GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_IN_A: tl.constexpr,
-    ASM: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    ASM: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -280,7 +254,7 @@ def _frag_gemm_kernel(
     n_mask = offs_n < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    _frag_enter(qweight_ptr, k_start, k_end, pid_n, N, BLOCK_N, BLOCK_K, PDL, PREFETCH)
+    pdl_wait(PDL)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     # Every tile lies in one group (GROUP_SIZE % BLOCK_K == 0). Its scales and zeros are loaded a
@@ -310,6 +284,9 @@ def _frag_gemm_kernel(
         else:
             # (small M) exact q - z on the tensor cores, scaled per output feature after the dot
             acc += tl.dot(wt, xt) * s[:, None]
+    # the next kernel launches while this one's programs finish (signalled at entry, its programs
+    # would take SM slots beside ours and be placed unevenly)
+    pdl_signal(PDL)
     acc = tl.trans(acc)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -352,7 +329,7 @@ def _frag_gemv_kernel(
     N, K, k_per_split, stride_xm, stride_om,
     GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF2: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] W[k, n] on the CUDA cores: one row of x per program, split-K."""
     NB: tl.constexpr = BLOCK_N // 16
@@ -364,7 +341,7 @@ def _frag_gemv_kernel(
     n_mask = offs_n < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    _frag_enter(qweight_ptr, k_start, k_end, pid_n, N, BLOCK_N, BLOCK_K, PDL, PREFETCH)
+    pdl_wait(PDL)
     # partial sums per word (per pair of words with HALF2), reduced once at the end
     ACC_W: tl.constexpr = 2 if HALF2 else 4
     acc_lo = tl.zeros([KB, NB, 8, 4, ACC_W], dtype=tl.float32)
@@ -407,6 +384,7 @@ def _frag_gemv_kernel(
                   + _code_minus_zero(w, 3, zh) * x10 + _code_minus_zero(w, 7, zh) * x11)
             acc_lo += lo * s_lo[None, :, :, None, None]
             acc_hi += hi * s_hi[None, :, :, None, None]
+    pdl_signal(PDL)  # as in the GEMM: the next kernel launches during this one's tail
     out_lo = tl.sum(tl.sum(tl.sum(acc_lo, axis=4), axis=3), axis=0)  # [NB, 8]
     out_hi = tl.sum(tl.sum(tl.sum(acc_hi, axis=4), axis=3), axis=0)
     out = tl.reshape(tl.permute(tl.join(out_lo, out_hi), (0, 2, 1)), [BLOCK_N])  # n = 16 nb + 8 jlo + lr
@@ -456,7 +434,8 @@ def _gather_and_zero_kernel(x_ptr, perm_ptr, xg_ptr, zero_ptr, K, N, stride_xm, 
     """xg[m, k] = x[m, perm[k]] with GATHER and zero[m, :] = 0 with ZERO: act-order's gather and
     split-K's zeroed output in one launch instead of two (with PDL, the zeroing is a kernel
     rather than a memset, which could not overlap its neighbours)."""
-    pdl_enter(PDL)
+    pdl_signal(PDL)  # at entry: the product that follows launches (and waits) while this runs
+    pdl_wait(PDL)
     m = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     if GATHER:
@@ -471,7 +450,7 @@ def _gather_and_zero_kernel(x_ptr, perm_ptr, xg_ptr, zero_ptr, K, N, stride_xm, 
 @triton.jit
 def _drain_kernel(acc_ptr, out_ptr, numel, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out = acc in out's dtype, and acc = 0 again for the next launch."""
-    pdl_enter(PDL)
+    pdl_wait(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     tl.store(out_ptr + offs, tl.load(acc_ptr + offs, mask=mask).to(out_ptr.dtype.element_ty), mask=mask)
@@ -537,11 +516,6 @@ def _finish(target: torch.Tensor, out: torch.Tensor, launch: dict) -> None:
         out.copy_(target)
 
 
-def _prefetch(launch: dict, config: dict) -> bool:
-    """Prefetch the weights into L2 before the PDL wait (on by default wherever PDL is)."""
-    return launch["PDL"] and bool(config.get("PREFETCH", 1))
-
-
 def frag_gemm(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, config: dict) -> torch.Tensor:
     """Tensor-core GEMM over the fragment layout; x [M, K] in checkpoint order."""
     m, k = x.shape
@@ -564,7 +538,7 @@ def frag_gemm(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, 
         m, n, k, k_per_split, x.stride(0), target.stride(0),
         GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset, HAS_BIAS=bias is not None, ATOMIC=split_k > 1,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k,
-        SCALE_IN_A=bool(config.get("SCALE_IN_A", 0)), ASM=not interpreting(), PREFETCH=_prefetch(launch, config),
+        SCALE_IN_A=bool(config.get("SCALE_IN_A", 0)), ASM=not interpreting(),
         num_warps=config["num_warps"], num_stages=config["num_stages"], **launch,
     )
     _finish(target, out, launch)
@@ -592,7 +566,7 @@ def frag_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, 
         bias if bias is not None else w.scales, target, n, k, k_per_split, x.stride(0), target.stride(0),
         GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset, HAS_BIAS=bias is not None, ATOMIC=split_k > 1,
         HAS_PERM=perm is not None,
-        BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, HALF2=half2, PREFETCH=_prefetch(launch, config),
+        BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, HALF2=half2,
         num_warps=config["num_warps"], num_stages=config["num_stages"], **launch,
     )
     _finish(target, out, launch)
