@@ -119,6 +119,7 @@ def run_kernel_bench(cfg: KernelBenchConfig, log: Callable[[str], None] = lambda
     import torch
     import triton
 
+    from kernels.launch import pdl_enabled
     from kernels.w4a16 import device_name
 
     if not torch.cuda.is_available():
@@ -126,7 +127,9 @@ def run_kernel_bench(cfg: KernelBenchConfig, log: Callable[[str], None] = lambda
                                      hint="run it on a machine with an NVIDIA GPU")
     device = torch.device("cuda")
     copy_gbps = measure_copy_bandwidth(device)
-    log(f"{device_name(device)}: copy bandwidth {copy_gbps:.0f} GB/s")
+    pdl = pdl_enabled(device)
+    log(f"{device_name(device)}: copy bandwidth {copy_gbps:.0f} GB/s, programmatic dependent launch "
+        f"{'on' if pdl else 'off (LLMCTL_PDL=0 or before sm_90)'}")
     rows = []
     for name, k, n in cfg.shapes:
         rows += _bench_shape(name, k, n, cfg, copy_gbps, log)
@@ -138,7 +141,8 @@ def run_kernel_bench(cfg: KernelBenchConfig, log: Callable[[str], None] = lambda
         if cfg.act_order:
             summary[m]["act_order_slowdown_geomean"] = geomean([r["act_order_us"] / r["w4a16_us"] for r in mine])
     return {"device": device_name(device), "torch": torch.__version__, "triton": triton.__version__,
-            "copy_gbps": copy_gbps, "group_size": cfg.group_size, "dtype": "float16", "rows": rows, "summary": summary}
+            "copy_gbps": copy_gbps, "group_size": cfg.group_size, "dtype": "float16", "pdl": pdl, "rows": rows,
+            "summary": summary}
 
 
 def render_table(result: dict):
@@ -146,7 +150,7 @@ def render_table(result: dict):
     from rich.table import Table
 
     table = Table(title=f"W4A16 vs cuBLAS fp16 on {result['device']} (group {result['group_size']}, "
-                        f"copy {result['copy_gbps']:.0f} GB/s)")
+                        f"copy {result['copy_gbps']:.0f} GB/s, PDL {'on' if result.get('pdl') else 'off'})")
     for col in ("shape", "M", "fp16 us", "w4a16 us", "speedup", "GB/s", "% copy BW", "act-order us", "eager x", "path"):
         table.add_column(col, justify="left" if col in ("shape", "path") else "right")
     for r in result["rows"]:
