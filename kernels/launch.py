@@ -12,10 +12,10 @@ Protocol for every kernel launched with `**launch_options(device)`:
 - `pdl_wait(PDL)` before the first load or store (every kernel of the chain obeys it, so waits
   are transitive: a kernel completes only after its own wait returned);
 - `pdl_signal(PDL)` where the next kernel may be launched: the W4A16 products signal after their
-  main loop, so the next kernel's programs are placed while theirs are leaving; the zeroing
-  kernel signals at entry, so the product after it launches while it runs; the other kernels
-  signal by exiting. Signalled at entry, a large kernel's successor took SM slots beside the
-  running programs and was placed unevenly (the down projection at M=16: 23 -> 33 us on the H100).
+  main loop, so the next kernel's programs are placed while theirs are leaving; the other
+  kernels signal by exiting. Signalled at entry, a kernel let its successor's successor launch
+  too, whose programs then took SM slots beside the running ones and were placed unevenly (the
+  down projection at M=16 after an RMSNorm: 23 -> 33 us on the H100).
 Kernels launched without the attribute (torch's, cuBLAS's, memsets) are ordinary stream
 dependencies. CUDA-graph capture keeps the attribute.
 
