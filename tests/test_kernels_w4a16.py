@@ -353,14 +353,27 @@ def test_tuner_table_picks_fastest_and_merges_rows() -> None:
         for m, (ta, tb) in times.items():
             recs += [dict(n=n, k=k, m=m, path="gemv", config=a, ms=ta, rel_err=1e-4),
                      dict(n=n, k=k, m=m, path="gemm", config=b, ms=tb, rel_err=1e-4),
-                     # fast but wrong: never picked
-                     dict(n=n, k=k, m=m, path="gemm", config={"BLOCK_N": 1}, ms=0.1, rel_err=0.5),
+                     # fast but just past the accuracy bar (1e-3): never picked
+                     dict(n=n, k=k, m=m, path="gemm", config={"BLOCK_N": 1}, ms=0.1, rel_err=1.1e-3),
                      dict(n=n, k=k, m=m, path="gemm", config={"BLOCK_N": 2}, error="OutOfResources")]
     table = build_table(recs)
     assert table["8x32"] == [{"max_m": 2, "path": "gemv", "config": a}, {"max_m": None, "path": "gemm", "config": b}]
     assert table["16x32"][0] == {"max_m": 1, "path": "gemm", "config": b}
     # geomean at M=1: a = sqrt(1*2), b = sqrt(2*1.5): a wins
     assert table["default"] == [{"max_m": 2, "path": "gemv", "config": a}, {"max_m": None, "path": "gemm", "config": b}]
+
+
+def test_splice_rows_keeps_new_rows_up_to_m_and_old_rows_beyond() -> None:
+    from kernels.w4a16_tune import splice_rows
+
+    new = [{"max_m": 1, "path": "gemv", "config": {"a": 1}}, {"max_m": None, "path": "gemm", "config": {"b": 1}}]
+    old = [{"max_m": 4, "path": "gemv", "config": {"a": 0}}, {"max_m": 128, "path": "gemm", "config": {"b": 0}},
+           {"max_m": None, "path": "dequant", "config": {}}]
+    assert splice_rows(new, old, 64) == [
+        {"max_m": 1, "path": "gemv", "config": {"a": 1}}, {"max_m": 64, "path": "gemm", "config": {"b": 1}},
+        {"max_m": 128, "path": "gemm", "config": {"b": 0}}, {"max_m": None, "path": "dequant", "config": {}}]
+    # an old row that ends at or below the splice point is gone; one the new rows already end with merges
+    assert splice_rows(new, [{"max_m": None, "path": "gemm", "config": {"b": 1}}], 64) == new
 
 
 @pytest.mark.parametrize("bits", [2, 8])
