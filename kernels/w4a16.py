@@ -141,11 +141,13 @@ def _load_tables() -> dict:
 
 # Used where no tuned table names the GPU (and under the CPU interpreter), per layout: the
 # "default" rows measured on an H200 (kernels/configs/w4a16.json), the same SM generation as the H100.
+FRAG_GEMV_DEFAULT = dict(BLOCK_N=256, BLOCK_K=64, SPLIT_K=16, num_warps=4, num_stages=1)
 DEFAULT_TABLES = {
     "frag": [
-        {"max_m": 1, "path": "gemv", "config": dict(BLOCK_N=256, BLOCK_K=128, SPLIT_K=16, num_warps=4, num_stages=1)},
         {"max_m": 16, "path": "gemm",
-         "config": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, SCALE_IN_A=0, num_warps=4, num_stages=4)},
+         "config": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, SCALE_IN_A=0, num_warps=4, num_stages=4)},
+        {"max_m": 32, "path": "gemm",
+         "config": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=8, SCALE_IN_A=0, num_warps=4, num_stages=3)},
         {"max_m": 64, "path": "gemm",
          "config": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, SCALE_IN_A=0, num_warps=4, num_stages=3)},
         {"max_m": 128, "path": "gemm",
@@ -238,7 +240,9 @@ def w4a16_matmul(
             path, picked = _select_path(2, n, k, x.device, weights.layout)
         config = config or picked
     elif config is None:
-        config = next((dict(row["config"]) for row in DEFAULT_TABLES[weights.layout] if row["path"] == path), {})
+        config = next((dict(row["config"]) for row in DEFAULT_TABLES[weights.layout] if row["path"] == path), None)
+        if config is None:  # the frag GEMV, which the default rows do not take: the H100's pick at M=1
+            config = dict(FRAG_GEMV_DEFAULT) if path == "gemv" else {}
     frag = weights.layout == "frag"
     if path == "gemv":
         (frag_gemv if frag else w4a16_gemv)(x2, weights, bias, out, config)

@@ -210,6 +210,9 @@ def test_v2_zeros_no_bias_and_default_dispatch() -> None:
     _check(5, 128, 48, 128, False, None, None, bias=True, zero_offset=0, seed=seed + 3, layout=None)
     _check(3, 128, 24, 64, False, None, None, seed=seed + 4, layout=None)  # N % 16 != 0: checkpoint layout
     _check(1, 128, 32, 64, True, None, None, seed=seed + 5, layout=None, dtype=torch.bfloat16)  # bf16 at M=1
+    # every path forced without a config gets one (the frag GEMV is in no default row)
+    for path in ("gemv", "gemm", "dequant"):
+        _check(1, 128, 32, 64, True, path, None, seed=seed + 6, layout="frag")
 
 
 # The fragment layout (kernels/w4a16_frag.py): K and groups multiples of 64, N of 16.
