@@ -461,16 +461,16 @@ def _drain_kernel(acc_ptr, out_ptr, numel, BLOCK: tl.constexpr, PDL: tl.constexp
 
 def _gather_and_zero(x: torch.Tensor | None, perm: torch.Tensor | None, zero: torch.Tensor | None,
                      m: int, k: int, n: int, launch: dict) -> torch.Tensor | None:
-    """Launch `_gather_and_zero_kernel`; returns x gathered through perm (None without perm)."""
-    xg = torch.empty(m, k, device=zero.device if x is None else x.device, dtype=x.dtype) if perm is not None else None
-    block = 1024
+    """One launch of `_gather_and_zero_kernel`: x gathered through perm (returned; None without
+    perm) and/or `zero` zeroed."""
+    xg = None if perm is None else torch.empty(m, k, device=x.device, dtype=x.dtype)
+    some = zero if zero is not None else xg  # stands in for the pointers this launch does not use
     width = max(k if perm is not None else 0, n if zero is not None else 0)
-    any_ = zero if zero is not None else xg
+    block = 1024
     _gather_and_zero_kernel[(triton.cdiv(width, block), m)](
-        x if x is not None else any_, perm if perm is not None else any_, xg if xg is not None else any_,
-        zero if zero is not None else any_, k, n, x.stride(0) if x is not None else 0,
-        zero.stride(0) if zero is not None else 0, GATHER=perm is not None, ZERO=zero is not None,
-        BLOCK=block, num_warps=4, **launch)
+        some if x is None else x, some if perm is None else perm, some if xg is None else xg,
+        some if zero is None else zero, k, n, 0 if x is None else x.stride(0), 0 if zero is None else zero.stride(0),
+        GATHER=perm is not None, ZERO=zero is not None, BLOCK=block, num_warps=4, **launch)
     return xg
 
 
