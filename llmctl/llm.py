@@ -8,13 +8,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Callable, Sequence
 
 from llmctl.config import EngineConfig
 from llmctl.engine.llm_engine import LLMEngine, ProgressCallback
 from llmctl.engine.outputs import RequestOutput
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.engine.sampling_params import RequestOutputKind, SamplingParams
 from llmctl.errors import InvalidRequestError
 
 Prompt = str | list[int]
@@ -62,6 +63,8 @@ class LLM:
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise InvalidRequestError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        # only finished outputs are kept here: the engine need not build the others
+        params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         try:
             for request_id, prompt, p in zip(ids, prompts, params):

@@ -163,3 +163,20 @@ def test_prompt_logprobs_survive_preemption_and_cache_hits(engine):
         assert len(got) == len(want) == len(prompt)
         for a, b in zip(got[1:], want[1:]):
             assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
+
+
+def test_final_only_requests_get_one_output_the_same_as_the_last_cumulative_one(engine):
+    from llmctl.engine.sampling_params import RequestOutputKind
+
+    params = dict(temperature=0.0, max_tokens=5, ignore_eos=True)
+    engine.add_request("cum", PROMPT, SamplingParams(**params))
+    engine.add_request("fin", PROMPT, SamplingParams(**params, output_kind=RequestOutputKind.FINAL_ONLY))
+    seen: dict[str, list] = {"cum": [], "fin": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen["cum"]) == 5 and [len(o.outputs[0].token_ids) for o in seen["cum"]] == [1, 2, 3, 4, 5]
+    assert len(seen["fin"]) == 1 and seen["fin"][0].finished
+    cum, fin = seen["cum"][-1].outputs[0], seen["fin"][0].outputs[0]
+    assert (fin.token_ids, fin.text, fin.finish_reason) == (cum.token_ids, cum.text, cum.finish_reason)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

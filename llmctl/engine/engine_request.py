@@ -65,8 +65,12 @@ class EngineRequest:
         detok = self.detokenizers.get(seq.seq_id)
         return "" if detok is None else detok.get_next_output_text(finished=seq.is_finished, delta=False)
 
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
     def make_output(self, now: float) -> RequestOutput:
-        finished = all(s.is_finished for s in self.seqs)
+        finished = self.finished
         if finished and self.metrics.finished_time is None:
             self.metrics.finished_time = now
         self.metrics.num_preemptions = sum(s.num_preemptions for s in self.seqs)

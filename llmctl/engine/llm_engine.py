@@ -21,7 +21,7 @@ from llmctl.engine.engine_request import EngineRequest
 from llmctl.engine.kv_budget import KVPlan, plan_kv, resolve_dtype
 from llmctl.engine.model_runner import ModelRunner
 from llmctl.engine.outputs import RequestOutput
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.engine.sampling_params import RequestOutputKind, SamplingParams
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
 from llmctl.engine.sequence import SequenceStatus
 from llmctl.errors import ConfigError, InvalidRequestError
@@ -187,7 +187,8 @@ class LLMEngine:
                 request.mark_stopped_by_string(seq, stop_str)
             touched[request.request_id] = request
         self._num_generation_tokens += len(updated)
-        outputs = [r.make_output(now) for r in touched.values()]
+        outputs = [r.make_output(now) for r in touched.values()
+                   if r.params.output_kind is RequestOutputKind.CUMULATIVE or r.finished]
         for output in outputs:
             if output.finished:
                 self._drop(output.request_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -35,6 +36,15 @@ def _require_finite(value: object, name: str) -> None:
     _require(ok, name, f"must be a finite number, got {value!r}")
 
 
+class RequestOutputKind(enum.Enum):
+    """Which outputs `LLMEngine.step` returns for a request (vLLM's names): the cumulative output
+    after every step that gave it a token, or only the finished one. `LLM.generate` asks for
+    FINAL_ONLY, so a step builds no output object a caller would drop."""
+
+    CUMULATIVE = 0
+    FINAL_ONLY = 2
+
+
 @dataclass
 class SamplingParams:
     """One request's sampling and stopping, validated on construction (InvalidRequestError names the field).
@@ -62,6 +72,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token (0: only the sampled one)
     prompt_logprobs: int | None = None  # same, for prompt positions
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
