@@ -2,10 +2,9 @@
 batch per `step()`, cumulative `RequestOutput`s out. The HTTP server drives the same
 object from one thread through `AsyncEngine`; the offline `LLM` drives it to the end.
 
-    add_request ─► Scheduler.waiting        step():  schedule ─► ModelRunner.launch
-                                                     ─► the previous step's tokens: detokenize,
-                                                        stop strings ─► outputs (device busy)
-                                                     ─► wait ─► Scheduler.update_from_output
+    add_request ─► Scheduler.waiting        step():  schedule ─► ModelRunner.execute
+                                                     ─► Scheduler.update_from_output
+                                                     ─► detokenize, stop strings ─► outputs
 """
 
 from __future__ import annotations
@@ -85,9 +84,6 @@ class LLMEngine:
         self._requests: dict[str, EngineRequest] = {}
         self._seq_to_request: dict[int, EngineRequest] = {}
         self._num_prompt_tokens = self._num_generation_tokens = self._num_steps = self._max_num_running = 0
-        # Sampled by the last completed step, not yet detokenized (`step`): (sequence, logprobs).
-        self._new_tokens: list[tuple] = []
-        self._new_tokens_time = 0.0
         self._num_partial_prefills = 0
         self._kv_waste = self._kv_waste_sum = 0.0
         self._kv_waste_steps = 0
@@ -168,51 +164,29 @@ class LLMEngine:
 
     # ---- one step --------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return the outputs of the requests that got a token in the previous
-        step (cumulative; only finished ones for FINAL_ONLY requests).
-
-        Outputs trail the device by one step: this step's batch is launched first, and the
-        previous step's tokens are detokenized, checked for stop strings and turned into
-        outputs while it runs, so that host work does not leave the device idle. A sequence
-        that a stop string ends meanwhile has its token from this step discarded
-        (`Scheduler.update_from_output` skips finished sequences); its blocks, freed at once,
-        are handed out again only by a later `schedule()`, after this step has completed.
-        """
+        """Run one batch; return the outputs of the requests that got a token (cumulative)."""
         out = self.scheduler.schedule()
-        finish = None
-        if not out.is_empty:
-            self._record_schedule(out, time.time())
-            generators, prompt_lp_from = self._sampling_state(out)
-            finish = self.runner.launch(out, generators, prompt_lp_from)
-        outputs = self._process_tokens()
-        if finish is not None:
-            result = finish()
-            for seq_id, chunk in result.prompt_logprobs.items():
-                request = self._seq_to_request.get(seq_id)
-                if request is not None:
-                    request.add_prompt_logprobs(chunk)
-            rows = {e.seq.seq_id: i for i, e in enumerate(out.scheduled) if e.do_sample}
-            updated = self.scheduler.update_from_output(out, result.sampled_token_ids)
-            self._num_generation_tokens += len(updated)
-            self._new_tokens = [(seq, result.logprobs[rows[seq.seq_id]]) for seq in updated]
-            self._new_tokens_time = time.time()
-        return outputs
-
-    def _process_tokens(self) -> list[RequestOutput]:
-        """Detokenize the tokens the last completed step sampled, end sequences on stop
-        strings, and build the outputs of the requests they belong to."""
-        new_tokens, self._new_tokens = self._new_tokens, []
-        now = self._new_tokens_time
+        if out.is_empty:
+            return []
+        now = time.time()
+        self._record_schedule(out, now)
+        generators, prompt_lp_from = self._sampling_state(out)
+        result = self.runner.execute(out, generators, prompt_lp_from)
+        for seq_id, chunk in result.prompt_logprobs.items():
+            self._seq_to_request[seq_id].add_prompt_logprobs(chunk)
+        sampled_rows = {e.seq.seq_id: i for i, e in enumerate(out.scheduled) if e.do_sample}
+        updated = self.scheduler.update_from_output(out, result.sampled_token_ids)
+        now = time.time()
         touched: dict[str, EngineRequest] = {}
-        for seq, logprobs in new_tokens:
-            request = self._seq_to_request.get(seq.seq_id)
-            if request is None:  # aborted since
-                continue
-            stop_str = request.on_token(seq, logprobs, now)
+        for seq in updated:
+            request = self._seq_to_request[seq.seq_id]
+            row = sampled_rows[seq.seq_id]
+            stop_str = request.on_token(seq, result.logprobs[row], now)
             if stop_str is not None:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED, stop_str)
                 request.mark_stopped_by_string(seq, stop_str)
             touched[request.request_id] = request
+        self._num_generation_tokens += len(updated)
         outputs = [r.make_output(now) for r in touched.values()
                    if r.params.output_kind is RequestOutputKind.CUMULATIVE or r.finished]
         for output in outputs:

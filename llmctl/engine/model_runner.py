@@ -22,7 +22,7 @@ the logits (llmctl.engine.cuda_graph), unless the engine runs with enforce_eager
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -181,17 +181,11 @@ class ModelRunner:
         )
         return longs[0], longs[1], meta
 
+    @torch.inference_mode()
     def execute(self, out: SchedulerOutput, generators: Mapping[int, torch.Generator],
                 prompt_logprobs_from: Mapping[int, int]) -> ModelRunnerOutput:
         """Run one step. `generators`: seq_id -> generator of seeded sequences;
         `prompt_logprobs_from`: seq_id -> first prompt position whose logprobs are missing."""
-        return self.launch(out, generators, prompt_logprobs_from)()
-
-    @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, generators: Mapping[int, torch.Generator],
-               prompt_logprobs_from: Mapping[int, int]) -> Callable[[], ModelRunnerOutput]:
-        """Enqueue one step's device work (as `execute`); the returned call waits for it and
-        reads the sampled tokens, so the host can do other work while the device runs."""
         self.copy_blocks(out.blocks_to_copy)
         entries = out.scheduled
         input_ids, positions, meta = self.prepare_inputs(out)
@@ -216,24 +210,18 @@ class ModelRunner:
             if rows:
                 last = torch.tensor([ends[i] - 1 for i in rows], device=self.device)
                 logits = self.model.compute_logits(hidden[last])  # [S, V] fp32
-        result = metadata = None
         if rows:
             seqs = [entries[i].seq for i in rows]
             requests = [(s.sampling_params, s.prompt_token_ids, s.output_token_ids, generators.get(s.seq_id))
                         for s in seqs]
             metadata = SamplingMetadata.build(requests, self.vocab_size, self.eos_token_id, self.device)
             result = self.sampler(logits, metadata)
-
-        def finish() -> ModelRunnerOutput:
-            if result is not None:
-                for row, token_id in zip(rows, result.sampled_token_ids.tolist()):  # waits for the device
-                    sampled[row] = token_id
-                if result.logprobs is not None:
-                    for row, entry in zip(rows, result.logprobs.tolists(metadata.num_logprobs)):
-                        logprobs[row] = entry
-            return ModelRunnerOutput(sampled, logprobs, prompt_logprobs)
-
-        return finish
+            for row, token_id in zip(rows, result.sampled_token_ids.tolist()):
+                sampled[row] = token_id
+            if result.logprobs is not None:
+                for row, entry in zip(rows, result.logprobs.tolists(metadata.num_logprobs)):
+                    logprobs[row] = entry
+        return ModelRunnerOutput(sampled, logprobs, prompt_logprobs)
 
     def _prompt_logprobs(self, entries, ends: list[int], hidden: torch.Tensor,
                          prompt_logprobs_from: Mapping[int, int]) -> dict[int, list[Logprobs | None]]:
