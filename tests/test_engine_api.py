@@ -77,6 +77,23 @@ def test_stop_string_cuts_text_and_reports_it(engine):
     assert done.text == text[: text.index(stop)]
 
 
+def test_stop_string_ends_the_sequence_on_its_token_while_the_batch_runs_on(engine):
+    """A stop string ends its sequence on the token that completes it, while the rest of the
+    batch goes on stepping; no later token is kept, and its blocks come back."""
+    free = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    engine.add_request("free", "The capital of France is", free)
+    full = drain(engine)["free"].outputs[0]
+    stop = full.text.split()[2]
+    k = next(i for i in range(1, len(full.token_ids) + 1) if stop in engine.tokenizer.decode(full.token_ids[:i]))
+    engine.add_request("long", PROMPT, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    engine.add_request("stop", "The capital of France is", SamplingParams(temperature=0, max_tokens=24, stop=[stop]))
+    done = drain(engine)  # checks every block came back
+    out = done["stop"].outputs[0]
+    assert out.finish_reason == "stop" and out.text == full.text[: full.text.index(stop)]
+    assert out.token_ids == full.token_ids[:k]
+    assert len(done["long"].outputs[0].token_ids) == 40
+
+
 def test_seeded_sample_ignores_the_rest_of_the_batch(engine):
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=1234, max_tokens=10)
     engine.add_request("alone", PROMPT, params)
