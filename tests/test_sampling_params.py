@@ -23,6 +23,7 @@ BAD_VALUES = [
     ("prompt_logprobs", 21), ("prompt_logprobs", -3),
     ("stop", [""]), ("stop", ["ok", 3]), ("stop", 5),
     ("stop_token_ids", [-1]), ("stop_token_ids", ["2"]), ("stop_token_ids", 7),
+    ("output_kind", "final_only"), ("output_kind", 2),
 ]
 
 

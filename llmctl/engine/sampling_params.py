@@ -83,6 +83,8 @@ class SamplingParams:
         _require(isinstance(self.stop_token_ids, (list, tuple)) or self.stop_token_ids is None, "stop_token_ids",
                  f"must be a list of token ids, got {type(self.stop_token_ids).__name__}")
         self.stop_token_ids = list(self.stop_token_ids or [])
+        _require(isinstance(self.output_kind, RequestOutputKind), "output_kind",
+                 f"must be a RequestOutputKind, got {self.output_kind!r}")
         for name in ("n", "top_k", "min_tokens"):
             _require_int(getattr(self, name), name)
         for name in ("max_tokens", "seed", "logprobs", "prompt_logprobs"):
