@@ -227,35 +227,12 @@ def _frag_weight_tile(w, zm, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DT
     return tile.to(DTYPE)
 
 
-# How a program's output tile reaches memory (the kernels' ATOMIC constexpr).
-STORE = 0  # one program per tile: a plain store
-ADD = 1  # split-K: atomic adds into a target zeroed before the launch
-ORDERED = 2  # split-K, fp16: split 0 stores, the others add once it has (no zeroing before the launch)
-
-
 @triton.jit
-def _store_output(out, out_ptrs, mask, ATOMIC: tl.constexpr, sem_ptr, tile, pid_k, num_splits):
-    """Store a program's fp32 output tile (STORE), or meet the other splits of its tile (ADD,
-    ORDERED). ORDERED: split 0 stores its partial sums and publishes them on the tile's semaphore
-    (a word that is 0 between launches) with `num_splits - 1`; every other split waits for that,
-    adds its partials atomically and counts the word down, so the last one leaves it 0 again.
-    Split 0 of a tile never waits, and its program id comes first, so it is placed before the
-    splits that wait on it. The output needs no zeroing kernel before the product; a scratch
-    buffer with per-tile arrival counters, the last split adding every partial, measured slower
-    (docs/benchmarks.md)."""
-    if ATOMIC == 2:
-        word = sem_ptr + tile
-        if pid_k == 0:
-            tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask)
-            tl.debug_barrier()  # every thread's store issued before the release below
-            tl.atomic_xchg(word, num_splits - 1, sem="release")
-        else:
-            published = tl.atomic_add(word, 0, sem="acquire")
-            while published == 0:
-                published = tl.atomic_add(word, 0, sem="acquire")
-            tl.atomic_add(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask, sem="relaxed")
-            tl.atomic_add(word, -1, sem="relaxed")
-    elif ATOMIC == 1:
+def _store_output(out, out_ptrs, mask, ATOMIC: tl.constexpr):
+    """Store a program's fp32 output tile; with split-K the partial sums meet through atomic adds
+    into a zeroed output. (A scratch buffer with per-tile arrival counters, the last split adding
+    the partials, needs no zeroing launch but measured slower on the H200: docs/benchmarks.md.)"""
+    if ATOMIC:
         tl.atomic_add(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask, sem="relaxed")
     else:
         tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask)
@@ -263,7 +240,7 @@ def _store_output(out, out_ptrs, mask, ATOMIC: tl.constexpr, sem_ptr, tile, pid_
 
 @triton.jit
 def _frag_gemm_kernel(
-    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_ptr, sem_ptr,
+    x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_ptr,
     M, N, K, k_per_split, stride_xm, stride_om,
     GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_IN_A: tl.constexpr,
@@ -316,8 +293,7 @@ def _frag_gemm_kernel(
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    _store_output(acc, out_ptrs, m_mask[:, None] & n_mask[None, :], ATOMIC, sem_ptr,
-                  pid_m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1))
+    _store_output(acc, out_ptrs, m_mask[:, None] & n_mask[None, :], ATOMIC)
 
 
 @triton.jit
@@ -350,7 +326,7 @@ def _x_pairs(x_row, perm_ptr, k0, k_end, jhi: tl.constexpr, KB: tl.constexpr, HA
 
 @triton.jit
 def _frag_gemv_kernel(
-    x_ptr, perm_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_ptr, sem_ptr,
+    x_ptr, perm_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_ptr,
     N, K, k_per_split, stride_xm, stride_om,
     GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF2: tl.constexpr,
@@ -416,8 +392,7 @@ def _frag_gemv_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         out += tl.where(pid_k == 0, bias, 0.0)
-    _store_output(out, out_ptr + pid_m * stride_om + offs_n, n_mask, ATOMIC, sem_ptr,
-                  pid_m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(1))
+    _store_output(out, out_ptr + pid_m * stride_om + offs_n, n_mask, ATOMIC)
 
 
 @triton.jit
@@ -529,63 +504,17 @@ def _zeroed_sums(out: torch.Tensor) -> torch.Tensor:
     return held[:out.numel()].view(out.shape)
 
 
-# One int32 word per output tile for ORDERED split-K, per device, 0 between launches (every launch
-# leaves its words as it found them). Products on one device run one at a time (the engine's one
-# stream); two running at once on different streams would share words. Grown outside graph
-# capture only; a buffer an earlier capture recorded stays alive.
-_SEMAPHORES: dict[torch.device, torch.Tensor] = {}
-_MIN_SEMAPHORES = 1 << 16
-_ordered_split_k = True
-
-
-def set_ordered_split_k(enabled: bool) -> bool:
-    """Use ORDERED split-K where it applies (fp16, in-order weights, M <= ORDERED_MAX_M; on by
-    default), or always zero the output and add (ADD); returns the previous setting. For A/B
-    measurements; a graph keeps what it captured."""
-    global _ordered_split_k
-    previous, _ordered_split_k = _ordered_split_k, bool(enabled)
-    return previous
-
-
-def _semaphores(device: torch.device, count: int) -> torch.Tensor | None:
-    held = _SEMAPHORES.get(device)
-    if held is None or held.numel() < count:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None  # the caller zeroes and adds instead
-        if held is not None:
-            _RETIRED.append(held)
-        held = torch.zeros(max(count, _MIN_SEMAPHORES), device=device, dtype=torch.int32)
-        _SEMAPHORES[device] = held
-    return held
-
-
-# ORDERED split-K for products of at most this many rows whose x needs no gather launch (H100, A/B
-# in one process: 3-10% faster at M = 2...32 in order, where the zeroing kernel kept each product
-# from launching during the previous one's tail; 1-13% slower at M = 64...128 and with act-order,
-# whose gather launch zeroes the output anyway).
-ORDERED_MAX_M = 32
-
-
-def _target(out: torch.Tensor, grid: tuple[int, int, int], launch: dict, act_order: bool = False,
-            gathered: bool = False) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """(where the kernel writes, its ATOMIC mode, the semaphores): the output itself (STORE, or
-    ORDERED split-K for fp16), or the atomic adds' zeroed target (ADD; fp16: the output, zeroed
-    here unless the launch that `gathered` x zeroes it; bf16: fp32 sums, see `_finish`)."""
-    num_tiles, split_k = grid[0] * grid[2], grid[1]
+def _target(out: torch.Tensor, split_k: int, launch: dict) -> torch.Tensor:
+    """Where the kernel writes: the output itself, or with split-K the atomic adds' zeroed target
+    (fp16: the output, zeroed here; bf16: fp32 sums, see `_finish`)."""
     if split_k == 1:
-        return out, STORE, out
+        return out
     if out.dtype == torch.float16:
-        if _ordered_split_k and not act_order and out.shape[0] <= ORDERED_MAX_M:
-            sems = _semaphores(out.device, num_tiles)
-            if sems is not None:
-                return out, ORDERED, sems
-        if not gathered:
-            if launch["PDL"]:
-                _gather_and_zero(None, None, out, out.shape[0], 0, out.shape[1], launch)
-            else:
-                out.zero_()
-        return out, ADD, out
-    return _zeroed_sums(out), ADD, out
+        if launch["PDL"]:
+            _gather_and_zero(None, None, out, out.shape[0], 0, out.shape[1], launch)
+            return out
+        return out.zero_()
+    return _zeroed_sums(out)
 
 
 def _finish(target: torch.Tensor, out: torch.Tensor, launch: dict) -> None:
@@ -609,18 +538,17 @@ def frag_gemm(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, 
     launch = _launch(x)
     if w.perm is not None:
         # act-order: x gathered once up front, in the same launch that zeroes the split-K output
-        # where it needs zeroing (on the H200 at M <= 64: 0.7-4.5 us over in-order weights,
-        # against 6-7.5 us with an index_select and a memset; a gather inside the loop, 16-bit
-        # values that cannot be copied asynchronously, was 1.5-15x slower)
-        target, mode, sems = _target(out, grid, launch, act_order=True, gathered=True)
-        zero = target if mode == ADD and target is out else None
-        x = _gather_and_zero(x, w.perm, zero, m, k, n, launch)
+        # (on the H200 at M <= 64: 0.7-4.5 us over in-order weights, against 6-7.5 us with an
+        # index_select and a memset; a gather inside the loop, 16-bit values that cannot be
+        # copied asynchronously, was 1.5-15x slower)
+        target = out if split_k == 1 or out.dtype == torch.float16 else _zeroed_sums(out)
+        x = _gather_and_zero(x, w.perm, target if split_k > 1 and target is out else None, m, k, n, launch)
     else:
-        target, mode, sems = _target(out, grid, launch)
+        target = _target(out, split_k, launch)
     _frag_gemm_kernel[grid](
-        x, w.qweight, w.scales, w.qzeros, bias if bias is not None else w.scales, target, sems,
+        x, w.qweight, w.scales, w.qzeros, bias if bias is not None else w.scales, target,
         m, n, k, k_per_split, x.stride(0), target.stride(0),
-        GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset, HAS_BIAS=bias is not None, ATOMIC=mode,
+        GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset, HAS_BIAS=bias is not None, ATOMIC=split_k > 1,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k,
         SCALE_IN_A=bool(config.get("SCALE_IN_A", 0)), ASM=not interpreting(),
         num_warps=config["num_warps"], num_stages=config["num_stages"], **launch,
@@ -638,17 +566,17 @@ def frag_gemv(x: torch.Tensor, w, bias: torch.Tensor | None, out: torch.Tensor, 
     k_per_split, split_k = _split(k, config["SPLIT_K"], block_k)
     half2 = x.dtype == torch.float16 and not interpreting()
     launch = _launch(x)
+    target = _target(out, split_k, launch)
     grid = (triton.cdiv(n, config["BLOCK_N"]), split_k, m)
     # act-order: x gathered through perm in the kernel (saves the launch of a gather up front, 3-15%
     # at M=1 on the H200), or up front with GATHER_X=0
     perm = w.perm if config.get("GATHER_X", 1) else None
-    target, mode, sems = _target(out, grid, launch, act_order=w.perm is not None)
     if w.perm is not None and perm is None:
         x = x.index_select(1, w.perm)
     _frag_gemv_kernel[grid](
         x, perm if perm is not None else w.qweight, w.qweight, w.scales, w.qzeros,
-        bias if bias is not None else w.scales, target, sems, n, k, k_per_split, x.stride(0), target.stride(0),
-        GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset, HAS_BIAS=bias is not None, ATOMIC=mode,
+        bias if bias is not None else w.scales, target, n, k, k_per_split, x.stride(0), target.stride(0),
+        GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset, HAS_BIAS=bias is not None, ATOMIC=split_k > 1,
         HAS_PERM=perm is not None,
         BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, HALF2=half2,
         num_warps=config["num_warps"], num_stages=config["num_stages"], **launch,

@@ -267,40 +267,6 @@ def test_frag_bf16_split_k_sums_buffer_is_zero_between_launches(path: str, confi
         assert float(_FP32_SUMS[out.device].abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("ordered", [True, False])
-@pytest.mark.parametrize("path,config", [("gemv", dict(FRAG_GEMV_SMALL, BLOCK_K=64, SPLIT_K=4)),
-                                         ("gemm", dict(FRAG_GEMM_SMALL, BLOCK_K=64, SPLIT_K=4))])
-def test_frag_fp16_split_k_modes(path: str, config: dict, ordered: bool) -> None:
-    """fp16 split-K without a zeroed output (ORDERED: split 0 stores, the others wait on the tile's
-    semaphore and add) and with one (ADD): launch after launch is right, from NaN-poisoned outputs,
-    and ORDERED leaves every semaphore 0. ORDERED serves in-order weights up to ORDERED_MAX_M rows."""
-    from kernels.w4a16_frag import ADD, ORDERED, ORDERED_MAX_M, _SEMAPHORES, _target, set_ordered_split_k
-
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
-    k, n = 256, 48
-    previous = set_ordered_split_k(ordered)
-    try:
-        probe = torch.empty(ORDERED_MAX_M + 1, n, dtype=torch.float16, device=DEVICE)
-        modes = [_target(probe[:rows], (3, 4, 1), {"PDL": False}, act_order=act)[1]
-                 for rows, act in ((ORDERED_MAX_M, False), (ORDERED_MAX_M, True), (ORDERED_MAX_M + 1, False))]
-        assert modes == ([ORDERED, ADD, ADD] if ordered else [ADD, ADD, ADD])
-        for act_order, m in ((False, 3), (True, 2), (False, 17), (False, ORDERED_MAX_M + 3)):
-            qweight, qzeros, scales, g_idx = _random_gptq(k, n, 64, act_order, gen)
-            weights = prepare_w4a16_weights(qweight.to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE),
-                                            g_idx.to(DEVICE))
-            x = torch.randn(m, k, generator=gen).half()
-            bias = torch.randn(n, generator=gen).half()
-            ref = w4a16_matmul_reference(x.float(), qweight, qzeros, scales, g_idx, bias.float())
-            out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
-            got = w4a16_matmul(x.to(DEVICE), weights, bias.to(DEVICE), path=path, config=config, out=out).cpu()
-            assert not torch.isnan(got).any()
-            assert (got.float() - ref).norm() / ref.norm() <= 1e-3
-            if ordered:
-                assert int(_SEMAPHORES[out.device].abs().sum()) == 0
-    finally:
-        set_ordered_split_k(previous)
-
-
 def test_frag_repack_round_trips_and_places_codes_in_fragment_order() -> None:
     from kernels.w4a16_frag import repack_frag, unpack_frag
 
