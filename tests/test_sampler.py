@@ -85,6 +85,13 @@ def test_top_k_top_p_candidates_path_matches_full_sort():
     assert (kept <= top_k).all() and (kept < top_k).any() and (kept > 1).any()
 
 
+def test_top_p_of_one_keeps_every_token_beside_rows_that_cut():
+    # one token holds all but 1e-15 of the mass: its rounded cumulative sum is 1.0 at once
+    logits = torch.cat([torch.tensor([[30.0]]), torch.full((1, 999), -5.0)], 1).expand(2, -1).clone()
+    kept = lp.apply_top_p(logits, torch.tensor([1.0, 0.5])).isfinite()
+    assert kept[0].all() and kept[1].sum() == 1
+
+
 def test_top_p_keeps_ties_with_the_last_kept_token_whatever_their_order():
     logits = torch.tensor([0.4, 0.2, 0.2, 0.2, 0.1]).log()
     perm = torch.tensor([3, 0, 4, 2, 1])

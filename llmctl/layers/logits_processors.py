@@ -85,8 +85,9 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor, max_top_k: int | None
     """Keep the smallest set of most likely tokens whose mass reaches p (a token stays while
     the mass strictly above it is below p), and every token tied with the least likely kept.
 
-    logits: [B, V], modified in place; top_p: [B] (1.0 = off); max_top_k: every row already
-    kept at most this many tokens (top-k), so a topk replaces the sort of V.
+    logits: [B, V], modified in place; top_p: [B] (1.0 = off: the row keeps every token);
+    max_top_k: every row already kept at most this many tokens (top-k), so a topk replaces the
+    sort of V.
 
     The cut is a probability threshold from the row's own softmax and cumulative sum, so a
     row's result does not depend on which other rows share the batch, nor on how ties are
@@ -100,6 +101,9 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor, max_top_k: int | None
     mass_above = probs_desc.cumsum(dim=-1)[:, :-1]  # [B, K-1], non-decreasing
     num_kept = 1 + (mass_above < top_p.unsqueeze(1)).sum(dim=-1)
     threshold = probs_desc.gather(1, (num_kept - 1).unsqueeze(1))
+    # a row with top_p = 1 beside rows that use it keeps every token (its rounded cumulative sum
+    # may reach 1 before the least likely ones)
+    threshold.masked_fill_(top_p.unsqueeze(1) >= 1.0, 0.0)
     return logits.masked_fill_(probs < threshold, float("-inf"))
 
 
