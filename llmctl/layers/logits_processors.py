@@ -70,15 +70,19 @@ def apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int |
     """Keep each row's top_k[i] largest logits (ties at the boundary are kept).
 
     logits: [B, V]; top_k: [B] int64 in [1, V] (V = off); max_top_k: max(top_k) when no row
-    is off (saves a device sync). Uses topk, not a full sort: rows with top-k off must not
-    make every row pay for a top-V.
+    is off (saves a device sync).
     """
+    return logits.masked_fill_(logits < top_k_threshold(logits, top_k, max_top_k), float("-inf"))
+
+
+def top_k_threshold(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int | None = None) -> torch.Tensor:
+    """[B, 1]: each row's top_k[i]-th largest logit, -inf where top-k is off (top_k = V). Uses
+    topk, not a full sort: rows with top-k off must not make every row pay for a top-V."""
     no_top_k = top_k == logits.shape[1]
     k = top_k.masked_fill(no_top_k, 1)
     num = max_top_k if max_top_k is not None else int(k.max())
     kth_values = logits.topk(num, dim=-1).values.gather(1, (k - 1).unsqueeze(1))
-    kth_values.masked_fill_(no_top_k.unsqueeze(1), float("-inf"))
-    return logits.masked_fill_(logits < kth_values, float("-inf"))
+    return kth_values.masked_fill_(no_top_k.unsqueeze(1), float("-inf"))
 
 
 def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor, max_top_k: int | None = None) -> torch.Tensor:

@@ -18,7 +18,10 @@ only when that sequence samples, so its tokens do not depend on the rest of the 
 
 Order of operations (vLLM's): raw logprobs (log-softmax of the model's logits, what
 clients compare) -> penalties -> min_tokens mask -> greedy argmax for temperature-0 rows ->
-temperature -> min-p -> top-k -> top-p -> exponential-race sample.
+temperature -> min-p -> top-k -> top-p -> exponential-race sample. On CUDA the steps from
+temperature on are one kernel (kernels/sampling.py: top-p by rejection, no sort of the
+vocabulary; a topk finds top-k's threshold); on the CPU they are the torch ops of
+`logits_processors`. Both draw from the same distribution, with different random streams.
 
 Stopping is not the sampler's job: the engine checks EOS (skipped when `ignore_eos`),
 `stop_token_ids` and `max_tokens` with `llmctl.engine.detokenizer.check_token_stop`, and stop
@@ -212,30 +215,57 @@ class Sampler(nn.Module):
     """logits [B, V] + SamplingMetadata -> SamplerOutput. Never modifies its input."""
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
-        logits = logits.to(torch.float32, copy=True)  # [B, V]
+        fused = _fused(logits, metadata)
+        in_place = metadata.penalties is not None or metadata.min_tokens_mask is not None or not fused
+        logits = logits.to(torch.float32, copy=in_place)  # [B, V]
         raw_logprobs = None if metadata.max_num_logprobs is None else torch.log_softmax(logits, dim=-1)
         if metadata.penalties is not None:
             lp.apply_penalties(logits, metadata.penalties)
         if metadata.min_tokens_mask is not None:
             lp.apply_token_mask(logits, *metadata.min_tokens_mask)
-        sampled = self.sample(logits, metadata)
+        sampled = self.sample(logits, metadata, fused)
         logprobs = None
         if raw_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
         return SamplerOutput(sampled, logprobs)
 
     @staticmethod
-    def sample(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-        """logits: [B, V] fp32 after penalties (modified in place). Returns [B] int64."""
+    def sample(logits: torch.Tensor, metadata: SamplingMetadata, fused: bool = False) -> torch.Tensor:
+        """logits: [B, V] fp32 after penalties (modified in place unless `fused`). Returns [B] int64.
+
+        fused: temperature, min-p, top-k and top-p in one kernel (kernels/sampling.py, on CUDA):
+        the same distribution without sorting the vocabulary (top-k's threshold is a topk)."""
         greedy = None if metadata.all_random else logits.argmax(dim=-1)
         if metadata.all_greedy:
             return greedy
-        logits.div_(metadata.temperature.unsqueeze(1))
-        if metadata.min_p is not None:
-            lp.apply_min_p(logits, metadata.min_p)
-        logits = lp.apply_top_k_top_p(logits, metadata.top_k, metadata.top_p, metadata.max_top_k)
-        sampled = lp.random_sample(torch.softmax(logits, dim=-1), metadata.generators)
+        if fused:
+            from kernels.sampling import sample
+
+            kth = None if metadata.top_k is None else lp.top_k_threshold(logits, metadata.top_k, metadata.max_top_k)
+            sampled = sample(logits, metadata.temperature, _seeds(logits.shape[0], metadata.generators, logits.device),
+                             metadata.min_p, None if kth is None else kth.view(-1), metadata.top_p)
+        else:
+            logits.div_(metadata.temperature.unsqueeze(1))
+            if metadata.min_p is not None:
+                lp.apply_min_p(logits, metadata.min_p)
+            logits = lp.apply_top_k_top_p(logits, metadata.top_k, metadata.top_p, metadata.max_top_k)
+            sampled = lp.random_sample(torch.softmax(logits, dim=-1), metadata.generators)
         return sampled if greedy is None else torch.where(metadata.is_greedy, greedy, sampled)
+
+
+def _fused(logits: torch.Tensor, metadata: SamplingMetadata) -> bool:
+    """Whether this batch samples with kernels/sampling.py: on CUDA, where some row samples at
+    random. Every such batch does, so a seeded row's tokens never depend on its neighbours."""
+    return logits.is_cuda and not metadata.all_greedy
+
+
+def _seeds(num_rows: int, generators: dict[int, torch.Generator], device: torch.device) -> torch.Tensor:
+    """The fused sampler's Philox keys for one step: from the global generator, and for seeded
+    rows from the row's own generator (which advances only when its row samples)."""
+    seeds = torch.randint(0, 2**62, (num_rows,), device=device)
+    for row, generator in generators.items():
+        torch.randint(0, 2**62, (1,), generator=generator, device=device, out=seeds[row:row + 1])
+    return seeds
 
 
 _PROMPT_LOGPROBS_ROWS = 512  # rows per log-softmax: [512, V] fp32 keeps peak memory bounded
