@@ -9,8 +9,10 @@ step time. Replaying a captured graph costs one launch. As in vLLM:
 - a batch of B sequences replays the graph of the smallest bucket >= B; rows B.. are padding:
   slot -1 (the cache write skips them), context length 1, block table row left as it was
   (valid block ids, read and discarded);
-- every input lives in a persistent buffer the graph was captured on; a step copies its
-  inputs in (device-to-device, no host sync), replays, and reads logits[:B];
+- every input lives in a persistent buffer the graph was captured on; a step writes its inputs
+  into two pinned host buffers laid out like those, copies each in one asynchronous copy (and
+  the block tables, sent compact, into their rows with one device copy), replays, and reads
+  logits[:B];
 - attention is captured with max_seq_len = max_model_len, so the decode kernel's split of
   the context is fixed; slices past a sequence's length exit at once.
 
@@ -48,13 +50,23 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_num_seqs)
         self.max_batch = self.sizes[-1]
         n, max_blocks = self.max_batch, -(-max_model_len // block_size)
+        self.max_blocks = max_blocks
+        # Device buffers the graphs read, and pinned host buffers laid out alike: longs =
+        # input_ids | positions | slot_mapping, ints = seq_lens | the step's block tables, compact
+        # [B, width] (the graphs read them from block_tables [n, max_blocks], one device copy).
+        self._longs = torch.zeros(3 * n, dtype=torch.long, device=device)
+        self._ints = torch.ones(n + n * max_blocks, dtype=torch.int32, device=device)
+        self._host_longs = torch.zeros(3 * n, dtype=torch.long, pin_memory=True)
+        self._host_ints = torch.ones(n + n * max_blocks, dtype=torch.int32, pin_memory=True)
+        self.input_ids, self.positions, self.slot_mapping = self._longs.view(3, n)
+        self.slot_mapping.fill_(-1)
+        self._host_longs.view(3, n)[2].fill_(-1)
+        self.seq_lens = self._ints[:n]
         with torch.device(device):
-            self.input_ids = torch.zeros(n, dtype=torch.long)
-            self.positions = torch.zeros(n, dtype=torch.long)
-            self.slot_mapping = torch.full((n,), -1, dtype=torch.long)
             self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32)
-            self.seq_lens = torch.ones(n, dtype=torch.int32)
             self.query_start_loc = torch.arange(n + 1, dtype=torch.int32)
+        self._staged = torch.cuda.Event()  # recorded once a step's copies have read the host buffers
+        self._staged.record()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
         self.num_replays = 0
@@ -91,20 +103,31 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """fp32 logits [B, V] of one decode-only step (B <= max_batch), by graph replay. The
-        returned tensor is the graph's output buffer: valid until the next replay."""
-        batch = input_ids.shape[0]
+    def run(self, token_ids: list[int], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """fp32 logits [B, V] of one decode-only step (B <= max_batch) by graph replay: sequence i
+        adds token token_ids[i] at position starts[i], its KV blocks tables[i]. The returned
+        tensor is the graph's output buffer: valid until the next replay."""
+        batch = len(token_ids)
         b = self.bucket(batch)
         graph, logits = self.graphs[b]
-        width = meta.block_tables.shape[1]
-        self.input_ids[:batch].copy_(input_ids)
-        self.positions[:batch].copy_(positions)
-        self.slot_mapping[:batch].copy_(meta.slot_mapping)
-        self.slot_mapping[batch:b].fill_(-1)
-        self.block_tables[:batch, :width].copy_(meta.block_tables)
-        self.seq_lens[:batch].copy_(meta.seq_lens)
-        self.seq_lens[batch:b].fill_(1)
+        n, bs = self.max_batch, self.block_size
+        width = max(len(t) for t in tables)
+        self._staged.synchronize()  # the previous step's copies have read the host buffers
+        longs = self._host_longs.numpy().reshape(3, n)
+        longs[0, :batch] = token_ids
+        longs[1, :batch] = starts
+        longs[2, :batch] = [table[p // bs] * bs + p % bs for table, p in zip(tables, starts)]
+        longs[2, batch:b] = -1  # padding rows write no cache slot
+        ints = self._host_ints.numpy()
+        ints[:batch] = starts
+        ints[:batch] += 1
+        ints[batch:b] = 1
+        # (entries past a sequence's blocks are never read; block 0 keeps them valid ids)
+        ints[n:n + batch * width] = [block for t in tables for block in (t + [0] * (width - len(t)))]
+        self._longs.copy_(self._host_longs, non_blocking=True)
+        self._ints[:n + batch * width].copy_(self._host_ints[:n + batch * width], non_blocking=True)
+        self._staged.record()
+        self.block_tables[:batch, :width].copy_(self._ints[n:n + batch * width].view(batch, width))
         graph.replay()
         self.num_replays += 1
         return logits[:batch]

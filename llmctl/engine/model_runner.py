@@ -15,8 +15,8 @@ the host instead, one lookup per sequence, and sends everything in two copies. T
 layer i reads the contiguous views [0, i] and [1, i].
 
 Every step input is a tensor built from a handful of host lists. On CUDA, a decode-only
-step copies them into persistent buffers and replays a captured graph of the forward and
-the logits (llmctl.engine.cuda_graph), unless the engine runs with enforce_eager.
+step writes them into the persistent buffers of a captured graph of the forward and the
+logits and replays it (llmctl.engine.cuda_graph), unless the engine runs with enforce_eager.
 """
 
 from __future__ import annotations
@@ -188,15 +188,18 @@ class ModelRunner:
         `prompt_logprobs_from`: seq_id -> first prompt position whose logprobs are missing."""
         self.copy_blocks(out.blocks_to_copy)
         entries = out.scheduled
-        input_ids, positions, meta = self.prepare_inputs(out)
         sampled: list[int | None] = [None] * len(entries)
         logprobs: list[Logprobs | None] = [None] * len(entries)
         if self._replays(out):
-            # Decode only: every row samples, no prompt positions; logits from the graph.
+            # Decode only: every row samples, no prompt positions; the inputs go straight into
+            # the graph's buffers, logits come from the graph.
             rows = list(range(len(entries)))
             prompt_logprobs: dict[int, list[Logprobs | None]] = {}
-            logits = self.decode_graphs.run(input_ids, positions, meta)  # [B, V] fp32
+            logits = self.decode_graphs.run([e.seq.token_ids[e.start_pos] for e in entries],
+                                            [e.start_pos for e in entries],
+                                            [e.seq.block_table for e in entries])  # [B, V] fp32
         else:
+            input_ids, positions, meta = self.prepare_inputs(out)
             with attention_metadata(meta):
                 hidden = self.model(input_ids, positions)  # [T, D]
             ends = [0] * len(entries)
