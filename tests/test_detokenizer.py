@@ -199,3 +199,42 @@ def test_sentencepiece_leading_space_with_and_without_prompt(sentencepiece_token
     pieces, final, _ = stream(tok, ids, prompt_token_ids=prompt_ids)
     assert "".join(pieces) == final == " Paris 世界 fox"
     assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_rust_decode_stream_gives_the_python_windows_pieces(tokenizer):
+    """The default tokenizer takes tokenizers' DecodeStream; piece by piece it gives what the
+    Python window gives, special tokens and split characters included."""
+    rng = random.Random(1)
+    texts = [MIXED + "<|im_end|>\n 日本語 ✓", "ok 世"]
+    streams = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    streams += [[rng.randrange(len(tokenizer)) for _ in range(80)] for _ in range(5)]
+    for skip in (True, False):
+        for ids in streams:
+            fast = IncrementalDetokenizer(tokenizer, SamplingParams(skip_special_tokens=skip))
+            slow = IncrementalDetokenizer(tokenizer, SamplingParams(skip_special_tokens=skip))
+            assert fast._stream is not None
+            slow._stream = None
+            for token_id in ids:
+                fast.update([token_id])
+                slow.update([token_id])
+                assert fast.get_next_output_text(False, True) == slow.get_next_output_text(False, True)
+                assert (fast.prefix_offset, fast.read_offset) == (slow.prefix_offset, slow.read_offset)
+            assert fast.get_next_output_text(True, False) == slow.get_next_output_text(True, False)
+
+
+def test_a_tokenizer_whose_decode_cleans_up_spaces_keeps_the_python_window(tokenizer):
+    """transformers may remove spaces before punctuation in decode, which a stream cannot: such a
+    tokenizer fails the probe and decodes through the Python window, whose text is decode's."""
+    from transformers import PreTrainedTokenizerFast
+
+    class CleaningUp(PreTrainedTokenizerFast):
+        def decode(self, token_ids, skip_special_tokens=False, **kwargs):
+            text = super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+            return text.replace(" ,", ",").replace(" .", ".")
+
+    tok = CleaningUp(tokenizer_object=tokenizer.backend_tokenizer, eos_token=tokenizer.eos_token)
+    detok = IncrementalDetokenizer(tok, SamplingParams())
+    assert detok._stream is None
+    ids = tok.encode("Hello , world . Fine , thanks .", add_special_tokens=False)
+    pieces, final, _ = stream(tok, ids)
+    assert "".join(pieces) == final == tok.decode(ids) == "Hello, world. Fine, thanks."

@@ -28,16 +28,24 @@ With `prompt_token_ids`, the window starts in the prompt's last tokens instead, 
 a SentencePiece tokenizer (Llama 2, Mistral) then shows the space that "▁Paris" carries after a
 prompt (" Paris", what a completion must append), where decode(output ids) strips it. For
 byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM2) both give the same text.
+
+Fast tokenizers take the same window in Rust: `tokenizers.decoders.DecodeStream` (vLLM's fast
+path) gives each token's new text in about 1 us where the two `decode` calls take about 6 (a
+batch of 32 sequences: 0.2 ms of host time per engine step). It is used where it decodes a probe
+exactly as `tokenizer.decode` does (transformers may clean up spaces before punctuation, which a
+stream cannot), and the Python window takes over if it ever raises.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import weakref
+from typing import Any, Protocol, Sequence
 
 from llmctl.engine.sampling_params import SamplingParams, eos_token_ids
 
 _REPLACEMENT_CHAR = "\ufffd"
 _NUM_CONTEXT_TOKENS = 6  # prompt tokens decoded with the output; vLLM reads 5 back
+_PROBE = "Hi , a . b ? c ! d 's — é 世界 🙂 x"  # spaces before punctuation, multibyte characters
 
 
 class Tokenizer(Protocol):
@@ -97,6 +105,7 @@ class IncrementalDetokenizer:
         self.token_ids: list[int] = context  # the decode window's source: context, then output ids
         self.prefix_offset = 0
         self.read_offset = len(context)
+        self._stream = _decode_stream(tokenizer, params.skip_special_tokens, context)
         self._num_output_tokens = 0
         self._last_output_offset = 0
         self._flushed = False
@@ -173,6 +182,17 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(token_ids, skip_special_tokens=self.params.skip_special_tokens)
 
     def _decode_next(self) -> str:
+        if self._stream is not None:
+            try:
+                piece = self._stream[0].step(self._stream[1], self.token_ids[-1])
+            except Exception:  # the Python window takes over, from the same offsets
+                self._stream = None
+            else:
+                if not piece:
+                    return ""
+                self.prefix_offset = self.read_offset
+                self.read_offset = len(self.token_ids)
+                return piece
         prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.token_ids[self.prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
@@ -180,3 +200,47 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.token_ids)
         return new_text[len(prefix_text) :]
+
+
+_STREAMS_AGREE: "weakref.WeakKeyDictionary[Any, dict[bool, bool]]" = weakref.WeakKeyDictionary()
+
+
+def _decode_stream(tokenizer: Any, skip_special_tokens: bool, context: list[int]) -> tuple[Any, Any] | None:
+    """(a DecodeStream primed with `context`, the Rust tokenizer it steps on), or None where the
+    tokenizer has no Rust backend, the tokenizers package no DecodeStream, or a stream does not
+    decode the probe exactly as tokenizer.decode does."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:
+        return None
+    if backend is None:
+        return None
+    try:
+        agree = _STREAMS_AGREE.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: check every time
+        agree = {}
+    if skip_special_tokens not in agree:
+        agree[skip_special_tokens] = _stream_matches_decode(tokenizer, backend, DecodeStream, skip_special_tokens)
+    if not agree[skip_special_tokens]:
+        return None
+    try:
+        stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
+    except TypeError:  # tokenizers before 0.22: prime it token by token
+        stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for token_id in context:
+            stream.step(backend, token_id)
+    return stream, backend
+
+
+def _stream_matches_decode(tokenizer: Any, backend: Any, stream_type: Any, skip_special_tokens: bool) -> bool:
+    try:
+        ids = list(tokenizer.encode(_PROBE, add_special_tokens=False))
+        special = getattr(tokenizer, "eos_token_id", None)
+        if isinstance(special, int):
+            ids = ids[:5] + [special] + ids[5:]
+        stream = stream_type(skip_special_tokens=skip_special_tokens)
+        text = "".join(piece for piece in (stream.step(backend, i) for i in ids) if piece)
+        return text == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    except Exception:
+        return False
