@@ -7,7 +7,7 @@ reads its logits a few times from L2 and never sorts:
 
     s_i = l_i / T - max_j(l_j / T)          log of the unnormalized probability, <= 0
     min-p keeps s_i >= log(min_p)           (p_i >= min_p * max p)
-    top-k keeps l_i >= kth_i                (the row's k-th largest logit: a radix select)
+    top-k keeps l_i >= kth_i                (the row's k-th largest logit, found by the caller)
     top-p keeps K = {i : G(s_i) < top_p Z}  G(s) = sum of exp(s_j) over s_j > s, Z = the mass
                                             min-p and top-k kept
 
@@ -21,9 +21,7 @@ the rejected token. After MAX_ROUNDS rejections (never seen at a realistic distr
 takes its most likely token, which is always in K.
 
 The order is vLLM's (temperature, min-p, top-k, top-p on what top-k left): min-p and top-k are
-floors on s, the larger of the two applies, and top-p renormalizes over what they keep. Top-k's
-k-th largest logit comes from a radix select over the logits' bits (four passes, a 256-bin
-histogram of one byte each among the values that share the bytes found so far), not a sort.
+floors on s, the larger of the two applies, and top-p renormalizes over what they keep.
 
 Uniforms come from Philox keyed by a per-row seed drawn each step (from the row's own generator
 for seeded requests), four per Philox counter, each round its own counters: a row's token depends
@@ -50,39 +48,6 @@ def _scaled(logits_row, offs, V, inv_t, m):
 
 
 @triton.jit
-def _radix_key(x):
-    """fp32 -> uint32 with the same order (larger float, larger key; -inf the smallest)."""
-    bits = x.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed order
-    return (key ^ -2147483648).to(tl.uint32, bitcast=True)
-
-
-@triton.jit
-def _kth_largest(logits_row, V, k, BLOCK: tl.constexpr):
-    """The row's k-th largest logit (1 <= k <= V), by a most-significant-byte-first radix select."""
-    lanes = tl.arange(0, BLOCK)
-    bins = tl.arange(0, 256)
-    prefix = tl.zeros([], dtype=tl.uint32)
-    remaining = k
-    for p in tl.static_range(4):
-        shift = 24 - 8 * p
-        hist = tl.zeros([256], dtype=tl.int32)
-        for start in range(0, V, BLOCK):
-            offs = start + lanes
-            u = _radix_key(_scaled(logits_row, offs, V, 1.0, 0.0))
-            match = offs < V
-            if p > 0:
-                match = match & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
-            hist += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=match)
-        above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0)  # values whose byte is above each bin
-        digit = tl.max(tl.where((above < remaining) & (above + hist >= remaining), bins, -1), axis=0)
-        remaining -= tl.sum(tl.where(bins == digit, above, 0), axis=0)
-        prefix = prefix | (digit.to(tl.uint32) << shift)
-    key = (prefix ^ 0x80000000).to(tl.int32, bitcast=True)
-    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _uniforms(seed, rnd, start, V, BLOCK: tl.constexpr):
     """BLOCK uniforms in [0, 1) for tokens start...start + BLOCK - 1 of round rnd: one Philox call
     gives four. Each round has its own counters, over the vocabulary padded to whole blocks."""
@@ -93,7 +58,7 @@ def _uniforms(seed, rnd, start, V, BLOCK: tl.constexpr):
 
 @triton.jit
 def _sample_kernel(
-    logits_ptr, stride, temperature_ptr, min_p_ptr, top_k_ptr, top_p_ptr, seed_ptr, out_ptr, V,
+    logits_ptr, stride, temperature_ptr, min_p_ptr, kth_ptr, top_p_ptr, seed_ptr, out_ptr, V,
     HAS_MIN_P: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, MAX_ROUNDS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -116,9 +81,7 @@ def _sample_kernel(
     if HAS_MIN_P:
         floor = tl.log(tl.load(min_p_ptr + row).to(tl.float32))
     if HAS_TOP_K:
-        k = tl.load(top_k_ptr + row).to(tl.int32)
-        if k < V:
-            floor = tl.maximum(floor, _kth_largest(logits_row, V, k, BLOCK) * inv_t - m)
+        floor = tl.maximum(floor, tl.load(kth_ptr + row).to(tl.float32) * inv_t - m)
     top_p = 1.0
     if HAS_TOP_P:
         top_p = tl.load(top_p_ptr + row).to(tl.float32)
@@ -171,16 +134,17 @@ def _sample_kernel(
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
-           min_p: torch.Tensor | None = None, top_k: torch.Tensor | None = None,
+           min_p: torch.Tensor | None = None, top_k_threshold: torch.Tensor | None = None,
            top_p: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of logits [B, V] (fp32/fp16/bf16, rows contiguous): temperature [B]
-    (> 0), seeds [B] int64 (Philox keys, drawn fresh each step), min_p [B] (0 = off), top_k [B]
-    (integers in [1, V], V = off), top_p [B] (1 = off). Returns [B] int64."""
+    (> 0), seeds [B] int64 (Philox keys, drawn fresh each step), min_p [B] (0 = off),
+    top_k_threshold [B] (each row's k-th largest logit, -inf = off), top_p [B] (1 = off).
+    Returns [B] int64."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be [B, V] with contiguous rows, got {tuple(logits.shape)}")
     b, v = logits.shape
     for name, t in (("temperature", temperature), ("seeds", seeds), ("min_p", min_p),
-                    ("top_k", top_k), ("top_p", top_p)):
+                    ("top_k_threshold", top_k_threshold), ("top_p", top_p)):
         if t is not None and (t.shape != (b,) or t.device != logits.device):
             raise ValueError(f"{name} must be [{b}] on {logits.device}, got {tuple(t.shape)} on {t.device}")
     out = torch.empty(b, dtype=torch.int64, device=logits.device)
@@ -189,9 +153,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
     block = max(4, min(_BLOCK, triton.next_power_of_2(v)))
     _sample_kernel[(b,)](
         logits, logits.stride(0), temperature, min_p if min_p is not None else temperature,
-        top_k if top_k is not None else temperature,
+        top_k_threshold if top_k_threshold is not None else temperature,
         top_p if top_p is not None else temperature, seeds, out, v,
-        HAS_MIN_P=min_p is not None, HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None,
+        HAS_MIN_P=min_p is not None, HAS_TOP_K=top_k_threshold is not None, HAS_TOP_P=top_p is not None,
         MAX_ROUNDS=MAX_ROUNDS, BLOCK=block,
         num_warps=1 if interpreting() else 16,
     )

@@ -14,21 +14,12 @@ DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"
 
 pytest.importorskip("triton")
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from kernels.sampling import _kth_largest, sample  # noqa: E402
+from kernels.sampling import sample  # noqa: E402
 from llmctl.engine.sampling_params import SamplingParams  # noqa: E402
 from llmctl.layers import logits_processors as lp  # noqa: E402
 from llmctl.layers.sampler import Sampler, SamplingMetadata, make_generator  # noqa: E402
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
-
-
-@triton.jit
-def kth_kernel(logits_ptr, k_ptr, out_ptr, V, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    tl.store(out_ptr + row, _kth_largest(logits_ptr + row * V, V, tl.load(k_ptr + row), BLOCK))
 
 
 def _full(n: int, value: float) -> torch.Tensor:
@@ -81,8 +72,9 @@ def test_top_k_and_min_p_floors_then_top_p_over_what_they_keep() -> None:
     top_k = torch.tensor([k for k, _, _ in rows]).repeat_interleave(n)
     top_p = torch.tensor([p for _, p, _ in rows]).repeat_interleave(n)
     min_p = torch.tensor([q for _, _, q in rows]).repeat_interleave(n)
-    got = sample(batch.to(DEVICE), _full(len(batch), 0.7), _seeds(len(batch), gen), min_p.to(DEVICE),
-                 top_k.to(DEVICE), top_p.to(DEVICE)).cpu()
+    kth = lp.top_k_threshold(batch, top_k).view(-1)
+    got = sample(batch.to(DEVICE), _full(len(batch), 0.7), _seeds(len(batch), gen), min_p.to(DEVICE), kth.to(DEVICE),
+                 top_p.to(DEVICE)).cpu()
     for i, (k, p, q) in enumerate(rows):
         ref = (logits / 0.7).unsqueeze(0).clone()
         lp.apply_min_p(ref, torch.tensor([q]))
@@ -90,23 +82,6 @@ def test_top_k_and_min_p_floors_then_top_p_over_what_they_keep() -> None:
         draws = got[i * n:(i + 1) * n]
         assert kept[draws].all(), (k, p, q)
         assert len(set(draws.tolist())) > 1
-
-
-def test_radix_select_finds_the_kth_largest_logit() -> None:
-    """Top-k's threshold: mixed signs, ties, -inf and values that share their high bytes, k from 1
-    to V, V not a multiple of the block."""
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
-    v = 300
-    rows = [torch.randn(v, generator=gen) * 5,
-            torch.randint(-3, 3, (v,), generator=gen).float(),  # many ties
-            1.0 + torch.rand(v, generator=gen) * 1e-3,  # one exponent: the low bytes decide
-            torch.cat([torch.full((250,), float("-inf")), torch.randn(50, generator=gen)])]
-    logits = torch.stack([r for r in rows for _ in range(4)])
-    ks = torch.tensor([1, 2, 151, v] * len(rows), dtype=torch.int32)
-    out = torch.empty(len(logits), device=DEVICE)
-    kth_kernel[(len(logits),)](logits.to(DEVICE), ks.to(DEVICE), out, v, BLOCK=128)
-    want = torch.stack([row.topk(int(k)).values[-1] for row, k in zip(logits, ks)])
-    assert torch.equal(out.cpu(), want)
 
 
 def test_a_rows_token_depends_on_its_logits_and_seed_only() -> None:

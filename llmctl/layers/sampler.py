@@ -19,8 +19,8 @@ only when that sequence samples, so its tokens do not depend on the rest of the 
 Order of operations (vLLM's): raw logprobs (log-softmax of the model's logits, what
 clients compare) -> penalties -> min_tokens mask -> greedy argmax for temperature-0 rows ->
 temperature -> min-p -> top-k -> top-p -> exponential-race sample. On CUDA the steps from
-temperature on are one kernel (kernels/sampling.py: top-k by a radix select, top-p by
-rejection, no sort of the vocabulary); on the CPU they are the torch ops of
+temperature on are one kernel (kernels/sampling.py: top-p by rejection, no sort of the
+vocabulary; a topk finds top-k's threshold); on the CPU they are the torch ops of
 `logits_processors`. Both draw from the same distribution, with different random streams.
 
 Stopping is not the sampler's job: the engine checks EOS (skipped when `ignore_eos`),
@@ -234,15 +234,16 @@ class Sampler(nn.Module):
         """logits: [B, V] fp32 after penalties (modified in place unless `fused`). Returns [B] int64.
 
         fused: temperature, min-p, top-k and top-p in one kernel (kernels/sampling.py, on CUDA):
-        the same distribution without sorting the vocabulary."""
+        the same distribution without sorting the vocabulary (top-k's threshold is a topk)."""
         greedy = None if metadata.all_random else logits.argmax(dim=-1)
         if metadata.all_greedy:
             return greedy
         if fused:
             from kernels.sampling import sample
 
+            kth = None if metadata.top_k is None else lp.top_k_threshold(logits, metadata.top_k, metadata.max_top_k)
             sampled = sample(logits, metadata.temperature, _seeds(logits.shape[0], metadata.generators, logits.device),
-                             metadata.min_p, metadata.top_k, metadata.top_p)
+                             metadata.min_p, None if kth is None else kth.view(-1), metadata.top_p)
         else:
             logits.div_(metadata.temperature.unsqueeze(1))
             if metadata.min_p is not None:
