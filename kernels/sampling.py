@@ -56,12 +56,12 @@ def _uniforms(seed, rnd, start, V, BLOCK: tl.constexpr):
     return tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [BLOCK])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["has_min_p", "has_top_k", "has_top_p"])
 def _sample_kernel(
     logits_ptr, stride, temperature_ptr, min_p_ptr, kth_ptr, top_p_ptr, seed_ptr, out_ptr, V,
-    HAS_MIN_P: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, MAX_ROUNDS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    has_min_p, has_top_k, has_top_p, MAX_ROUNDS: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # (which filters apply are arguments, not constants: one compiled kernel serves every batch)
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride
     inv_t = 1.0 / tl.load(temperature_ptr + row).to(tl.float32)
@@ -77,13 +77,13 @@ def _sample_kernel(
         top = tl.where(block_max > m, start + tl.argmax(x, axis=0), top)
         m = tl.maximum(m, block_max)
 
-    floor = float("-inf")  # tokens race while s >= floor (the first round) or s > floor
-    if HAS_MIN_P:
+    floor = tl.full([], float("-inf"), tl.float32)  # tokens race while s >= floor (first round) or s > floor
+    if has_min_p != 0:
         floor = tl.log(tl.load(min_p_ptr + row).to(tl.float32))
-    if HAS_TOP_K:
+    if has_top_k != 0:
         floor = tl.maximum(floor, tl.load(kth_ptr + row).to(tl.float32) * inv_t - m)
-    top_p = 1.0
-    if HAS_TOP_P:
+    top_p = tl.full([], 1.0, tl.float32)
+    if has_top_p != 0:
         top_p = tl.load(top_p_ptr + row).to(tl.float32)
     kept_mass = -1.0  # Z, summed in the first acceptance pass
     strict = 0
@@ -155,7 +155,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
         logits, logits.stride(0), temperature, min_p if min_p is not None else temperature,
         top_k_threshold if top_k_threshold is not None else temperature,
         top_p if top_p is not None else temperature, seeds, out, v,
-        HAS_MIN_P=min_p is not None, HAS_TOP_K=top_k_threshold is not None, HAS_TOP_P=top_p is not None,
+        int(min_p is not None), int(top_k_threshold is not None), int(top_p is not None),
         MAX_ROUNDS=MAX_ROUNDS, BLOCK=block,
         num_warps=1 if interpreting() else 16,
     )

@@ -78,6 +78,8 @@ class LLMEngine:
             sizes = self.runner.decode_graphs.sizes
             self.progress("load", {"message": f"CUDA graphs for decode batches {sizes[0]}..{sizes[-1]} "
                                               f"({len(sizes)} sizes) captured in {seconds:.1f} s"})
+        if self.device.type == "cuda":
+            self.runner.warm_up_sampler()
         self.block_manager = BlockManager(self.kv_plan.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len, self.eos_token_id)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from llmctl.engine.outputs import Logprobs
+from llmctl.engine.sampling_params import SamplingParams
 from llmctl.engine.scheduler import SchedulerOutput
 from llmctl.layers.attention import Attention, AttentionMetadata, attention_metadata
 from llmctl.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
@@ -73,6 +74,13 @@ class ModelRunner:
         graphs.capture()
         self.decode_graphs = graphs
         return graphs.capture_seconds
+
+    @torch.inference_mode()
+    def warm_up_sampler(self) -> None:
+        """Compile the sampling kernel (CUDA) now, not at the first request that samples at random."""
+        params = SamplingParams(temperature=0.8, top_p=0.9, top_k=5, min_p=0.01)
+        metadata = SamplingMetadata.build([(params, [], [], None)], self.vocab_size, self.eos_token_id, self.device)
+        self.sampler(torch.zeros(1, self.vocab_size, device=self.device), metadata).sampled_token_ids.tolist()
 
     def _replays(self, out: SchedulerOutput) -> bool:
         graphs = self.decode_graphs
