@@ -11,8 +11,10 @@ Per step it builds, from the scheduled sequences (decodes first, then prefill ch
 Only the token ids and block tables are gathered in Python (one list per sequence);
 positions and slots are derived on the device from those, so per-step host work grows
 with B, not with T. A decode-only step (one token per sequence, T = B) computes them on
-the host instead, one lookup per sequence, and sends everything in two copies. The cache is one tensor [2, L, num_blocks, block_size, Hkv, Dh];
-layer i reads the contiguous views [0, i] and [1, i].
+the host instead, one lookup per sequence, and sends everything in two copies; one that
+replays a CUDA graph writes them straight into the graph's pinned staging buffers. The cache
+is one tensor [2, L, num_blocks, block_size, Hkv, Dh]; layer i reads the contiguous views
+[0, i] and [1, i].
 
 Every step input is a tensor built from a handful of host lists. On CUDA, a decode-only
 step writes them into the persistent buffers of a captured graph of the forward and the
@@ -162,7 +164,8 @@ class ModelRunner:
         num_tokens = len(token_ids)
         seq_idx = torch.repeat_interleave(torch.arange(len(entries), device=self.device), query_lens,
                                           output_size=num_tokens)
-        positions = (start_pos.long() - query_start_loc[:-1].long())[seq_idx] + torch.arange(num_tokens, device=self.device)
+        positions = ((start_pos.long() - query_start_loc[:-1].long())[seq_idx]
+                     + torch.arange(num_tokens, device=self.device))
         slot_mapping = block_tables[seq_idx, positions // bs].long() * bs + positions % bs
         meta = AttentionMetadata(
             slot_mapping=slot_mapping, block_tables=block_tables, query_start_loc=query_start_loc,
