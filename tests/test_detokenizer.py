@@ -238,3 +238,20 @@ def test_a_tokenizer_whose_decode_cleans_up_spaces_keeps_the_python_window(token
     ids = tok.encode("Hello , world . Fine , thanks .", add_special_tokens=False)
     pieces, final, _ = stream(tok, ids)
     assert "".join(pieces) == final == tok.decode(ids) == "Hello, world. Fine, thanks."
+
+
+def test_a_long_run_of_skipped_special_tokens_keeps_the_window_short(tokenizer):
+    """ignore_eos on a model that keeps emitting EOS: skipped special tokens stay out of the decode
+    window (else each token would decode a window as long as the run), and the text is decode's."""
+    text_ids = tokenizer.encode("ok 世界", add_special_tokens=False)
+    ids = text_ids[:2] + [tokenizer.eos_token_id] * 300 + text_ids[2:] + [tokenizer.eos_token_id] * 300
+    for fast in (True, False):
+        detok = IncrementalDetokenizer(tokenizer, SamplingParams())
+        if not fast:
+            detok._stream = None
+        for token_id in ids:
+            detok.update([token_id])
+            assert len(detok.token_ids) - detok.prefix_offset <= 6  # (a split character waits)
+        assert detok.get_next_output_text(True, False) == tokenizer.decode(ids, skip_special_tokens=True)
+    pieces, final, _ = stream(tokenizer, ids, SamplingParams(skip_special_tokens=False))
+    assert "".join(pieces) == final == tokenizer.decode(ids) and final.count(tokenizer.eos_token) == 600

@@ -106,6 +106,9 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(context)
         self._stream = _decode_stream(tokenizer, params.skip_special_tokens, context)
+        # Skipped special tokens add no text and stay out of the window: a long run of them (a
+        # model that keeps emitting EOS under ignore_eos) would otherwise widen it token by token.
+        self._skipped = _skipped_ids(tokenizer) if params.skip_special_tokens else frozenset()
         self._num_output_tokens = 0
         self._last_output_offset = 0
         self._flushed = False
@@ -116,7 +119,8 @@ class IncrementalDetokenizer:
 
     @property
     def output_token_ids(self) -> list[int]:
-        """The output tokens decoded so far (a stop token left out when not shown)."""
+        """The output tokens decoded so far (a stop token left out when not shown, skipped special
+        tokens left out)."""
         return self.token_ids[self._num_context_tokens :]
 
     @property
@@ -136,6 +140,8 @@ class IncrementalDetokenizer:
             new_token_ids = list(new_token_ids)[:-1]
         text_before = len(self.output_text)
         for token_id in new_token_ids:
+            if token_id in self._skipped:
+                continue
             self.token_ids.append(token_id)
             self.output_text += self._decode_next()
         if self._num_output_tokens < self.params.min_tokens or not self.params.stop:
@@ -203,6 +209,22 @@ class IncrementalDetokenizer:
 
 
 _STREAMS_AGREE: "weakref.WeakKeyDictionary[Any, dict[bool, bool]]" = weakref.WeakKeyDictionary()
+_SKIPPED_IDS: "weakref.WeakKeyDictionary[Any, frozenset[int]]" = weakref.WeakKeyDictionary()
+
+
+def _skipped_ids(tokenizer: Any) -> frozenset[int]:
+    """The special token ids that decode(..., skip_special_tokens=True) drops, checked one by one."""
+    try:
+        return _SKIPPED_IDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    ids = frozenset(i for i in getattr(tokenizer, "all_special_ids", ()) or ()
+                    if tokenizer.decode([i], skip_special_tokens=True) == "")
+    try:
+        _SKIPPED_IDS[tokenizer] = ids
+    except TypeError:  # not weak-referenceable
+        pass
+    return ids
 
 
 def _decode_stream(tokenizer: Any, skip_special_tokens: bool, context: list[int]) -> tuple[Any, Any] | None:
