@@ -69,6 +69,33 @@ def test_streams_cumulative_outputs_like_the_sync_engine(llm_engine):
     assert _free_equals_total(llm_engine)
 
 
+def test_final_only_delivers_the_finished_output_and_the_hook_sees_every_step(llm_engine):
+    """What non-streaming handlers ask for: one output, the same as the last cumulative one,
+    while the step hook (the server's metrics) still sees the request's output at every step."""
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    ids = _ids(llm_engine, "The capital of France is")
+    seen: list[int] = []
+
+    def hook(stats, outputs):
+        seen.extend(len(o.outputs[0].token_ids) for o in outputs if o.request_id == "final")
+
+    async def main():
+        front = AsyncEngine(llm_engine, step_hook=hook)
+        front.start()
+        try:
+            return await asyncio.gather(_drain(front.generate("cumulative", ids, params)),
+                                        _drain(front.generate("final", ids, params, final_only=True)))
+        finally:
+            await front.shutdown()
+
+    cumulative, final = _run(main())
+    assert len(cumulative) == 6 and len(final) == 1 and final[0].finished
+    assert final[0].outputs[0].token_ids == cumulative[-1].outputs[0].token_ids
+    assert final[0].outputs[0].text == cumulative[-1].outputs[0].text
+    assert seen == [1, 2, 3, 4, 5, 6]
+    assert _free_equals_total(llm_engine)
+
+
 def test_cancelled_consumer_aborts_and_frees_blocks(llm_engine):
     async def main():
         front = AsyncEngine(llm_engine)

@@ -48,9 +48,10 @@ class RequestFailedError(LlmctlError):
 class _Stream:
     """One request's outputs, fed from the engine thread, read by one handler."""
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, final_only: bool = False) -> None:
         self.request_id = request_id
         self.loop = loop
+        self.final_only = final_only  # the handler reads the finished output only
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.finished = False
 
@@ -116,7 +117,7 @@ class AsyncEngine:
     # --- requests (call from the event loop) ---------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> _Stream:
+                    arrival_time: float | None = None, final_only: bool = False) -> _Stream:
         if self.dead_error is not None or self._stopping:
             raise EngineDeadError("the engine is not running", hint=self.dead_reason())
         if self.max_num_unfinished is not None and len(self._streams) >= self.max_num_unfinished:
@@ -124,7 +125,7 @@ class AsyncEngine:
                                  hint="retry later, or raise --max-num-seqs / scheduler.max_waiting")
         if request_id in self._streams:
             raise RequestFailedError(f"request id {request_id!r} is already in flight")
-        stream = _Stream(request_id, asyncio.get_running_loop())
+        stream = _Stream(request_id, asyncio.get_running_loop(), final_only)
         self._streams[request_id] = stream
         self._command(("add", request_id, list(prompt_token_ids), params, arrival_time or time.time()))
         return stream
@@ -134,11 +135,13 @@ class AsyncEngine:
             self._command(("abort", request_id))
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                 arrival_time: float | None = None, final_only: bool = False) -> AsyncIterator[RequestOutput]:
         """Submit now (a full queue or a dead engine raises here, before any response starts)
-        and return the request's cumulative outputs; closing or cancelling the iterator
-        before the end aborts the request."""
-        stream = self.add_request(request_id, prompt_token_ids, params, arrival_time)
+        and return the request's cumulative outputs (with `final_only`, the finished one alone:
+        no copy of the growing output and no event-loop wake-up per step); closing or
+        cancelling the iterator before the end aborts the request. The step hook sees every
+        step's outputs either way."""
+        stream = self.add_request(request_id, prompt_token_ids, params, arrival_time, final_only)
         iterator = self._iterate(stream)
         # An iterator dropped before its first step never runs its `finally`: abort then too.
         weakref.finalize(iterator, self._abort_soon, stream.loop, request_id)
@@ -229,7 +232,7 @@ class AsyncEngine:
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)
-        if stream is not None:  # None: aborted by its handler since the step began
+        if stream is not None and (out.finished or not stream.final_only):  # None: aborted since the step began
             stream.put(_snapshot(out))
 
     def _read_stats(self) -> Any:

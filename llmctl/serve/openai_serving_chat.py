@@ -89,7 +89,7 @@ class OpenAIServingChat:
         params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         request_id = random_id("chatcmpl")
         arrival = time.time()
-        generator = ctx.engine.generate(request_id, ids, params, arrival)
+        generator = ctx.engine.generate(request_id, ids, params, arrival, final_only=not req.stream)
         if req.stream:
             return StreamingResponse(self._stream(req, ids, generator, request_id, int(arrival), model),
                                      media_type="text/event-stream")

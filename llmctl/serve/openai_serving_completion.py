@@ -107,7 +107,8 @@ class OpenAIServingCompletion:
         generators, submitted = [], []
         try:
             for i, ((_, ids), p) in enumerate(zip(prompts, params)):
-                generators.append(ctx.engine.generate(f"{request_id}-{i}", ids, p, arrival))
+                generators.append(ctx.engine.generate(f"{request_id}-{i}", ids, p, arrival,
+                                                      final_only=not req.stream))
                 submitted.append(f"{request_id}-{i}")
         except BaseException:
             for rid in submitted:
