@@ -38,7 +38,8 @@ def test_top_p_and_min_p_keep_exactly_their_tokens_in_proportion() -> None:
     # top_p 0.6 then keeps the first alone (0.625 of the two already reaches it)
     got = sample(logits, _full(n, 1.0), _seeds(n, gen), top_p=_full(n, 0.9)).cpu()
     freq = torch.bincount(got, minlength=4).float() / n
-    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.08, rtol=0)
+    # 0.1 is 4 standard deviations of a frequency at 400 draws
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.1, rtol=0)
     assert freq[3] == 0 and (freq[:3] > 0).all()
     got = sample(logits[:50], _full(50, 1.0), _seeds(50, gen), min_p=_full(50, 0.35), top_p=_full(50, 0.6)).cpu()
     assert (got == 0).all()
