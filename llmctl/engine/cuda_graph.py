@@ -50,7 +50,6 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_num_seqs)
         self.max_batch = self.sizes[-1]
         n, max_blocks = self.max_batch, -(-max_model_len // block_size)
-        self.max_blocks = max_blocks
         # Device buffers the graphs read, and pinned host buffers laid out alike: longs =
         # input_ids | positions | slot_mapping, ints = seq_lens | the step's block tables, compact
         # [B, width] (the graphs read them from block_tables [n, max_blocks], one device copy).
@@ -103,27 +102,27 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
 
-    def run(self, token_ids: list[int], starts: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def run(self, token_ids: list[int], starts: list[int], slots: list[int],
+            tables: list[list[int]]) -> torch.Tensor:
         """fp32 logits [B, V] of one decode-only step (B <= max_batch) by graph replay: sequence i
-        adds token token_ids[i] at position starts[i], its KV blocks tables[i]. The returned
-        tensor is the graph's output buffer: valid until the next replay."""
+        adds token token_ids[i] at position starts[i] into cache slot slots[i]; tables are its
+        block tables, padded to one width. The returned tensor is the graph's output buffer:
+        valid until the next replay."""
         batch = len(token_ids)
         b = self.bucket(batch)
         graph, logits = self.graphs[b]
-        n, bs = self.max_batch, self.block_size
-        width = max(len(t) for t in tables)
+        n, width = self.max_batch, len(tables[0])
         self._staged.synchronize()  # the previous step's copies have read the host buffers
         longs = self._host_longs.numpy().reshape(3, n)
         longs[0, :batch] = token_ids
         longs[1, :batch] = starts
-        longs[2, :batch] = [table[p // bs] * bs + p % bs for table, p in zip(tables, starts)]
+        longs[2, :batch] = slots
         longs[2, batch:b] = -1  # padding rows write no cache slot
         ints = self._host_ints.numpy()
         ints[:batch] = starts
         ints[:batch] += 1
         ints[batch:b] = 1
-        # (entries past a sequence's blocks are never read; block 0 keeps them valid ids)
-        ints[n:n + batch * width] = [block for t in tables for block in (t + [0] * (width - len(t)))]
+        ints[n:n + batch * width] = [block for row in tables for block in row]
         self._longs.copy_(self._host_longs, non_blocking=True)
         self._ints[:n + batch * width].copy_(self._host_ints[:n + batch * width], non_blocking=True)
         self._staged.record()

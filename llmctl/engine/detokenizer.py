@@ -39,7 +39,7 @@ stream cannot), and the Python window takes over if it ever raises.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from llmctl.engine.sampling_params import SamplingParams, eos_token_ids
 
@@ -208,23 +208,25 @@ class IncrementalDetokenizer:
         return new_text[len(prefix_text) :]
 
 
-_STREAMS_AGREE: "weakref.WeakKeyDictionary[Any, dict[bool, bool]]" = weakref.WeakKeyDictionary()
-_SKIPPED_IDS: "weakref.WeakKeyDictionary[Any, frozenset[int]]" = weakref.WeakKeyDictionary()
+# Facts about a tokenizer, found once: (tokenizer, question) -> answer.
+_TOKENIZER_FACTS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_fact(tokenizer: Any, key: Any, find: Callable[[], Any]) -> Any:
+    try:
+        facts = _TOKENIZER_FACTS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: found every time
+        return find()
+    if key not in facts:
+        facts[key] = find()
+    return facts[key]
 
 
 def _skipped_ids(tokenizer: Any) -> frozenset[int]:
     """The special token ids that decode(..., skip_special_tokens=True) drops, checked one by one."""
-    try:
-        return _SKIPPED_IDS[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    ids = frozenset(i for i in getattr(tokenizer, "all_special_ids", ()) or ()
-                    if tokenizer.decode([i], skip_special_tokens=True) == "")
-    try:
-        _SKIPPED_IDS[tokenizer] = ids
-    except TypeError:  # not weak-referenceable
-        pass
-    return ids
+    return _tokenizer_fact(tokenizer, "skipped", lambda: frozenset(
+        i for i in getattr(tokenizer, "all_special_ids", ()) or ()
+        if tokenizer.decode([i], skip_special_tokens=True) == ""))
 
 
 def _decode_stream(tokenizer: Any, skip_special_tokens: bool, context: list[int]) -> tuple[Any, Any] | None:
@@ -238,13 +240,8 @@ def _decode_stream(tokenizer: Any, skip_special_tokens: bool, context: list[int]
         return None
     if backend is None:
         return None
-    try:
-        agree = _STREAMS_AGREE.setdefault(tokenizer, {})
-    except TypeError:  # not weak-referenceable: check every time
-        agree = {}
-    if skip_special_tokens not in agree:
-        agree[skip_special_tokens] = _stream_matches_decode(tokenizer, backend, DecodeStream, skip_special_tokens)
-    if not agree[skip_special_tokens]:
+    if not _tokenizer_fact(tokenizer, ("stream agrees", skip_special_tokens),
+                           lambda: _stream_matches_decode(tokenizer, backend, DecodeStream, skip_special_tokens)):
         return None
     try:
         stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)

@@ -136,10 +136,10 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def prepare_inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """input_ids [T], positions [T] and the step's AttentionMetadata."""
-        entries = out.scheduled
-        bs = self.block_size
+    @staticmethod
+    def _host_lists(entries) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+        """The step's token ids (flat), start positions, new-token counts and block tables padded
+        with block 0 to the longest (entries past a sequence's blocks are never read)."""
         token_ids: list[int] = []
         starts, lens, tables = [], [], []
         for e in entries:
@@ -152,7 +152,18 @@ class ModelRunner:
             lens.append(e.num_new_tokens)
             tables.append(seq.block_table)
         max_blocks = max(len(t) for t in tables)
-        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        return token_ids, starts, lens, [t + [0] * (max_blocks - len(t)) for t in tables]
+
+    def _decode_slots(self, starts: list[int], padded: list[list[int]]) -> list[int]:
+        """The cache slot of each sequence's one new token (decode-only steps), looked up on the host."""
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for table, p in zip(padded, starts)]
+
+    def prepare_inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """input_ids [T], positions [T] and the step's AttentionMetadata."""
+        entries = out.scheduled
+        bs = self.block_size
+        token_ids, starts, lens, padded = self._host_lists(entries)
         if len(token_ids) == len(entries):
             return self._prepare_decode(token_ids, starts, padded)
         host = self._tensor([starts, lens], torch.int32)  # [2, B]
@@ -178,17 +189,15 @@ class ModelRunner:
                         padded: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """One new token per sequence: positions and slots are one lookup each on the host,
         so the step's inputs are two host-to-device copies and no device arithmetic."""
-        bs = self.block_size
         num_seqs = len(starts)
-        slots = [table[p // bs] * bs + p % bs for table, p in zip(padded, starts)]
-        longs = self._tensor([token_ids, starts, slots], torch.long)  # [3, B]
+        longs = self._tensor([token_ids, starts, self._decode_slots(starts, padded)], torch.long)  # [3, B]
         # int32, flat: query_start_loc [B + 1] | seq_lens [B] | block tables [B * max_blocks]
         ints = self._tensor([*range(num_seqs + 1), *(p + 1 for p in starts), *(b for row in padded for b in row)],
                             torch.int32)
         meta = AttentionMetadata(
             slot_mapping=longs[2], block_tables=ints[2 * num_seqs + 1:].view(num_seqs, -1),
             query_start_loc=ints[:num_seqs + 1], seq_lens=ints[num_seqs + 1:2 * num_seqs + 1],
-            max_query_len=1, max_seq_len=max(starts) + 1, block_size=bs,
+            max_query_len=1, max_seq_len=max(starts) + 1, block_size=self.block_size,
         )
         return longs[0], longs[1], meta
 
@@ -206,9 +215,9 @@ class ModelRunner:
             # the graph's buffers, logits come from the graph.
             rows = list(range(len(entries)))
             prompt_logprobs: dict[int, list[Logprobs | None]] = {}
-            logits = self.decode_graphs.run([e.seq.token_ids[e.start_pos] for e in entries],
-                                            [e.start_pos for e in entries],
-                                            [e.seq.block_table for e in entries])  # [B, V] fp32
+            token_ids, starts, _, padded = self._host_lists(entries)
+            logits = self.decode_graphs.run(token_ids, starts, self._decode_slots(starts, padded),
+                                            padded)  # [B, V] fp32
         else:
             input_ids, positions, meta = self.prepare_inputs(out)
             with attention_metadata(meta):
