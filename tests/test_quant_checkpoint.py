@@ -115,17 +115,92 @@ def test_a_failure_midway_leaves_no_output_dir(tiny_llama_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temp dir
 
 
-def test_overwrite_replaces_an_existing_dir_only_when_asked(tiny_llama_dir, tmp_path):
+def test_overwrite_replaces_an_existing_checkpoint_only_when_asked(tiny_llama_dir, tmp_path):
     out = tmp_path / "q"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
     config = QuantConfig(num_samples=2, seq_len=32, group_size=32)
+    quantize_checkpoint(tiny_llama_dir, out, config, device="cpu", run_eval=False)
+    (out / "old.txt").write_text("old")
     with pytest.raises(QuantizationError, match="already exists"):
         quantize_checkpoint(tiny_llama_dir, out, config, device="cpu", run_eval=False)
     assert (out / "old.txt").exists()
     quantize_checkpoint(tiny_llama_dir, out, config, device="cpu", run_eval=False, overwrite=True)
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def _tree(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_into_the_sources_parent_leaves_the_source_intact(tiny_llama_dir, tmp_path):
+    models = tmp_path / "models"
+    source = models / "tiny"
+    shutil.copytree(tiny_llama_dir, source)
+    (models / "notes.txt").write_text("a file beside the model")
+    before = _tree(models)
+    for out in (models, tmp_path, source):
+        result = _cli(str(source), "-o", str(out), "--overwrite", "--group-size", "32", "--num-samples", "2",
+                      "--seq-len", "32", "--no-eval", "--device", "cpu")
+        assert isinstance(result.exception, QuantizationError), result.output
+        assert ("contains the source" in str(result.exception)) or ("is the source" in str(result.exception))
+        assert _tree(models) == before
+
+
+def test_overwrite_refuses_a_dir_that_is_not_a_checkpoint(tiny_llama_dir, tmp_path):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    result = _cli(str(tiny_llama_dir), "-o", str(out), "--overwrite", "--group-size", "32", "--num-samples", "2",
+                  "--seq-len", "32", "--no-eval", "--device", "cpu")
+    assert isinstance(result.exception, QuantizationError) and "not a GPTQ checkpoint" in str(result.exception)
+    assert (out / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]
+
+
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_checkpoint_is_written_with_the_users_umask(tiny_llama_dir, tmp_path, umask, dir_mode, file_mode):
+    import os
+
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "q"
+        quantize_checkpoint(tiny_llama_dir, out, QuantConfig(num_samples=2, seq_len=32, group_size=32),
+                            device="cpu", run_eval=False)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == dir_mode
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {file_mode}, modes
+
+
+def test_dataset_is_local_only(tmp_path, monkeypatch):
+    import datasets
+
+    from llmctl.quant.calibration import check_dataset, load_calibration_texts
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"datasets.load_dataset called with {args}")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    for name in ("wikitext", "allenai/c4", str(tmp_path / "missing")):
+        with pytest.raises(ConfigError, match="does not exist") as info:
+            load_calibration_texts(name)
+        assert str(Path(name).expanduser()) in str(info.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=f"directory {empty} holds no"):
+        check_dataset(str(empty))
+
+
+def test_dataset_directory_reads_its_files(tmp_path):
+    from llmctl.quant.calibration import load_calibration_texts
+
+    data = tmp_path / "data"
+    (data / "more").mkdir(parents=True)
+    (data / "a.jsonl").write_text('{"text": "first document"}\n{"text": "second document"}\n')
+    (data / "more" / "b.jsonl").write_text('{"text": "third document"}\n')
+    assert sorted(load_calibration_texts(str(data))) == ["first document", "second document", "third document"]
 
 
 def test_quick_eval_writes_llmctl_eval_json(tiny_llama_dir, tmp_path):

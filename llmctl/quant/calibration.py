@@ -1,5 +1,5 @@
-"""Calibration data for GPTQ: texts from a local file (through `datasets`), a hub dataset
-when online, or the embedded corpus's training split, cut into seeded token windows.
+"""Calibration data for GPTQ: texts from a local file or directory (read through `datasets`,
+never fetched from a hub) or the embedded corpus's training split, cut into seeded token windows.
 """
 
 from __future__ import annotations
@@ -17,18 +17,27 @@ _TEXT_COLUMNS = ("text", "content", "extract", "document", "sentence")
 
 
 def check_dataset(dataset: str | None) -> None:
-    """Fail early on a dataset argument that names a missing or unreadable local file."""
+    """Fail early on a dataset argument that is not a readable local file or directory.
+
+    Only local data: a name that is not a path is refused rather than looked up on a hub,
+    so llmctl never downloads anything at run time.
+    """
     if dataset is None:
         return
     path = Path(dataset).expanduser()
-    if path.exists():
-        if path.is_file() and path.suffix.lower() not in _LOADERS:
-            raise ConfigError(f"dataset: {path} has an unsupported extension",
-                              hint=f"use one of {', '.join(sorted(_LOADERS))}")
-        return
-    # Anything else that looks like a path is a missing file; the rest are hub names.
-    if path.suffix.lower() in _LOADERS or dataset.startswith((".", "/", "~")):
-        raise ConfigError(f"dataset: file {path} does not exist")
+    if not path.exists():
+        raise ConfigError(f"dataset: {path} does not exist (a local file or directory is needed)",
+                          hint=f"a {', '.join(sorted(_LOADERS))} file, or a directory of them; "
+                               "llmctl never downloads data sets")
+    if path.is_file() and path.suffix.lower() not in _LOADERS:
+        raise ConfigError(f"dataset: {path} has an unsupported extension",
+                          hint=f"use one of {', '.join(sorted(_LOADERS))}")
+    if path.is_dir() and not _data_files(path):
+        raise ConfigError(f"dataset: directory {path} holds no {', '.join(sorted(_LOADERS))} file")
+
+
+def _data_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in _LOADERS)
 
 
 def load_calibration_texts(dataset: str | None) -> list[str]:
@@ -42,7 +51,7 @@ def load_calibration_texts(dataset: str | None) -> list[str]:
     if path.is_file() and path.suffix.lower() == ".json" and _is_title_map(path):
         # The embedded corpus format: keep its held-out split out of calibration.
         return list(load_corpus_split(path).train)
-    texts = _load_with_datasets(path if path.exists() else None, dataset)
+    texts = _load_with_datasets(path)
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise ConfigError(f"dataset: {dataset} has no text", hint=f"one of the columns {_TEXT_COLUMNS}")
@@ -57,21 +66,22 @@ def _is_title_map(path: Path) -> bool:
     return isinstance(data, dict) and all(isinstance(v, dict) and "extract" in v for v in list(data.values())[:5])
 
 
-def _load_with_datasets(path: Path | None, name: str) -> list[str]:
+def _load_with_datasets(path: Path) -> list[str]:
+    """Text of a local file, or of every data file under a local directory (one type)."""
     import datasets
 
+    files = _data_files(path) if path.is_dir() else [path]
+    kinds = {_LOADERS[f.suffix.lower()] for f in files}
+    if len(kinds) > 1:
+        raise ConfigError(f"dataset: {path} mixes file types ({', '.join(sorted(kinds))})",
+                          hint="keep one type of data file in the directory")
     try:
-        if path is None:
-            ds = datasets.load_dataset(name, split="train")
-        elif path.is_dir():
-            ds = datasets.load_dataset(str(path), split="train")
-        else:
-            ds = datasets.load_dataset(_LOADERS[path.suffix.lower()], data_files=str(path), split="train")
+        ds = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
     except Exception as err:  # datasets raises many unrelated types for one cause: unreadable input
-        raise ConfigError(f"dataset: cannot load {name}: {err}") from err
+        raise ConfigError(f"dataset: cannot read {path}: {err}") from err
     column = next((c for c in _TEXT_COLUMNS if c in ds.column_names), None)
     if column is None:
-        raise ConfigError(f"dataset: {name} has no text column", hint=f"name one of {_TEXT_COLUMNS}")
+        raise ConfigError(f"dataset: {path} has no text column", hint=f"name one of {_TEXT_COLUMNS}")
     return [str(t) for t in ds[column]]
 
 

@@ -174,6 +174,7 @@ class CheckpointWriter:
         (tmp / "quantize_config.json").write_text(json.dumps(qconfig.to_dict(), indent=2))
         for name, payload in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(payload, indent=2))
+        _apply_umask(tmp)
         return self._move_into_place()
 
     def _move_into_place(self) -> Path:
@@ -181,6 +182,7 @@ class CheckpointWriter:
         if self.out_dir.exists():
             if not self.overwrite:
                 raise QuantizationError(f"output dir {self.out_dir} appeared while quantizing; not replacing it")
+            check_output_dir(self.out_dir, overwrite=True)  # it may have changed while quantizing
             old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
             os.replace(self.out_dir, old / "x")
         os.replace(self.tmp_dir, self.out_dir)
@@ -190,14 +192,56 @@ class CheckpointWriter:
         return self.out_dir
 
 
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not overwrite:
-        raise QuantizationError(f"output dir {out_dir} already exists", hint="pass --overwrite to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
+def _apply_umask(tmp: Path) -> None:
+    """mkdtemp makes 0700 and safetensors writes 0600: give the finished checkpoint the
+    modes any other file of the user gets (0755/0644 under the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    for path in tmp.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A directory `--overwrite` may replace: a GPTQ checkpoint (llmctl's or another quantizer's)."""
+    try:
+        return read_gptq_config(path) is not None
+    except (OSError, ValueError, ModelLoadError):
+        return False
+
+
+def check_output_dir(out_dir: Path, overwrite: bool, source_dir: Path | None = None) -> None:
+    """Refuse any output that would put a user's files at risk, before any work is done.
+
+    The output may not be the source, lie inside it or contain it; an existing output is
+    replaced only with `overwrite`, and only when it is empty or a GPTQ checkpoint, so a
+    mistyped `-o` can never delete a model, a home directory or a project.
+    """
+    out_dir = out_dir.resolve()
+    if source_dir is not None:
+        src = Path(source_dir).resolve()
+        if out_dir == src:
+            raise QuantizationError(f"output dir {out_dir} is the source model dir",
+                                    hint="write the checkpoint to a new directory; the source is never modified")
+        if src in out_dir.parents:
+            raise QuantizationError(f"output dir {out_dir} is inside the source model dir {src}",
+                                    hint="write the checkpoint somewhere else; the source is never modified")
+        if out_dir in src.parents:
+            raise QuantizationError(f"output dir {out_dir} contains the source model dir {src}",
+                                    hint="name a new directory, e.g. -o " + str(out_dir / f"{src.name}-gptq"))
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
         raise QuantizationError(f"output path {out_dir} exists and is not a directory")
+    if not overwrite:
+        raise QuantizationError(f"output dir {out_dir} already exists", hint="pass --overwrite to replace it")
+    if any(out_dir.iterdir()) and not is_checkpoint_dir(out_dir):
+        raise QuantizationError(f"output dir {out_dir} is not a GPTQ checkpoint; --overwrite replaces only "
+                                "a checkpoint or an empty dir", hint="name a new directory")
 
 
 def copy_tokenizer_files(source_dir: Path, dest_dir: Path) -> None:
     for path in sorted(source_dir.iterdir()):
         if path.is_file() and path.suffix in _COPY_SUFFIXES and path.name not in _NEVER_COPY:
-            shutil.copy2(path, dest_dir / path.name)
+            shutil.copyfile(path, dest_dir / path.name)

@@ -70,11 +70,7 @@ def validate_request(model_dir: Path, out_dir: Path, config: QuantConfig, overwr
     arch = arch_from_config(cfg, source=str(model_dir / "config.json"))
     if arch.is_gptq:
         raise QuantizationError(f"{model_dir} is already GPTQ-quantized", hint="quantize the original 16/32-bit model")
-    out_dir, src = out_dir.resolve(), model_dir.resolve()
-    if out_dir == src or src in out_dir.parents:
-        raise QuantizationError(f"output dir {out_dir} is inside the source model dir {src}",
-                                hint="write the checkpoint somewhere else; the source is never modified")
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, source_dir=model_dir)
     check_dataset(config.dataset)
     d, i = arch.hidden_size, arch.intermediate_size
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
