@@ -138,6 +138,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, "port", f"must be in 0..65535, got {self.port}")
+        _check(self.api_key is None or bool(self.api_key.strip()), "api_key", "must not be empty (unset it for no key)")
         _check(self.max_request_bytes > 0, "max_request_bytes", "must be positive")
 
 

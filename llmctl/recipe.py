@@ -41,6 +41,7 @@ _SECTIONS: dict[str, type] = {
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+_MIN_BARE_SIZE = 2**20  # a number without a unit below this is a forgotten unit
 
 
 def parse_size(value: str | int, name: str = "size") -> int:
@@ -53,7 +54,12 @@ def parse_size(value: str | int, name: str = "size") -> int:
     unit = (m.group(2) or "").lower() if m else None
     if not m or unit not in _UNITS:
         raise ConfigError(f"{name}: expected a size like 16GiB or 512MB, got {value!r}")
-    return int(float(m.group(1)) * _UNITS[unit])
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if not unit and size < _MIN_BARE_SIZE:
+        # `--gpu-memory 80` meant 80GiB, not 80 bytes.
+        raise ConfigError(f"{name}: {value!r} has no unit, so it reads as {size} bytes",
+                          hint=f"give a unit: {m.group(1)}GiB, {m.group(1)}GB or {m.group(1)}MiB")
+    return size
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def serve(
     from llmctl.recipe import parse_size
     from llmctl.serve.launcher import build_configs
 
-    flags = dict(host=host, port=port, served_model_name=served_model_name, api_key=api_key or os.environ.get("LLMCTL_API_KEY"),
+    flags = dict(host=host, port=port, served_model_name=served_model_name, api_key=resolve_api_key(api_key),
                  max_request_bytes=max_request_bytes, shutdown_grace_s=shutdown_grace_s, dtype=dtype, device=device,
                  max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                  block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
@@ -45,15 +45,42 @@ def serve(
     _run(engine_config, serve_config, model, log_level)
 
 
+def resolve_api_key(flag: str | None) -> str | None:
+    """--api-key, else LLMCTL_API_KEY. An empty one is refused: `--api-key "$KEY"` with KEY
+    unset would otherwise start a server that anyone can use."""
+    from llmctl.errors import ConfigError
+
+    if flag is not None:
+        if not flag.strip():
+            raise ConfigError("--api-key: the key is empty", hint="is the variable you passed set? "
+                              "Leave --api-key out to serve without authentication")
+        return flag
+    env = os.environ.get("LLMCTL_API_KEY")
+    if env is not None and not env.strip():
+        raise ConfigError("LLMCTL_API_KEY is set but empty",
+                          hint="set it to the key, or unset it to serve without authentication")
+    return env
+
+
 def _run(engine_config, serve_config, model_arg: str | None, log_level: str) -> None:
     from rich.console import Console
 
+    from llmctl.serve.listen import bind_socket
+
+    console = Console(stderr=True, highlight=False)
+    # A taken port fails here, in a second, not after the model has loaded.
+    sock = bind_socket(serve_config.host, serve_config.port)
+    try:
+        _load_and_serve(console, sock, engine_config, serve_config, model_arg, log_level)
+    finally:
+        sock.close()
+
+
+def _load_and_serve(console, sock, engine_config, serve_config, model_arg, log_level) -> None:
     from llmctl.engine.llm_engine import LLMEngine
     from llmctl.serve.api_server import run_server
     from llmctl.serve.launcher import build_app, model_dir_of
     from llmctl.serve.startup import quant_check
-
-    console = Console(stderr=True, highlight=False)
 
     def progress(event: str, info: dict) -> None:
         console.print(info.get("message", event), markup=False)
@@ -66,9 +93,10 @@ def _run(engine_config, serve_config, model_arg: str | None, log_level: str) -> 
         console.print(line, style=style or None, markup=False)
     app = build_app(engine, serve_config, model_arg=model_arg)
     names = ", ".join(app.state.ctx.served_model_names)
-    console.print(f"serving {names} on http://{serve_config.host}:{serve_config.port}/v1"
+    port = sock.getsockname()[1]
+    console.print(f"serving {names} on http://{serve_config.host}:{port}/v1"
                   f"{' (API key required)' if serve_config.api_key else ''}", markup=False)
     if serve_config.host not in ("127.0.0.1", "localhost", "::1") and not serve_config.api_key:
         console.print(f"WARNING: bound to {serve_config.host} with no --api-key: anyone who reaches this port can use it",
                       style="bold red", markup=False)
-    run_server(app, serve_config, log_level=log_level)
+    run_server(app, serve_config, log_level=log_level, sock=sock)

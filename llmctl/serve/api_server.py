@@ -121,9 +121,10 @@ class _Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
-def run_server(app: FastAPI, config: ServeConfig, log_level: str = "info") -> None:
+def run_server(app: FastAPI, config: ServeConfig, log_level: str = "info", sock=None) -> None:
     """Serve until SIGINT/SIGTERM: stop accepting, let in-flight requests finish for
-    `shutdown_grace_s`, then cancel (aborting them in the engine) and return."""
+    `shutdown_grace_s`, then cancel (aborting them in the engine) and return. `sock`: a
+    socket already bound (`listen.bind_socket`), so a taken port failed before the model loaded."""
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
                                timeout_graceful_shutdown=config.shutdown_grace_s, access_log=False)
-    _Server(uv_config).run()
+    _Server(uv_config).run(sockets=[sock] if sock is not None else None)

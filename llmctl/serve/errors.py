@@ -81,6 +81,11 @@ def install_error_handlers(app: FastAPI) -> None:
         # vLLM answers schema errors with 400, not FastAPI's 422: the openai client
         # then raises BadRequestError as it would against OpenAI.
         first = err.errors()[0] if err.errors() else {}
+        if first.get("type") == "json_invalid":  # loc is ("body", offset): a position, not a parameter
+            where = first.get("loc", ())[-1]
+            reason = (first.get("ctx") or {}).get("error", "")
+            detail = f": {reason}" if reason else ""
+            return error_response(f"the request body is not valid JSON (at character {where}{detail})", 400)
         # pydantic puts union members into the location (`prompt.list[int]`): keep field names only
         loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
         param = ".".join(loc) or None
