@@ -1,13 +1,17 @@
 """Configuration: one frozen dataclass per concern, validated on construction.
 
-Recipes (YAML) are loaded into these in `llmctl.recipe`. Nothing here imports torch.
+Recipes (YAML) are loaded into these in `llmctl.recipe`; `llmctl.settings` merges flags
+over a recipe over these defaults. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from llmctl.errors import ConfigError
+from llmctl.errors import ConfigError, ModelLoadError
 
 
 def _check(cond: bool, name: str, why: str) -> None:
@@ -79,9 +83,16 @@ class ParallelConfig:
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
 
 
+GPTQ_FORMATS = ("gptq", "gptq_v2")
+GPTQ_CONFIG_FILE = "quantize_config.json"
+
+
 @dataclass(frozen=True)
-class QuantConfig:
-    """GPTQ settings, as AutoGPTQ/GPTQModel name them in quantize_config.json."""
+class GPTQConfig:
+    """GPTQ settings, named and serialized as AutoGPTQ/GPTQModel write them into
+    quantize_config.json and config.json's `quantization_config`. The one GPTQ config:
+    the quantizer runs it, the checkpoint writer writes it, `read_gptq_config` reads it
+    back, the GPTQ linear method and the KV planner take it."""
 
     bits: int = 4
     group_size: int = 128
@@ -91,19 +102,112 @@ class QuantConfig:
     true_sequential: bool = True
     static_groups: bool = False
     # GPTQModel's default ordering: groups by decreasing max H diagonal, columns inside a
-    # group likewise; groups stay contiguous, so no g_idx cost at inference.
+    # group likewise; groups stay contiguous, so no g_idx cost at inference. Act-order
+    # (desc_act) replaces it, so it reads False whenever desc_act is set.
     act_group_aware: bool = True
     lm_head: bool = False
-    dataset: str | None = None  # None: the embedded Wikipedia corpus (training split)
-    num_samples: int = 128
-    seq_len: int = 2048
-    seed: int = 0
+    # gptq (v1) stores zero - 1, gptq_v2 the zero itself. The quantizer picks it from `sym`.
+    checkpoint_format: str = "gptq"
 
     def __post_init__(self) -> None:
         _check(self.bits in (2, 3, 4, 8), "bits", f"must be 2, 3, 4 or 8, got {self.bits}")
         _check(self.group_size == -1 or self.group_size in (16, 32, 64, 128, 256, 512, 1024), "group_size",
                f"must be -1 or a power of two in 16..1024, got {self.group_size}")
         _check(0.0 < self.damp_percent < 1.0, "damp_percent", f"must be in (0, 1), got {self.damp_percent}")
+        _check(self.checkpoint_format in GPTQ_FORMATS, "checkpoint_format",
+               f"must be gptq (v1) or gptq_v2, got {self.checkpoint_format!r}")
+        if self.desc_act and self.act_group_aware:
+            object.__setattr__(self, "act_group_aware", False)
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def zero_offset(self) -> int:
+        """What a stored zero lacks: 1 in format gptq (v1), 0 in gptq_v2."""
+        return 1 if self.checkpoint_format == "gptq" else 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTQConfig:
+        """From quantize_config.json or config.json's `quantization_config`. GPTQModel keeps
+        some fields under `meta`; a missing `act_group_aware` means a quantizer that had none."""
+        method = str(d.get("quant_method") or "gptq").lower()
+        if method != "gptq":
+            raise ConfigError(f"quantization method {method!r} is not supported",
+                              hint="llmctl loads dense (fp32/fp16/bf16) and GPTQ checkpoints")
+        meta = d.get("meta") or {}
+
+        def get(key: str, default: Any) -> Any:
+            value = d.get(key, meta.get(key))
+            return default if value is None else value
+
+        try:
+            return cls(
+                bits=int(get("bits", 4)), group_size=int(get("group_size", 128)), desc_act=bool(get("desc_act", False)),
+                sym=bool(get("sym", True)), damp_percent=float(get("damp_percent", 0.01)),
+                true_sequential=bool(get("true_sequential", True)), static_groups=bool(get("static_groups", False)),
+                act_group_aware=bool(get("act_group_aware", False)), lm_head=bool(get("lm_head", False)),
+                checkpoint_format=str(d.get("checkpoint_format") or d.get("format") or "gptq").lower())
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"quantization_config: invalid value ({err})") from err
+
+    def to_dict(self) -> dict[str, Any]:
+        """What goes into quantize_config.json and config.json's `quantization_config`."""
+        from llmctl import __version__
+
+        return {
+            "bits": self.bits, "group_size": self.group_size, "desc_act": self.desc_act, "sym": self.sym,
+            "lm_head": self.lm_head, "quant_method": "gptq", "checkpoint_format": self.checkpoint_format,
+            "pack_dtype": "int32", "damp_percent": self.damp_percent, "true_sequential": self.true_sequential,
+            "static_groups": self.static_groups,
+            "meta": {"quantizer": [f"llmctl:{__version__}"], "act_group_aware": self.act_group_aware,
+                     "damp_percent": self.damp_percent, "true_sequential": self.true_sequential,
+                     "static_groups": self.static_groups},
+        }
+
+
+def read_gptq_config(model_dir: str | Path) -> GPTQConfig | None:
+    """The GPTQ config of a model dir, or None for a dense model: config.json's
+    `quantization_config` (what transformers and vLLM read) first, else quantize_config.json
+    (AutoGPTQ's file). A quantization method other than GPTQ is a `ModelLoadError`."""
+    model_dir = Path(model_dir)
+    for path, key in ((model_dir / "config.json", "quantization_config"), (model_dir / GPTQ_CONFIG_FILE, None)):
+        if not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
+        raw = raw.get(key) if key and isinstance(raw, dict) else raw
+        if raw:
+            return gptq_config_from_json(raw, str(path))
+    return None
+
+
+def gptq_config_from_json(raw: Any, source: str) -> GPTQConfig:
+    """`GPTQConfig.from_dict` for a checkpoint's file: a bad value is a `ModelLoadError` naming it."""
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{source}: the quantization config is not a mapping")
+    try:
+        return GPTQConfig.from_dict(raw)
+    except ConfigError as err:
+        raise ModelLoadError(f"{source}: {err}", hint=err.hint) from None
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A `llmctl quantize` run: the GPTQ settings it writes, and its calibration data."""
+
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    dataset: str | None = None  # None: the embedded Wikipedia corpus (training split)
+    num_samples: int = 128
+    seq_len: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
         _check(self.num_samples > 0, "num_samples", "must be positive")
         _check(self.seq_len > 0, "seq_len", "must be positive")
 

@@ -19,6 +19,7 @@ from llmctl.config import (
     BenchConfig,
     CacheConfig,
     EvalConfig,
+    GPTQConfig,
     ModelConfig,
     ParallelConfig,
     QuantConfig,
@@ -113,7 +114,7 @@ def _check_type(value: Any, hint: Any, name: str) -> Any:
     return value
 
 
-def _build(cls: type, raw: Any, section: str) -> Any:
+def _build(cls: type, raw: Any, section: str, extra_names: tuple[str, ...] = ()) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -123,7 +124,8 @@ def _build(cls: type, raw: Any, section: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            raise ConfigError(f"{section}.{key}: unknown field", hint=f"known fields: {', '.join(sorted(names))}")
+            known = sorted((names | set(extra_names)) - {"gptq"})
+            raise ConfigError(f"{section}.{key}: unknown field", hint=f"known fields: {', '.join(known)}")
         if key == "kv_cache_memory" and value is not None:
             value = parse_size(value, f"{section}.{key}")
         kwargs[key] = _check_type(value, hints[key], f"{section}.{key}")
@@ -131,6 +133,23 @@ def _build(cls: type, raw: Any, section: str) -> Any:
         return cls(**kwargs)
     except ConfigError as err:
         raise ConfigError(f"{section}.{err}", hint=err.hint) from None
+
+
+# The quantize section is flat in YAML: GPTQ fields (as quantize_config.json names them)
+# beside the calibration fields. The checkpoint format follows `sym`, so it is not one of them.
+QUANTIZE_GPTQ_FIELDS = tuple(f.name for f in dataclasses.fields(GPTQConfig) if f.name != "checkpoint_format")
+
+
+def _build_quant(raw: Any) -> QuantConfig:
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"quantize: expected a mapping, got {type(raw).__name__}")
+    gptq = {k: v for k, v in raw.items() if k in QUANTIZE_GPTQ_FIELDS}
+    rest = {k: v for k, v in raw.items() if k not in QUANTIZE_GPTQ_FIELDS}
+    if "gptq" in rest:
+        raise ConfigError("quantize.gptq: unknown field", hint="GPTQ fields sit directly in the quantize section")
+    calibration = _build(QuantConfig, rest, "quantize", extra_names=QUANTIZE_GPTQ_FIELDS)
+    return dataclasses.replace(calibration, gptq=_build(GPTQConfig, gptq, "quantize"))
 
 
 def recipe_from_dict(raw: Any, path: Path | None = None) -> Recipe:
@@ -147,8 +166,8 @@ def recipe_from_dict(raw: Any, path: Path | None = None) -> Recipe:
         raise ConfigError(f"{where}: model.arch must be a mapping of config.json fields")
     if "path" in model_raw:
         model_raw["model"] = str(model_raw.pop("path"))
-    sections = {attr: _build(cls, raw.get(key), key) for key, cls in _SECTIONS.items()
-                for attr in [("quant" if key == "quantize" else key)]}
+    sections = {key: _build(cls, raw.get(key), key) for key, cls in _SECTIONS.items() if key != "quantize"}
+    sections["quant"] = _build_quant(raw.get("quantize"))
     recipe = Recipe(
         name=str(raw.get("name") or (path.stem if path else "recipe")),
         path=path,

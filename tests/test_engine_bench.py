@@ -135,8 +135,8 @@ def test_dummy_gptq_weights_load_as_a_gptq_model_and_bench_through_the_cli(tiny_
     from llmctl.models.dummy import load_dummy_model, with_quantization
 
     arch = with_quantization(arch_from_config(yaml.safe_load(TINY_RECIPE)["model"]["arch"]), "gptq")
-    assert arch.is_gptq and arch.quantization_config["bits"] == 4
-    assert arch.quantization_config["group_size"] == -1  # 64 is not a multiple of 128
+    assert arch.is_gptq and arch.quantization.bits == 4
+    assert arch.quantization.group_size == -1  # 64 is not a multiple of 128
     model = load_dummy_model(arch, torch.float32, "cpu", seed=3)
     layer = model.model.layers[0].mlp.gate_up_proj
     assert layer.qweight.dtype == torch.int32 and not hasattr(layer, "weight")

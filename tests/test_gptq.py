@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmctl.config import GPTQConfig
 from llmctl.errors import QuantizationError
 from llmctl.quant.gptq import (
-    GPTQSettings,
     HessianAccumulator,
     fit_grid,
     gptq_quantize,
@@ -56,7 +56,7 @@ def test_symmetric_grid_uses_the_autogptq_zero_and_fp16_scales():
 ])
 def test_gptq_beats_round_to_nearest_in_every_mode(kwargs):
     w, x = _problem()
-    settings = GPTQSettings(group_size=kwargs.pop("group_size", 64), **kwargs)
+    settings = GPTQConfig(group_size=kwargs.pop("group_size", 64), **kwargs)
     result = gptq_quantize(w, _hessian(x), settings, x.shape[0])
     assert int(result.codes.min()) >= 0 and int(result.codes.max()) <= settings.maxq
     rtn = rtn_quantize(w, settings)
@@ -66,7 +66,7 @@ def test_gptq_beats_round_to_nearest_in_every_mode(kwargs):
 def test_act_order_g_idx_assigns_group_size_columns_to_each_group():
     w, x = _problem()
     h = _hessian(x)
-    desc = gptq_quantize(w, h, GPTQSettings(group_size=64, desc_act=True))
+    desc = gptq_quantize(w, h, GPTQConfig(group_size=64, desc_act=True))
     counts = torch.bincount(desc.g_idx.long())
     assert counts.tolist() == [64, 64, 64, 64]
     # The most active column is quantized first, so it opens group 0.
@@ -74,7 +74,7 @@ def test_act_order_g_idx_assigns_group_size_columns_to_each_group():
     assert not torch.equal(desc.g_idx, torch.arange(256, dtype=torch.int32) // 64)
     # Group-aware ordering and static groups keep groups contiguous (no g_idx cost).
     natural = torch.arange(256, dtype=torch.int32) // 64
-    for settings in (GPTQSettings(group_size=64), GPTQSettings(group_size=64, desc_act=True, static_groups=True)):
+    for settings in (GPTQConfig(group_size=64), GPTQConfig(group_size=64, desc_act=True, static_groups=True)):
         assert torch.equal(gptq_quantize(w, h, settings).g_idx, natural)
 
 
@@ -82,7 +82,7 @@ def test_dead_columns_are_zeroed_and_a_singular_hessian_is_damped():
     w, x = _problem()
     x[:, 5] = 0  # a channel the calibration never excites
     x[:, 7] = x[:, 8]  # two identical channels: H is singular
-    result = gptq_quantize(w, _hessian(x), GPTQSettings(group_size=64, damp_percent=1e-9))
+    result = gptq_quantize(w, _hessian(x), GPTQConfig(group_size=64, damp_percent=1e-9))
     deq = result.dequantize()
     assert torch.all(deq[:, 5] == 0)
     assert torch.isfinite(deq).all()
@@ -93,13 +93,13 @@ def test_a_hessian_that_no_damping_can_fix_raises_a_quantization_error():
     h = _hessian(x)
     h[3, 3] = float("nan")
     with pytest.raises(QuantizationError, match="not positive definite"):
-        gptq_quantize(w, h, GPTQSettings(group_size=64))
+        gptq_quantize(w, h, GPTQConfig(group_size=64))
 
 
 def test_group_size_must_divide_in_features():
     w, x = _problem(k=96, tokens=256)
     with pytest.raises(QuantizationError, match="group_size 64 does not divide in_features 96"):
-        gptq_quantize(w, _hessian(x), GPTQSettings(group_size=64))
+        gptq_quantize(w, _hessian(x), GPTQConfig(group_size=64))
 
 
 def test_gptq_beats_round_to_nearest_on_a_real_layer_of_the_default_model(default_model_dir):
@@ -120,7 +120,7 @@ def test_gptq_beats_round_to_nearest_on_a_real_layer_of_the_default_model(defaul
     x = torch.cat(inputs)
     fit, held_out = x[: x.shape[0] // 2], x[x.shape[0] // 2:]
     w = layer.weight.data.clone()
-    settings = GPTQSettings(bits=4, group_size=64)
+    settings = GPTQConfig(bits=4, group_size=64)
     gptq = gptq_quantize(w, _hessian(fit), settings, fit.shape[0]).dequantize()
     rtn = rtn_quantize(w, settings).dequantize()
     assert _output_error(w, gptq, fit) < 0.5 * _output_error(w, rtn, fit)

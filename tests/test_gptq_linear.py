@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from kernels.reference import dequantize_gptq
+from llmctl.config import GPTQConfig
 from llmctl.layers.linear import MergedColumnParallelLinear, RowParallelLinear
-from llmctl.quant.gptq import GPTQSettings, HessianAccumulator, gptq_quantize
-from llmctl.quant.gptq_linear import GPTQLinearMethod
+from llmctl.layers.quantization import GPTQLinearMethod
+from llmctl.quant.gptq import HessianAccumulator, gptq_quantize
 from llmctl.quant.packing import format_for, pack_result
 
 
-def _packed(n: int, k: int, settings: GPTQSettings, seed: int):
+def _packed(n: int, k: int, settings: GPTQConfig, seed: int):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(256, k, generator=g)
     acc = HessianAccumulator(k)
@@ -24,13 +27,12 @@ def _packed(n: int, k: int, settings: GPTQSettings, seed: int):
 
 @pytest.mark.parametrize("bits, sym, desc_act", [(4, True, False), (3, False, True), (8, True, True), (2, False, False)])
 def test_fused_gate_up_loads_shard_by_shard_and_matches_the_dequantized_weights(bits, sym, desc_act):
-    settings = GPTQSettings(bits=bits, group_size=32, sym=sym, desc_act=desc_act)
+    settings = GPTQConfig(bits=bits, group_size=32, sym=sym, desc_act=desc_act)
     # Both shards of one fused layer share g_idx: quantize them as one matrix, then split.
     fused, _ = _packed(128, 96, settings, seed=bits)
     from llmctl.quant.packing import split_result
 
-    method = GPTQLinearMethod({"quant_method": "gptq", "bits": bits, "group_size": 32, "sym": sym,
-                               "desc_act": desc_act, "checkpoint_format": format_for(sym)})
+    method = GPTQLinearMethod(replace(settings, checkpoint_format=format_for(sym)))
     layer = MergedColumnParallelLinear(96, [64, 64], linear_method=method, params_dtype=torch.float32)
     for shard_id, part in enumerate(split_result(fused, [64, 64])):
         for name, tensor in pack_result(part, bits, format_for(sym)).tensors("x").items():
@@ -42,9 +44,9 @@ def test_fused_gate_up_loads_shard_by_shard_and_matches_the_dequantized_weights(
 
 
 def test_row_parallel_layer_with_bias():
-    settings = GPTQSettings(bits=4, group_size=64)
+    settings = GPTQConfig(bits=4, group_size=64)
     result, packed = _packed(64, 128, settings, seed=7)
-    layer = RowParallelLinear(128, 64, bias=True, linear_method=GPTQLinearMethod({"bits": 4, "group_size": 64}),
+    layer = RowParallelLinear(128, 64, bias=True, linear_method=GPTQLinearMethod(GPTQConfig(bits=4, group_size=64)),
                               params_dtype=torch.float32)
     for name, tensor in {**packed.tensors("x"), "x.bias": torch.randn(64)}.items():
         param = getattr(layer, name.split(".")[-1])
@@ -56,10 +58,9 @@ def test_row_parallel_layer_with_bias():
 @pytest.mark.gpu
 @pytest.mark.parametrize("desc_act", [False, True])
 def test_cuda_path_runs_the_triton_kernels_and_matches_the_reference(desc_act):
-    settings = GPTQSettings(bits=4, group_size=128, desc_act=desc_act)
+    settings = GPTQConfig(bits=4, group_size=128, desc_act=desc_act)
     result, packed = _packed(512, 1024, settings, seed=11)
-    layer = RowParallelLinear(1024, 512, linear_method=GPTQLinearMethod({"bits": 4, "group_size": 128,
-                                                                          "desc_act": desc_act}),
+    layer = RowParallelLinear(1024, 512, linear_method=GPTQLinearMethod(settings),
                               params_dtype=torch.float16).cuda()
     for name, tensor in packed.tensors("x").items():
         param = getattr(layer, name.split(".")[-1])

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmctl.errors import ConfigError, ModelLoadError
-from llmctl.models.loader import load_model, load_tokenizer, read_quant_config, resolve_model_path, weight_files
+from llmctl.config import read_gptq_config
+from llmctl.models.loader import load_model, load_tokenizer, resolve_model_path, weight_files
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
@@ -150,8 +151,8 @@ def test_unknown_quantization_method(model_copy: Path) -> None:
 
 def test_quantize_config_json_is_read_as_gptq(model_copy: Path) -> None:
     (model_copy / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 16, "desc_act": False, "sym": True}))
-    qcfg = read_quant_config(model_copy, json.loads((model_copy / "config.json").read_text()))
-    assert qcfg["quant_method"] == "gptq" and qcfg["group_size"] == 16
+    qcfg = read_gptq_config(model_copy)
+    assert qcfg is not None and qcfg.group_size == 16 and qcfg.checkpoint_format == "gptq"
 
 
 def test_index_selects_files(tiny_dir: Path, tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmctl.errors import ModelLoadError
+from llmctl.config import GPTQConfig
+from llmctl.errors import ConfigError, ModelLoadError
 from llmctl.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -14,10 +15,11 @@ from llmctl.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
     UnquantizedLinearMethod,
-    get_linear_method,
 )
+from llmctl.layers.quantization import get_linear_method
 
-GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 16, "desc_act": True, "sym": True, "checkpoint_format": "gptq"}
+GPTQ_CONFIG = GPTQConfig.from_dict({"quant_method": "gptq", "bits": 4, "group_size": 16, "desc_act": True, "sym": True,
+                                    "checkpoint_format": "gptq"})
 
 
 def _rand(*shape: int) -> torch.Tensor:
@@ -110,5 +112,5 @@ def test_unsharded_param_must_agree_across_shards() -> None:
 def test_linear_method_resolution() -> None:
     assert isinstance(get_linear_method(None), UnquantizedLinearMethod)
     assert type(get_linear_method(GPTQ_CONFIG)).__name__ == "GPTQLinearMethod"
-    with pytest.raises(ModelLoadError, match=r"quantization method 'awq' is not supported"):
-        get_linear_method({"quant_method": "awq"})
+    with pytest.raises(ConfigError, match=r"quantization method 'awq' is not supported"):
+        GPTQConfig.from_dict({"quant_method": "awq"})

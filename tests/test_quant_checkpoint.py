@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmctl.config import EvalConfig, QuantConfig
+from llmctl.config import EvalConfig, GPTQConfig, QuantConfig
 from llmctl.errors import ConfigError, LlmctlError, QuantizationError
 from llmctl.quant.run import quantize_checkpoint
 
@@ -38,12 +38,11 @@ def _fake_quantized_logits(model_dir: Path, config: QuantConfig, ids: torch.Tens
     from llmctl.models.loader import load_model, load_tokenizer
     from llmctl.quant.calibration import calibration_batch, load_calibration_texts
     from llmctl.quant.driver import quantize_model_layers
-    from llmctl.quant.run import settings_from_config
 
     model = load_model(model_dir, dtype="float32", device="cpu")
     calib = calibration_batch(load_tokenizer(model_dir), load_calibration_texts(config.dataset),
                               config.num_samples, config.seq_len, config.seed)
-    quantize_model_layers(model, calib, settings_from_config(config), sink=lambda *_: None)
+    quantize_model_layers(model, calib, config.gptq, sink=lambda *_: None)
     for name, param in model.named_parameters():
         if param.is_floating_point() and not name.endswith(("proj.weight",)):
             param.data = param.data.half().float()  # what the checkpoint stores for unquantized tensors
@@ -63,7 +62,7 @@ def _digest(path: Path) -> dict[str, str]:
 def test_checkpoint_loads_with_the_logits_of_the_fake_quantized_model(tiny_llama_dir, tmp_path, overrides):
     from llmctl.models.loader import load_model
 
-    config = QuantConfig(num_samples=4, seq_len=64, **overrides)
+    config = QuantConfig(GPTQConfig(**overrides), num_samples=4, seq_len=64)
     before = _digest(tiny_llama_dir)
     out = tmp_path / "q"
     # A tiny shard limit forces several shards plus an index.
@@ -74,8 +73,8 @@ def test_checkpoint_loads_with_the_logits_of_the_fake_quantized_model(tiny_llama
     assert written["torch_dtype"] == "float16" and written.get("dtype", "float16") == "float16"
     qcfg = written["quantization_config"]
     assert qcfg == json.loads((out / "quantize_config.json").read_text())
-    assert (qcfg["bits"], qcfg["sym"], qcfg["quant_method"]) == (config.bits, config.sym, "gptq")
-    assert qcfg["checkpoint_format"] == ("gptq" if config.sym else "gptq_v2")
+    assert (qcfg["bits"], qcfg["sym"], qcfg["quant_method"]) == (config.gptq.bits, config.gptq.sym, "gptq")
+    assert qcfg["checkpoint_format"] == ("gptq" if config.gptq.sym else "gptq_v2")
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
         assert f"model.layers.1.{proj}.qweight" in index and f"model.layers.1.{proj}.g_idx" in index
@@ -94,7 +93,7 @@ def test_checkpoint_without_g_idx_loads_as_groups_in_order(tiny_llama_dir, tmp_p
     from llmctl.models.loader import load_model
 
     out = tmp_path / "q"
-    quantize_checkpoint(tiny_llama_dir, out, QuantConfig(num_samples=2, seq_len=64, group_size=32),
+    quantize_checkpoint(tiny_llama_dir, out, QuantConfig(GPTQConfig(group_size=32), num_samples=2, seq_len=64),
                         device="cpu", run_eval=False)
     ids = torch.arange(40).reshape(2, 20)
     expected = load_model(out, dtype="float32", device="cpu").logits(ids)
@@ -110,14 +109,14 @@ def test_a_failure_midway_leaves_no_output_dir(tiny_llama_dir, tmp_path):
         raise RuntimeError("interrupted after layer 0")
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        quantize_checkpoint(tiny_llama_dir, out, QuantConfig(num_samples=2, seq_len=32, group_size=32),
+        quantize_checkpoint(tiny_llama_dir, out, QuantConfig(GPTQConfig(group_size=32), num_samples=2, seq_len=32),
                             device="cpu", run_eval=False, on_layer=fail)
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temp dir
 
 
 def test_overwrite_replaces_an_existing_checkpoint_only_when_asked(tiny_llama_dir, tmp_path):
     out = tmp_path / "q"
-    config = QuantConfig(num_samples=2, seq_len=32, group_size=32)
+    config = QuantConfig(GPTQConfig(group_size=32), num_samples=2, seq_len=32)
     quantize_checkpoint(tiny_llama_dir, out, config, device="cpu", run_eval=False)
     (out / "old.txt").write_text("old")
     with pytest.raises(QuantizationError, match="already exists"):
@@ -165,7 +164,7 @@ def test_checkpoint_is_written_with_the_users_umask(tiny_llama_dir, tmp_path, um
     old = os.umask(umask)
     try:
         out = tmp_path / "q"
-        quantize_checkpoint(tiny_llama_dir, out, QuantConfig(num_samples=2, seq_len=32, group_size=32),
+        quantize_checkpoint(tiny_llama_dir, out, QuantConfig(GPTQConfig(group_size=32), num_samples=2, seq_len=32),
                             device="cpu", run_eval=False)
     finally:
         os.umask(old)
@@ -205,7 +204,7 @@ def test_dataset_directory_reads_its_files(tmp_path):
 
 def test_quick_eval_writes_llmctl_eval_json(tiny_llama_dir, tmp_path):
     out = tmp_path / "q"
-    summary = quantize_checkpoint(tiny_llama_dir, out, QuantConfig(num_samples=2, seq_len=64, group_size=32),
+    summary = quantize_checkpoint(tiny_llama_dir, out, QuantConfig(GPTQConfig(group_size=32), num_samples=2, seq_len=64),
                                   device="cpu", eval_config=EvalConfig(num_windows=2, window_len=64))
     report = json.loads((out / "llmctl_eval.json").read_text())
     assert report == summary.eval

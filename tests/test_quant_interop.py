@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmctl.config import QuantConfig
+from llmctl.config import GPTQConfig, QuantConfig
 
 pytestmark = pytest.mark.interop
 gptqmodel = pytest.importorskip("gptqmodel")
@@ -61,7 +61,7 @@ def test_gptqmodel_loads_what_llmctl_writes(tiny_llama_dir, tmp_path, overrides)
     from llmctl.quant.run import quantize_checkpoint
 
     out = tmp_path / "llmctl-gptq"
-    quantize_checkpoint(tiny_llama_dir, out, QuantConfig(group_size=32, num_samples=4, seq_len=64, **overrides),
+    quantize_checkpoint(tiny_llama_dir, out, QuantConfig(GPTQConfig(group_size=32, **overrides), num_samples=4, seq_len=64),
                         device="cpu", run_eval=False)
     ids = _ids()
     ours, theirs = _llmctl_logits(out, ids), _gptqmodel_logits(out, ids)

@@ -7,7 +7,8 @@ import torch
 
 from kernels.reference import dequantize_gptq
 from llmctl.errors import QuantizationError
-from llmctl.quant.gptq import GPTQResult, GPTQSettings, HessianAccumulator, gptq_quantize
+from llmctl.config import GPTQConfig
+from llmctl.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize
 from llmctl.quant.packing import (
     FORMAT_V1,
     FORMAT_V2,
@@ -75,7 +76,7 @@ def test_dequantized_weight_is_within_half_a_step_of_what_gptq_chose():
     acc = HessianAccumulator(k)
     acc.add_batch(x)
     w = torch.randn(n, k) * 0.05
-    for settings in (GPTQSettings(bits=4, group_size=64), GPTQSettings(bits=3, group_size=32, sym=False, desc_act=True)):
+    for settings in (GPTQConfig(bits=4, group_size=64), GPTQConfig(bits=3, group_size=32, sym=False, desc_act=True)):
         result = gptq_quantize(w, acc.hessian, settings, acc.num_tokens)
         fmt = format_for(settings.sym)
         packed = pack_result(result, settings.bits, fmt)

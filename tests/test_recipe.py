@@ -17,8 +17,8 @@ def test_shipped_recipes_load(name):
 def test_default_recipe_uses_group_size_64():
     recipe = load_recipe(RECIPES / "smollm2-135m.yaml")
     assert recipe.model.model == "default"
-    assert recipe.quant.group_size == 64
-    assert 576 % recipe.quant.group_size == 0
+    assert recipe.quant.gptq.group_size == 64
+    assert 576 % recipe.quant.gptq.group_size == 0
     assert recipe.cache.kv_cache_memory == 2**30
 
 

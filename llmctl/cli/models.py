@@ -68,17 +68,15 @@ def describe_default_model() -> dict[str, Any]:
 
 
 def describe_model_dir(model_dir: Path) -> dict[str, Any]:
-    from llmctl.models.arch import arch_from_config, read_config_json
-    from llmctl.models.loader import read_quant_config
+    from llmctl.models.arch import load_arch
 
-    cfg = read_config_json(model_dir)
-    arch = arch_from_config(cfg, source=str(model_dir / "config.json"))
-    qcfg = read_quant_config(model_dir, cfg)
+    arch = load_arch(model_dir)
     weights = sorted(model_dir.glob("*.safetensors"))
+    q = arch.quantization
     gptq = None
-    if qcfg is not None:
-        gptq = {k: qcfg.get(k) for k in ("quant_method", "bits", "group_size", "desc_act", "sym")}
-        gptq["checkpoint_format"] = qcfg.get("checkpoint_format", "gptq")
+    if q is not None:
+        gptq = {"quant_method": "gptq", "bits": q.bits, "group_size": q.group_size, "desc_act": q.desc_act,
+                "sym": q.sym, "checkpoint_format": q.checkpoint_format}
     return {
         "path": str(model_dir),
         "architecture": arch.architecture,

@@ -15,6 +15,7 @@ _CALIB = "Calibration"
 def _quant_config(recipe_path: str | None, overrides: dict):
     """The recipe's quantize section (or defaults) with the flags that were given on top."""
     from llmctl.config import EvalConfig, QuantConfig
+    from llmctl.recipe import QUANTIZE_GPTQ_FIELDS
 
     if recipe_path:
         from llmctl.recipe import load_recipe
@@ -24,7 +25,9 @@ def _quant_config(recipe_path: str | None, overrides: dict):
     else:
         base, eval_config, model = QuantConfig(), EvalConfig(), None
     given = {k: v for k, v in overrides.items() if v is not None}
-    return (replace(base, **given) if given else base), eval_config, model
+    gptq = {k: v for k, v in given.items() if k in QUANTIZE_GPTQ_FIELDS}
+    rest = {k: v for k, v in given.items() if k not in QUANTIZE_GPTQ_FIELDS}
+    return replace(base, gptq=replace(base.gptq, **gptq), **rest), eval_config, model
 
 
 def quantize(

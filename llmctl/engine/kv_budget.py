@@ -191,9 +191,8 @@ def _kv_bytes_per_token_per_rank(arch: ModelArch, nbytes: int, tp: int) -> int:
 
 
 def _loaded_weight_bytes(arch: ModelArch, nbytes: int) -> int:
-    if arch.is_gptq:
-        qc = arch.quantization_config or {}
-        return gptq_weight_bytes(arch, int(qc.get("bits", 4)), int(qc.get("group_size", 128)))
+    if arch.quantization is not None:
+        return gptq_weight_bytes(arch, arch.quantization.bits, arch.quantization.group_size)
     return weight_bytes(arch, nbytes)
 
 

@@ -4,11 +4,11 @@ A layer owns the sharding rules (which slice of a checkpoint tensor lands where)
 a *linear method* owns the parameters and the matmul. The model only ever builds
 layers; the checkpoint format decides the method.
 
-Contract a quant method follows (`llmctl.quant.gptq_linear.GPTQLinearMethod` is one):
+Contract a quant method follows (`llmctl.layers.quantization.GPTQLinearMethod` is one):
 
-- Subclass `LinearMethodBase`; `get_linear_method(quant_config)` constructs it as
-  `Method(quant_config)` with the dict from config.json `quantization_config` (or
-  quantize_config.json). One instance serves every linear layer of the model.
+- Subclass `LinearMethodBase`; `llmctl.layers.quantization.get_linear_method` constructs
+  it as `Method(quant_config)` with the checkpoint's `GPTQConfig` (see
+  `llmctl.config.read_gptq_config`). One instance serves every linear layer of the model.
 - `create_weights(layer, input_size, output_sizes, bias, params_dtype)`: register the
   layer's parameters with `layer.register_parameter(name, param)`. Sizes are *per
   partition* (after tensor-parallel splitting): the layer computes
@@ -89,23 +89,6 @@ class UnquantizedLinearMethod(LinearMethodBase):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
         return nn.functional.linear(x, layer.weight, getattr(layer, "bias", None))
-
-
-def get_linear_method(quant_config: dict[str, Any] | None) -> LinearMethodBase:
-    """The method for a checkpoint's quantization config (None: dense)."""
-    if not quant_config:
-        return UnquantizedLinearMethod()
-    method = str(quant_config.get("quant_method", "")).lower()
-    if method != "gptq":
-        raise ModelLoadError(
-            f"quantization method {method or '(none)'!r} is not supported",
-            hint="llmctl loads dense (fp32/fp16/bf16) and GPTQ checkpoints",
-        )
-    try:
-        from llmctl.quant.gptq_linear import GPTQLinearMethod
-    except ImportError as err:
-        raise ModelLoadError("GPTQ support not available", hint=f"llmctl.quant.gptq_linear: {err}") from err
-    return GPTQLinearMethod(quant_config)
 
 
 class LinearBase(nn.Module):

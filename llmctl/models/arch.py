@@ -7,10 +7,11 @@ builder uses it to construct layers.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llmctl.config import GPTQConfig, gptq_config_from_json, read_gptq_config
 from llmctl.errors import ModelLoadError
 
 # HF architectures our Llama-family model implements.
@@ -39,12 +40,11 @@ class ModelArch:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
-    quantization_config: dict[str, Any] | None = field(default=None, compare=False)
+    quantization: GPTQConfig | None = field(default=None, compare=False)  # None: dense weights
 
     @property
     def is_gptq(self) -> bool:
-        qc = self.quantization_config or {}
-        return qc.get("quant_method") == "gptq"
+        return self.quantization is not None
 
     @property
     def dtype_bytes(self) -> int:
@@ -112,7 +112,8 @@ def arch_from_config(cfg: dict[str, Any], source: str = "config.json") -> ModelA
             sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos_ids,
-            quantization_config=cfg.get("quantization_config"),
+            quantization=(gptq_config_from_json(cfg["quantization_config"], f"{source}: quantization_config")
+                          if cfg.get("quantization_config") else None),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ModelLoadError(f"{source}: missing or invalid field {err}") from err
@@ -126,4 +127,8 @@ def _rope_scaling_from_parameters(params: dict[str, Any] | None) -> dict[str, An
 
 
 def load_arch(model_dir: Path) -> ModelArch:
-    return arch_from_config(read_config_json(model_dir), source=str(Path(model_dir) / "config.json"))
+    """The architecture of a model dir, with its GPTQ config wherever the dir keeps it."""
+    arch = arch_from_config(read_config_json(model_dir), source=str(Path(model_dir) / "config.json"))
+    if arch.quantization is None:
+        arch = replace(arch, quantization=read_gptq_config(model_dir))
+    return arch

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llmctl.config import GPTQConfig
 from llmctl.models.arch import ModelArch, load_arch
 
 # What `quantization="gptq"` gives dummy weights: the common GPTQ export (4 bits, group 128,
 # symmetric, no act-order, checkpoint format v1).
-DUMMY_GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
-                     "checkpoint_format": "gptq"}
+DUMMY_GPTQ_CONFIG = GPTQConfig(bits=4, group_size=128, desc_act=False, sym=True, checkpoint_format="gptq")
 
 if TYPE_CHECKING:
     from llmctl.models.llama import LlamaForCausalLM
@@ -50,10 +50,10 @@ def with_quantization(arch: ModelArch, quantization: str | None) -> ModelArch:
         return arch
     if quantization != "gptq":
         raise ValueError(f"quantization must be gptq or None, got {quantization!r}")
-    group = DUMMY_GPTQ_CONFIG["group_size"]
+    group = DUMMY_GPTQ_CONFIG.group_size
     if arch.hidden_size % group or arch.intermediate_size % group:
         group = -1  # e.g. hidden 576: one group per column rather than a size that does not divide
-    return dataclasses.replace(arch, quantization_config={**DUMMY_GPTQ_CONFIG, "group_size": group})
+    return dataclasses.replace(arch, quantization=dataclasses.replace(DUMMY_GPTQ_CONFIG, group_size=group))
 
 
 @torch.inference_mode()
@@ -64,7 +64,7 @@ def load_dummy_model(arch: ModelArch, dtype: torch.dtype, device: torch.device |
     from llmctl.models.llama import LlamaForCausalLM
 
     with torch.device(device):
-        model = LlamaForCausalLM(arch, quant_config=arch.quantization_config, dtype=dtype)
+        model = LlamaForCausalLM(arch, dtype=dtype)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     for name, param in model.named_parameters():

@@ -10,8 +10,6 @@ engine's flattened step (input_ids/positions [T] with AttentionMetadata set).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -24,8 +22,8 @@ from llmctl.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
-    get_linear_method,
 )
+from llmctl.layers.quantization import get_linear_method
 from llmctl.layers.rotary import RotaryEmbedding
 from llmctl.models.arch import ModelArch
 
@@ -117,12 +115,11 @@ class LlamaForCausalLM(nn.Module):
         ("gate_up_proj", "up_proj", 1),
     )
 
-    def __init__(self, arch: ModelArch, quant_config: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, arch: ModelArch, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.arch = arch
         self.dtype = dtype
-        self.quant_config = quant_config
-        self.model = LlamaModel(arch, get_linear_method(quant_config), dtype)
+        self.model = LlamaModel(arch, get_linear_method(arch.quantization), dtype)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, dtype)
         if arch.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)

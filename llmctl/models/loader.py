@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from llmctl.errors import ConfigError, ModelLoadError
-from llmctl.models.arch import ModelArch, arch_from_config, read_config_json
+from llmctl.models.arch import ModelArch, load_arch
 
 if TYPE_CHECKING:
     import torch
@@ -41,21 +41,6 @@ def resolve_model_path(model: str | None, progress: ProgressCallback | None = No
     if not path.is_dir():
         raise ModelLoadError(f"model path {model} is not a directory", hint="pass a Hugging Face model dir")
     return path
-
-
-def read_quant_config(model_dir: Path, cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """`quantization_config` from config.json, else quantize_config.json (AutoGPTQ), else None."""
-    if cfg.get("quantization_config"):
-        return dict(cfg["quantization_config"])
-    path = Path(model_dir) / "quantize_config.json"
-    if not path.is_file():
-        return None
-    try:
-        qcfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
-    qcfg.setdefault("quant_method", "gptq")  # AutoGPTQ's file predates the key
-    return qcfg
 
 
 def resolve_dtype(dtype: str | torch.dtype, arch: ModelArch) -> torch.dtype:
@@ -195,13 +180,11 @@ def load_model(model_dir: Path | str, dtype: str | torch.dtype = "auto", device:
     from llmctl.models.llama import LlamaForCausalLM
 
     model_dir = Path(model_dir)
-    cfg = read_config_json(model_dir)
-    arch = arch_from_config(cfg, source=str(model_dir / "config.json"))
-    quant_config = read_quant_config(model_dir, cfg)
+    arch = load_arch(model_dir)
     files = weight_files(model_dir)
     torch_dtype = resolve_dtype(dtype, arch)
     with torch.device(_resolve_device(device)):
-        model = LlamaForCausalLM(arch, quant_config=quant_config, dtype=torch_dtype)
+        model = LlamaForCausalLM(arch, dtype=torch_dtype)
     load_weights(model, files)
     for module in model.modules():
         hook = getattr(module, "process_weights_after_loading", None)

@@ -1,7 +1,7 @@
 """GPTQ checkpoint directories: `quantize_config.json`, config.json, sharded safetensors.
 
-`GPTQCheckpointConfig` is the quantization config as AutoGPTQ/GPTQModel write it
-(and as transformers/vLLM read it). `CheckpointWriter` streams tensors into shards
+The quantization config is `llmctl.config.GPTQConfig` (read back with
+`llmctl.config.read_gptq_config`). `CheckpointWriter` streams tensors into shards
 inside a temp dir next to the destination and renames it into place at the end, so
 an interrupted run leaves no half checkpoint; the source model is only read.
 """
@@ -12,83 +12,16 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmctl import __version__
+from llmctl.config import GPTQ_CONFIG_FILE, GPTQConfig, read_gptq_config
 from llmctl.errors import ModelLoadError, QuantizationError
 
 # Files of a HF model dir worth carrying over besides config.json and the weights.
 _COPY_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken", ".py")
 _NEVER_COPY = {"config.json", "quantize_config.json", "model.safetensors.index.json", "llmctl_eval.json"}
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
-
-
-@dataclass(frozen=True)
-class GPTQCheckpointConfig:
-    bits: int = 4
-    group_size: int = 128
-    desc_act: bool = False
-    sym: bool = True
-    checkpoint_format: str = "gptq"
-    damp_percent: float = 0.01
-    true_sequential: bool = True
-    static_groups: bool = False
-    lm_head: bool = False
-    act_group_aware: bool = False
-
-    def __post_init__(self) -> None:
-        if self.bits not in (2, 3, 4, 8):
-            raise ModelLoadError(f"quantization_config.bits must be 2, 3, 4 or 8, got {self.bits}")
-        if self.checkpoint_format not in ("gptq", "gptq_v2"):
-            raise ModelLoadError(
-                f"quantization_config.checkpoint_format {self.checkpoint_format!r} is not supported",
-                hint="llmctl reads GPTQ checkpoints in format gptq (v1) or gptq_v2",
-            )
-
-    @property
-    def zero_offset(self) -> int:
-        return 1 if self.checkpoint_format == "gptq" else 0
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GPTQCheckpointConfig":
-        fmt = d.get("checkpoint_format") or d.get("format") or "gptq"
-        meta = d.get("meta") or {}
-        return cls(
-            bits=int(d.get("bits", 4)), group_size=int(d.get("group_size", 128)),
-            desc_act=bool(d.get("desc_act", False)), sym=bool(d.get("sym", True)),
-            checkpoint_format=str(fmt).lower(), damp_percent=float(d.get("damp_percent") or 0.01),
-            true_sequential=bool(d.get("true_sequential", True)), static_groups=bool(d.get("static_groups", False)),
-            lm_head=bool(d.get("lm_head", False)),
-            act_group_aware=bool(d.get("act_group_aware", meta.get("act_group_aware", False))),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """What goes into quantize_config.json and config.json `quantization_config`."""
-        return {
-            "bits": self.bits, "group_size": self.group_size, "desc_act": self.desc_act, "sym": self.sym,
-            "lm_head": self.lm_head, "quant_method": "gptq", "checkpoint_format": self.checkpoint_format,
-            "pack_dtype": "int32", "damp_percent": self.damp_percent, "true_sequential": self.true_sequential,
-            "static_groups": self.static_groups,
-            "meta": {"quantizer": [f"llmctl:{__version__}"], "act_group_aware": self.act_group_aware,
-                     "damp_percent": self.damp_percent, "true_sequential": self.true_sequential,
-                     "static_groups": self.static_groups},
-        }
-
-
-def read_gptq_config(model_dir: str | Path) -> GPTQCheckpointConfig | None:
-    """The GPTQ config of a model dir (config.json first, then quantize_config.json), or None."""
-    model_dir = Path(model_dir)
-    config_path = model_dir / "config.json"
-    if config_path.is_file():
-        qc = json.loads(config_path.read_text()).get("quantization_config")
-        if qc and str(qc.get("quant_method", "gptq")).lower() == "gptq":
-            return GPTQCheckpointConfig.from_dict(qc)
-    legacy = model_dir / "quantize_config.json"
-    if legacy.is_file():
-        return GPTQCheckpointConfig.from_dict(json.loads(legacy.read_text()))
-    return None
 
 
 def _safetensors_save(tensors: dict, path: Path) -> None:
@@ -148,7 +81,7 @@ class CheckpointWriter:
         self.total_bytes += self._buffer_bytes
         self._buffer, self._buffer_bytes = {}, 0
 
-    def commit(self, source_dir: str | Path, config: dict[str, Any], qconfig: GPTQCheckpointConfig,
+    def commit(self, source_dir: str | Path, config: dict[str, Any], qconfig: GPTQConfig,
                extra_files: dict[str, Any] | None = None) -> Path:
         """Finish the checkpoint and move it to `out_dir`; returns `out_dir`."""
         self._flush()
@@ -171,7 +104,7 @@ class CheckpointWriter:
         if "dtype" in config:  # transformers 5 writes and prefers this key
             config["dtype"] = dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "quantize_config.json").write_text(json.dumps(qconfig.to_dict(), indent=2))
+        (tmp / GPTQ_CONFIG_FILE).write_text(json.dumps(qconfig.to_dict(), indent=2))
         for name, payload in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(payload, indent=2))
         _apply_umask(tmp)

@@ -23,7 +23,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from llmctl.quant.gptq import GPTQResult, GPTQSettings, HessianAccumulator, gptq_quantize
+from llmctl.config import GPTQConfig
+from llmctl.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize
 
 # Execution order inside a decoder layer; each tuple is quantized together.
 SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (
@@ -122,7 +123,7 @@ def _collect_hessians(layer: nn.Module, names: tuple[str, ...], states: torch.Te
     return accs
 
 
-def quantize_layer(layer: nn.Module, states: torch.Tensor, settings: GPTQSettings, true_sequential: bool,
+def quantize_layer(layer: nn.Module, states: torch.Tensor, settings: GPTQConfig, true_sequential: bool,
                    batch_size: int, prefix: str, sink: ResultSink) -> dict[str, float]:
     """GPTQ every linear of one decoder layer in place (weights become fake-quantized)."""
     groups = SEQUENTIAL_GROUPS if true_sequential else (QUANTIZED_LINEARS,)
@@ -150,7 +151,7 @@ def _emit(result: GPTQResult, name: str, module: nn.Module, prefix: str, sink: R
 
 
 @torch.no_grad()
-def quantize_model_layers(model: nn.Module, calib_ids: torch.Tensor, settings: GPTQSettings, sink: ResultSink,
+def quantize_model_layers(model: nn.Module, calib_ids: torch.Tensor, settings: GPTQConfig, sink: ResultSink,
                           device: torch.device | str = "cpu", true_sequential: bool = True,
                           batch_size: int = 1, on_layer: LayerCallback | None = None) -> DriverStats:
     """Quantize every decoder layer of `model` (weights replaced by their fake-quantized values).

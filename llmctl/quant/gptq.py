@@ -29,27 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
+from llmctl.config import GPTQConfig
 from llmctl.errors import QuantizationError
 
 BLOCK_SIZE = 128
 # Added to damp_percent for each retry when the damped Hessian is not positive definite.
 DAMP_INCREMENT = 0.01
 _FP16_TINY = 2.0**-14
-
-
-@dataclass(frozen=True)
-class GPTQSettings:
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    desc_act: bool = False
-    act_group_aware: bool = True
-    static_groups: bool = False
-    damp_percent: float = 0.01
-
-    @property
-    def maxq(self) -> int:
-        return 2**self.bits - 1
 
 
 @dataclass
@@ -138,7 +124,7 @@ def _damped_inverse_factor(hessian: torch.Tensor, damp_percent: float) -> tuple[
     )
 
 
-def _processing_order(diag: torch.Tensor, s: GPTQSettings) -> torch.Tensor | None:
+def _processing_order(diag: torch.Tensor, s: GPTQConfig) -> torch.Tensor | None:
     """perm[new_position] = original column, or None for the natural order."""
     num_columns = diag.numel()
     if s.desc_act:
@@ -155,7 +141,7 @@ def _processing_order(diag: torch.Tensor, s: GPTQSettings) -> torch.Tensor | Non
     return None
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, settings: GPTQSettings,
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, settings: GPTQConfig,
                   num_tokens: int = 1) -> GPTQResult:
     """Quantize weight [N, K] against hessian [K, K] (neither is modified)."""
     num_rows, num_columns = weight.shape
@@ -194,7 +180,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, settings: GPTQSet
 
 
 def _gptq_columns(w: torch.Tensor, hinv: torch.Tensor, perm: torch.Tensor | None,
-                  static: list | None, s: GPTQSettings, gs: int):
+                  static: list | None, s: GPTQConfig, gs: int):
     """The lazy-batch GPTQ loop over columns in processing order (w is updated in place).
 
     Returns codes [N, K] in processing order, the group of each position, the grid of
@@ -240,7 +226,7 @@ def _gptq_columns(w: torch.Tensor, hinv: torch.Tensor, perm: torch.Tensor | None
     return codes, group_of_position, grids, float(loss)
 
 
-def rtn_quantize(weight: torch.Tensor, settings: GPTQSettings) -> GPTQResult:
+def rtn_quantize(weight: torch.Tensor, settings: GPTQConfig) -> GPTQResult:
     """Round-to-nearest on the same grid, no error feedback: the floor GPTQ must beat."""
     num_rows, num_columns = weight.shape
     gs = settings.group_size if settings.group_size > 0 else num_columns

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from llmctl.config import EvalConfig, QuantConfig
+from llmctl.config import EvalConfig, GPTQConfig, QuantConfig
 from llmctl.errors import QuantizationError
 
 EVAL_FILE = "llmctl_eval.json"
@@ -49,16 +49,6 @@ class QuantizeSummary:
         return d
 
 
-def settings_from_config(config: QuantConfig):
-    from llmctl.quant.gptq import GPTQSettings
-
-    return GPTQSettings(
-        bits=config.bits, group_size=config.group_size, sym=config.sym, desc_act=config.desc_act,
-        act_group_aware=config.act_group_aware, static_groups=config.static_groups,
-        damp_percent=config.damp_percent,
-    )
-
-
 def validate_request(model_dir: Path, out_dir: Path, config: QuantConfig, overwrite: bool) -> dict:
     """Every check that needs no weights; returns the source config.json. Raises on bad input."""
     from llmctl.models.arch import arch_from_config, read_config_json
@@ -76,8 +66,8 @@ def validate_request(model_dir: Path, out_dir: Path, config: QuantConfig, overwr
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
     for name, k, n in (("q_proj", d, q), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", q, d),
                        ("gate_proj", d, i), ("up_proj", d, i), ("down_proj", i, d)):
-        check_packable(name, k, n, config.bits, config.group_size)
-    if config.lm_head:
+        check_packable(name, k, n, config.gptq.bits, config.gptq.group_size)
+    if config.gptq.lm_head:
         raise QuantizationError("lm_head quantization is not supported yet", hint="leave lm_head: false")
     return cfg
 
@@ -96,14 +86,11 @@ def _peak_memory(device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def checkpoint_config(config: QuantConfig, checkpoint_format: str):
-    from llmctl.quant.checkpoint import GPTQCheckpointConfig
+def checkpoint_config(config: QuantConfig) -> GPTQConfig:
+    """The GPTQ config the checkpoint records: format v1 for a symmetric grid, v2 otherwise."""
+    from llmctl.quant.packing import format_for
 
-    return GPTQCheckpointConfig(
-        bits=config.bits, group_size=config.group_size, desc_act=config.desc_act, sym=config.sym,
-        checkpoint_format=checkpoint_format, damp_percent=config.damp_percent,
-        true_sequential=config.true_sequential, static_groups=config.static_groups,
-        act_group_aware=config.act_group_aware and not config.desc_act)
+    return replace(config.gptq, checkpoint_format=format_for(config.gptq.sym))
 
 
 def _load_and_calibrate(model_dir: Path, config: QuantConfig, dev, stage: StageCallback):
@@ -136,7 +123,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: Quan
     from llmctl.models.loader import _resolve_device
     from llmctl.quant.checkpoint import CheckpointWriter
     from llmctl.quant.driver import quantize_model_layers
-    from llmctl.quant.packing import format_for, pack_result
+    from llmctl.quant.packing import pack_result
     from llmctl.quant.source import copy_unquantized_tensors
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -149,22 +136,21 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: Quan
 
     tokenizer, model, calib_ids = _load_and_calibrate(model_dir, config, dev, stage)
     seq_len = calib_ids.shape[1]
-    settings = settings_from_config(config)
-    fmt = format_for(config.sym)
-    qconfig = checkpoint_config(config, fmt)
+    qconfig = checkpoint_config(config)
+    fmt = qconfig.checkpoint_format
     batch_size = max(1, 4096 // seq_len)
     shard_limit = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
     with CheckpointWriter(out_dir, overwrite=overwrite, **shard_limit) as writer:
         def sink(name, result):
-            writer.add(pack_result(result, config.bits, fmt).tensors(name))
+            writer.add(pack_result(result, qconfig.bits, fmt).tensors(name))
 
-        stats = quantize_model_layers(model, calib_ids, settings, sink, device=dev,
-                                      true_sequential=config.true_sequential, batch_size=batch_size,
+        stats = quantize_model_layers(model, calib_ids, qconfig, sink, device=dev,
+                                      true_sequential=qconfig.true_sequential, batch_size=batch_size,
                                       on_layer=on_layer)
         copy_unquantized_tensors(model_dir, writer)
         quantize_seconds = time.perf_counter() - start
         summary = QuantizeSummary(
-            source=str(model_dir), output=str(out_dir.resolve()), bits=config.bits, group_size=config.group_size,
+            source=str(model_dir), output=str(out_dir.resolve()), bits=qconfig.bits, group_size=qconfig.group_size,
             checkpoint_format=fmt, num_samples=config.num_samples, seq_len=seq_len, device=str(dev),
             seconds=quantize_seconds, source_bytes=_dir_bytes(model_dir), output_bytes=0,
             peak_memory_bytes=_peak_memory(dev), layer_losses=[r.losses for r in stats.layers],

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmctl.config import read_gptq_config
+
 EVAL_FILE = "llmctl_eval.json"
 
 
@@ -17,18 +19,6 @@ class QuantCheck:
     is_gptq: bool
     passed: bool | None
     lines: list[str]
-
-
-def _gptq_config(model_dir: Path) -> dict | None:
-    qc = model_dir / "quantize_config.json"
-    if qc.is_file():
-        return json.loads(qc.read_text())
-    cfg = model_dir / "config.json"
-    if cfg.is_file():
-        quant = json.loads(cfg.read_text()).get("quantization_config") or {}
-        if quant.get("quant_method") == "gptq":
-            return quant
-    return None
 
 
 def _passed(report: dict) -> bool | None:
@@ -57,11 +47,10 @@ def _flat_numbers(report: dict, prefix: str = "") -> list[str]:
 def quant_check(model_dir: Path | None) -> QuantCheck:
     if model_dir is None or not Path(model_dir).is_dir():
         return QuantCheck(False, None, [])
-    quant = _gptq_config(Path(model_dir))
+    quant = read_gptq_config(model_dir)
     if quant is None:
         return QuantCheck(False, None, [])
-    head = (f"GPTQ {quant.get('bits', '?')}-bit, group size {quant.get('group_size', '?')}, "
-            f"desc_act={quant.get('desc_act', False)}, sym={quant.get('sym', True)}")
+    head = f"GPTQ {quant.bits}-bit, group size {quant.group_size}, desc_act={quant.desc_act}, sym={quant.sym}"
     report_path = Path(model_dir) / EVAL_FILE
     if not report_path.is_file():
         return QuantCheck(True, False, [head, f"WARNING: no accuracy check ({EVAL_FILE} is missing): this checkpoint was "

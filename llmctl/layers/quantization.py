@@ -1,4 +1,6 @@
-"""The GPTQ linear method: parameters in the AutoGPTQ/GPTQModel layout, and the matmul.
+"""Quantized linear methods (vLLM keeps them under its layers too): the GPTQ method, with
+parameters in the AutoGPTQ/GPTQModel layout, and `get_linear_method`, which picks a
+checkpoint's method from its `GPTQConfig`.
 
 On CUDA (2/4/8 bits) `apply` runs the Triton W4A16 kernels on weights prepared once
 in `process_weights_after_loading`; elsewhere it dequantizes with the torch
@@ -15,9 +17,14 @@ import torch
 from torch import nn
 
 from kernels.reference import dequantize_gptq
+from llmctl.config import GPTQConfig
 from llmctl.errors import ModelLoadError
-from llmctl.layers.linear import LinearMethodBase, create_bias, set_weight_attrs
-from llmctl.quant.checkpoint import GPTQCheckpointConfig
+from llmctl.layers.linear import LinearMethodBase, UnquantizedLinearMethod, create_bias, set_weight_attrs
+
+
+def get_linear_method(quant_config: GPTQConfig | None) -> LinearMethodBase:
+    """The linear method of a checkpoint: GPTQ for a GPTQ config, dense for None."""
+    return UnquantizedLinearMethod() if quant_config is None else GPTQLinearMethod(quant_config)
 
 
 def _pack_factor(bits: int) -> int | Fraction:
@@ -28,9 +35,7 @@ def _pack_factor(bits: int) -> int | Fraction:
 class GPTQLinearMethod(LinearMethodBase):
     """One instance serves every linear of a GPTQ checkpoint (see llmctl.layers.linear)."""
 
-    def __init__(self, quant_config: dict[str, Any] | GPTQCheckpointConfig) -> None:
-        if not isinstance(quant_config, GPTQCheckpointConfig):
-            quant_config = GPTQCheckpointConfig.from_dict(quant_config)
+    def __init__(self, quant_config: GPTQConfig) -> None:
         self.config = quant_config
 
     def create_weights(
