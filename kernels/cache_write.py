@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import launch_options, pdl_wait
+from llmctl_kernels.launch import launch_options, pdl_wait
 
 # One program per token moves Hkv * Dh elements of K and of V: memory-bound, so small
 # programs and no autotuning; 4 warps cover up to 8 x 128 halves in one pass.

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreting, launch_options, pdl_wait
+from llmctl_kernels.launch import interpreting, launch_options, pdl_wait
 
 LOG2E = 1.4426950408889634
 # A slice shorter than this costs more to merge than it saves in parallelism.

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import launch_options, pdl_wait
+from llmctl_kernels.launch import launch_options, pdl_wait
 
 
 @triton.jit

@@ -151,9 +151,9 @@ def paged_attention_triton(
     scale: float,
 ) -> torch.Tensor:
     """Same contract as `paged_attention_reference`, in Triton; no host synchronization."""
-    from kernels.cache_write import reshape_and_cache
-    from kernels.decode_attention import paged_decode_attention
-    from kernels.prefill_attention import paged_prefill_attention
+    from llmctl_kernels.cache_write import reshape_and_cache
+    from llmctl_kernels.decode_attention import paged_decode_attention
+    from llmctl_kernels.prefill_attention import paged_prefill_attention
 
     reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
     if max_query_len == 1:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import LOG2E, attend_paged_tiles, dot_in_fp32
+from llmctl_kernels.decode_attention import LOG2E, attend_paged_tiles, dot_in_fp32
 
 
 def prefill_config(max_query_len: int, queries_per_kv: int, device: torch.device) -> dict:

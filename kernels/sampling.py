@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreting
+from llmctl_kernels.launch import interpreting
 
 MAX_ROUNDS = 64
 _BLOCK = 4096

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import torch
 
-from kernels.reference import pack_qweight, unpack_qweight
-from kernels.w4a16_frag import FRAG_K, FRAG_N, frag_eligible, repack_frag
+from llmctl_kernels.reference import pack_qweight, unpack_qweight
+from llmctl_kernels.w4a16_frag import FRAG_K, FRAG_N, frag_eligible, repack_frag
 
 PATHS = ("gemv", "gemm", "dequant")
 LAYOUTS = ("frag", "gptq")
@@ -207,10 +207,10 @@ def w4a16_matmul(
     out: torch.Tensor | None = None,  # [M, N]; for tests (poisoned outputs) and the tuner
 ) -> torch.Tensor:
     """x @ dequant(W) (+ bias) -> [..., N] in x's dtype, fp32 accumulation."""
-    from kernels.w4a16_dequant import w4a16_dequant_matmul
-    from kernels.w4a16_frag import frag_gemm, frag_gemv
-    from kernels.w4a16_gemm import w4a16_gemm
-    from kernels.w4a16_gemv import w4a16_gemv
+    from llmctl_kernels.w4a16_dequant import w4a16_dequant_matmul
+    from llmctl_kernels.w4a16_frag import frag_gemm, frag_gemv
+    from llmctl_kernels.w4a16_gemm import w4a16_gemm
+    from llmctl_kernels.w4a16_gemv import w4a16_gemv
 
     k, n = weights.in_features, weights.out_features
     if x.dtype not in (torch.float16, torch.bfloat16):

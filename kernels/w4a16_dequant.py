@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.w4a16_gemm import _dequant_tile
-from kernels.w4a16_gemv import BITS_OF_2_23
+from llmctl_kernels.w4a16_gemm import _dequant_tile
+from llmctl_kernels.w4a16_gemv import BITS_OF_2_23
 
 DEQUANT_CONFIG = dict(BLOCK_K=64, BLOCK_N=128, num_warps=4)
 
@@ -45,7 +45,7 @@ def _w4a16_dequant_kernel(
 def w4a16_dequantize(w, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense weight [K, N] in `dtype`, rows in checkpoint order."""
     if w.layout == "frag":
-        from kernels.w4a16_frag import frag_dequantize
+        from llmctl_kernels.w4a16_frag import frag_dequantize
 
         return frag_dequantize(w, dtype, out)
     k, n = w.in_features, w.out_features

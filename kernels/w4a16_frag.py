@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreting, launch_options, pdl_signal, pdl_wait
-from kernels.reference import unpack_qweight
-from kernels.w4a16_gemv import CODE_PAIRS, _scale_and_zero, half2_sum_ptx, half_pair, pairs_fma_ptx, split_word_ptx
+from llmctl_kernels.launch import interpreting, launch_options, pdl_signal, pdl_wait
+from llmctl_kernels.reference import unpack_qweight
+from llmctl_kernels.w4a16_gemv import CODE_PAIRS, _scale_and_zero, half2_sum_ptx, half_pair, pairs_fma_ptx, split_word_ptx
 
 FRAG_K = 64  # input features per word block
 FRAG_N = 16  # output features per slab

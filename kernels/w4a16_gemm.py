@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreting
-from kernels.w4a16_gemv import (
+from llmctl_kernels.launch import interpreting
+from llmctl_kernels.w4a16_gemv import (
     BITS_OF_2_23,
     CODE_PAIRS,
     _scale_and_zero,

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import interpreting
+from llmctl_kernels.launch import interpreting
 
 # The configurations the tuner sweeps (kernels/configs/*.json records the winners per GPU).
 GEMV_CONFIGS = [

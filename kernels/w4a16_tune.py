@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.w4a16 import (
+from llmctl_kernels.w4a16 import (
     _CONFIG_FILE,
     W4A16Weights,
     _load_tables,
@@ -24,10 +24,10 @@ from kernels.w4a16 import (
     prepare_w4a16_weights,
     w4a16_matmul,
 )
-from kernels.w4a16_dequant import w4a16_dequantize
-from kernels.w4a16_frag import FRAG_GEMM_CONFIGS, FRAG_GEMV_CONFIGS
-from kernels.w4a16_gemm import GEMM_CONFIGS
-from kernels.w4a16_gemv import GEMV_CONFIGS
+from llmctl_kernels.w4a16_dequant import w4a16_dequantize
+from llmctl_kernels.w4a16_frag import FRAG_GEMM_CONFIGS, FRAG_GEMV_CONFIGS
+from llmctl_kernels.w4a16_gemm import GEMM_CONFIGS
+from llmctl_kernels.w4a16_gemv import GEMV_CONFIGS
 
 GEMV_MAX_M = 4  # beyond this the GEMV rereads the weights once per row and cannot win
 # A candidate must match the fp32 product of the same codes this closely to be picked (the kernels'

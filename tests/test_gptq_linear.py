@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kernels.reference import dequantize_gptq
+from llmctl_kernels.reference import dequantize_gptq
 from llmctl.config import GPTQConfig
 from llmctl.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from llmctl.layers.quantization import GPTQLinearMethod

@@ -22,15 +22,15 @@ DEVICE = "cpu" if INTERPRETING else "cuda"
 
 pytest.importorskip("triton")
 
-from kernels.cache_write import reshape_and_cache  # noqa: E402
-from kernels.decode_attention import paged_decode_attention  # noqa: E402
-from kernels.paged_attention import (  # noqa: E402
+from llmctl_kernels.cache_write import reshape_and_cache  # noqa: E402
+from llmctl_kernels.decode_attention import paged_decode_attention  # noqa: E402
+from llmctl_kernels.paged_attention import (  # noqa: E402
     compare_with_reference,
     paged_attention_reference,
     random_paged_batch,
     write_kv_cache_reference,
 )
-from kernels.prefill_attention import paged_prefill_attention  # noqa: E402
+from llmctl_kernels.prefill_attention import paged_prefill_attention  # noqa: E402
 
 if INTERPRETING:
     TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

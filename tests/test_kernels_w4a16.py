@@ -20,7 +20,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # by truncation (up to 2**-7 of each element), so it gets twice the room.
 BF16_TOL = 4e-3 if DEVICE.type == "cuda" else 8e-3
 
-from kernels.reference import (
+from llmctl_kernels.reference import (
     dequantize_gptq,
     pack_qweight,
     pack_qzeros,
@@ -103,7 +103,7 @@ def test_dequantize_and_matmul_reference(zero_offset: int) -> None:
 
 # ---------------------------------------------------------------- Triton kernels
 
-from kernels.w4a16 import prepare_w4a16_weights, w4a16_matmul  # noqa: E402
+from llmctl_kernels.w4a16 import prepare_w4a16_weights, w4a16_matmul  # noqa: E402
 
 GEMV_SMALL = dict(BLOCK_N=16, BLOCK_KW=4, num_warps=1, num_stages=1)
 GEMM_SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=1, num_stages=1)
@@ -260,7 +260,7 @@ def test_frag_bf16_activations(path: str, config: dict) -> None:
 def test_frag_bf16_split_k_sums_buffer_is_zero_between_launches(path: str, config: dict) -> None:
     """bf16 split-K adds in a persistent fp32 buffer that the conversion to bf16 zeroes again:
     launch after launch (in order and act-order, different M) is right and leaves it zero."""
-    from kernels.w4a16_frag import _FP32_SUMS
+    from llmctl_kernels.w4a16_frag import _FP32_SUMS
 
     gen = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
     k, n = 256, 48
@@ -276,7 +276,7 @@ def test_frag_bf16_split_k_sums_buffer_is_zero_between_launches(path: str, confi
 
 
 def test_frag_repack_round_trips_and_places_codes_in_fragment_order() -> None:
-    from kernels.w4a16_frag import repack_frag, unpack_frag
+    from llmctl_kernels.w4a16_frag import repack_frag, unpack_frag
 
     gen = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
     k, n = 192, 48
@@ -331,8 +331,8 @@ def test_launcher_rejects_bad_input() -> None:
 @pytest.mark.parametrize("layout", ["frag", "gptq"])
 def test_every_tuned_config_at_llama_shapes(dtype: torch.dtype, act_order: bool, layout: str) -> None:
     """Every configuration the tuner may pick, at a real shape, against the fp32 reference on the GPU."""
-    from kernels.w4a16_dequant import w4a16_dequantize
-    from kernels.w4a16_tune import candidates, random_layer
+    from llmctl_kernels.w4a16_dequant import w4a16_dequantize
+    from llmctl_kernels.w4a16_tune import candidates, random_layer
 
     k, n = 4096, 6144
     w = random_layer(n, k, 128, act_order, DEVICE, seed=int(torch.randint(0, 10**6, ())), layout=layout)
@@ -357,7 +357,7 @@ def test_every_tuned_config_at_llama_shapes(dtype: torch.dtype, act_order: bool,
 
 
 def test_tuner_table_picks_fastest_and_merges_rows() -> None:
-    from kernels.w4a16_tune import build_table
+    from llmctl_kernels.w4a16_tune import build_table
 
     a, b = {"BLOCK_N": 64}, {"BLOCK_N": 128}
     recs = []
@@ -377,7 +377,7 @@ def test_tuner_table_picks_fastest_and_merges_rows() -> None:
 
 
 def test_splice_rows_keeps_new_rows_up_to_m_and_old_rows_beyond() -> None:
-    from kernels.w4a16_tune import splice_rows
+    from llmctl_kernels.w4a16_tune import splice_rows
 
     new = [{"max_m": 1, "path": "gemv", "config": {"a": 1}}, {"max_m": None, "path": "gemm", "config": {"b": 1}}]
     old = [{"max_m": 4, "path": "gemv", "config": {"a": 0}}, {"max_m": 128, "path": "gemm", "config": {"b": 0}},

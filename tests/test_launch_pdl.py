@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.launch import launch_options, pdl_enabled, set_pdl
+from llmctl_kernels.launch import launch_options, pdl_enabled, set_pdl
 
 
 def test_pdl_is_off_on_the_cpu_and_in_the_interpreter(monkeypatch):
@@ -28,8 +28,8 @@ def test_set_pdl_returns_the_previous_setting():
 def _chain(x, layers, norm_weight):
     """rms_norm (with the residual add), then a W4A16 linear 4096 -> 4096, once per layer: every
     kernel reads what the one before it wrote, and every kernel here takes part in PDL."""
-    from kernels.fused_ops import rms_norm
-    from kernels.w4a16 import w4a16_matmul
+    from llmctl_kernels.fused_ops import rms_norm
+    from llmctl_kernels.w4a16 import w4a16_matmul
 
     residual = x.clone()
     h = x
@@ -43,7 +43,7 @@ def _chain(x, layers, norm_weight):
 @pytest.mark.parametrize("m", [1, 16, 64, 128])  # 128: products launched without PDL, between kernels with it
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dependent_chain_in_a_graph_matches_without_pdl(m, dtype):
-    from kernels.w4a16_tune import random_layer
+    from llmctl_kernels.w4a16_tune import random_layer
 
     device = torch.device("cuda")
     if torch.cuda.get_device_capability(device)[0] < 9:

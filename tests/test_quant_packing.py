@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.reference import dequantize_gptq
+from llmctl_kernels.reference import dequantize_gptq
 from llmctl.errors import QuantizationError
 from llmctl.config import GPTQConfig
 from llmctl.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize

@@ -46,7 +46,7 @@ def measure_copy_bandwidth(device, num_bytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     import torch
 
-    from kernels.w4a16_tune import time_ms
+    from llmctl_kernels.w4a16_tune import time_ms
 
     src = torch.empty(num_bytes // 2, dtype=torch.float16, device=device).uniform_()
     dst = torch.empty_like(src)
@@ -68,9 +68,9 @@ def _bench_shape(
     import torch
     import torch.nn.functional as F
 
-    from kernels.w4a16 import select_path, w4a16_matmul
-    from kernels.w4a16_dequant import w4a16_dequantize
-    from kernels.w4a16_tune import layer_bytes, num_rotations, random_layer, time_graph_ms, time_ms
+    from llmctl_kernels.w4a16 import select_path, w4a16_matmul
+    from llmctl_kernels.w4a16_dequant import w4a16_dequantize
+    from llmctl_kernels.w4a16_tune import layer_bytes, num_rotations, random_layer, time_graph_ms, time_ms
 
     device = torch.device("cuda")
     gs = cfg.group_size
@@ -119,8 +119,8 @@ def run_kernel_bench(cfg: KernelBenchConfig, log: Callable[[str], None] = lambda
     import torch
     import triton
 
-    from kernels.launch import pdl_enabled
-    from kernels.w4a16 import device_name
+    from llmctl_kernels.launch import pdl_enabled
+    from llmctl_kernels.w4a16 import device_name
 
     if not torch.cuda.is_available():
         raise DeviceUnavailableError("no CUDA device: `llmctl bench kernels` times GPU kernels",

@@ -95,7 +95,7 @@ def kernels(
     if tune:
         import torch
 
-        from kernels.w4a16_tune import build_table, sweep, write_table
+        from llmctl_kernels.w4a16_tune import build_table, sweep, write_table
 
         if not torch.cuda.is_available():
             from llmctl.bench.kernels import DeviceUnavailableError

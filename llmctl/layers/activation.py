@@ -15,7 +15,7 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., 2*I] (gate then up) -> [..., I]
         if use_triton(x) and x.stride(-1) == 1:
-            from kernels.fused_ops import silu_and_mul
+            from llmctl_kernels.fused_ops import silu_and_mul
 
             return silu_and_mul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], x.shape[-1] // 2)
         return self.forward_native(x)

@@ -40,7 +40,7 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # One kernel; the residual is updated in place (its old value is not needed again).
-        from kernels.fused_ops import rms_norm
+        from llmctl_kernels.fused_ops import rms_norm
 
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])

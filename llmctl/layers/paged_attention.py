@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.paged_attention import paged_attention_reference
+from llmctl_kernels.paged_attention import paged_attention_reference
 from llmctl.errors import LlmctlError
 from llmctl.layers import use_triton
 from llmctl.layers.attention import AttentionMetadata
@@ -68,7 +68,7 @@ def paged_attention(
         meta.query_start_loc, meta.seq_lens, meta.max_query_len, meta.max_seq_len, scale,
     )
     if use_triton(q):
-        from kernels.paged_attention import paged_attention_triton
+        from llmctl_kernels.paged_attention import paged_attention_triton
 
         return paged_attention_triton(*args)
     return paged_attention_reference(*args)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels.reference import dequantize_gptq
+from llmctl_kernels.reference import dequantize_gptq
 from llmctl.config import GPTQConfig
 from llmctl.errors import ModelLoadError
 from llmctl.layers.linear import LinearMethodBase, UnquantizedLinearMethod, create_bias, set_weight_attrs
@@ -72,7 +72,7 @@ class GPTQLinearMethod(LinearMethodBase):
             return  # prepared already (the checkpoint's codes may be gone)
         layer.w4a16 = None
         if layer.qweight.is_cuda and self.config.bits in (2, 4, 8):
-            from kernels.w4a16 import prepare_w4a16_weights
+            from llmctl_kernels.w4a16 import prepare_w4a16_weights
 
             layer.w4a16 = prepare_w4a16_weights(
                 layer.qweight.data, layer.qzeros.data, layer.scales.data, layer.g_idx.data,
@@ -88,11 +88,11 @@ class GPTQLinearMethod(LinearMethodBase):
         bias = getattr(layer, "bias", None)
         prepared = getattr(layer, "w4a16", None)
         if prepared is not None and x.dtype in (torch.float16, torch.bfloat16):
-            from kernels.w4a16 import w4a16_matmul
+            from llmctl_kernels.w4a16 import w4a16_matmul
 
             return w4a16_matmul(x, prepared, bias.to(x.dtype) if bias is not None else None)
         if prepared is not None:  # e.g. fp32 activations on CUDA
-            from kernels.w4a16_dequant import w4a16_dequantize
+            from llmctl_kernels.w4a16_dequant import w4a16_dequantize
 
             weight = w4a16_dequantize(prepared, torch.float32)  # [K, N]
         else:

@@ -81,7 +81,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [...] int64, q: [..., H*D], k: [..., Hkv*D] (same leading dims)
         if use_triton(q) and q.dim() == 2 and q.stride(-1) == 1 and k.stride(-1) == 1:
-            from kernels.fused_ops import rotary_embedding
+            from llmctl_kernels.fused_ops import rotary_embedding
 
             # In place: q and k are views of this layer's fresh qkv output.
             rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)

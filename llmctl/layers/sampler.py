@@ -239,7 +239,7 @@ class Sampler(nn.Module):
         if metadata.all_greedy:
             return greedy
         if fused:
-            from kernels.sampling import sample
+            from llmctl_kernels.sampling import sample
 
             kth = None if metadata.top_k is None else lp.top_k_threshold(logits, metadata.top_k, metadata.max_top_k)
             sampled = sample(logits, metadata.temperature, _seeds(logits.shape[0], metadata.generators, logits.device),

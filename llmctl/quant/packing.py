@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
+from llmctl_kernels.reference import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 from llmctl.errors import QuantizationError
 from llmctl.quant.gptq import GPTQResult
 
