@@ -48,3 +48,13 @@ class CacheCapacityError(LlmctlError):
 
 class QuantizationError(LlmctlError):
     """GPTQ cannot proceed (bad group size, failed factorization, bad checkpoint)."""
+
+
+class EngineDeadError(LlmctlError):
+    """The engine cannot step any more (a device error, a broken model); the server must restart."""
+
+    status_code = 503
+
+
+class RequestFailedError(LlmctlError):
+    """The engine failed one request inside a step; the others go on."""

@@ -59,7 +59,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.engine.default_sampling_params()
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise InvalidRequestError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
@@ -73,6 +73,8 @@ class LLM:
             while self.engine.has_unfinished_requests():
                 done = [o for o in self.engine.step() if o.finished]
                 for out in done:
+                    if out.error is not None:
+                        raise out.error
                     finished[out.request_id] = out
                 if done and on_finished:
                     on_finished(len(done))

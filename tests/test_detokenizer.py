@@ -165,30 +165,6 @@ def test_prompt_context_changes_nothing_for_byte_level_bpe(tokenizer, prompt):
     assert "".join(pieces) == final == tokenizer.decode(ids) == " Paris, 世界 ok"
 
 
-@pytest.fixture(scope="module")
-def sentencepiece_tokenizer():
-    """A Llama-2-style tokenizer ("▁" for spaces, byte-fallback tokens for other characters,
-    leading space stripped on decode), built here on the real tokenizers pipeline."""
-    import string
-
-    from tokenizers import Tokenizer, decoders, models, normalizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)])}
-    for ch in "▁" + string.ascii_letters + ",.":
-        vocab.setdefault(ch, len(vocab))
-    merges = []
-    for word in ("▁The", "▁capital", "▁of", "▁France", "▁is", "▁Paris", "▁fox"):
-        for i in range(2, len(word) + 1):
-            merges.append((word[: i - 1], word[i - 1]))
-            vocab.setdefault(word[:i], len(vocab))
-    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
 def test_sentencepiece_leading_space_with_and_without_prompt(sentencepiece_tokenizer):
     tok = sentencepiece_tokenizer
     prompt_ids = tok.encode("The capital of France is", add_special_tokens=False)

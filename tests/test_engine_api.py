@@ -105,7 +105,7 @@ def test_seeded_sample_ignores_the_rest_of_the_batch(engine):
 
 
 @torch.inference_mode()
-def test_prompt_logprobs_chunked_and_cached_match_a_dense_forward(engine, default_model_dir):
+def test_prompt_logprobs_chunked_and_after_a_cached_prompt_match_a_dense_forward(engine, default_model_dir):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
@@ -114,9 +114,11 @@ def test_prompt_logprobs_chunked_and_cached_match_a_dense_forward(engine, defaul
     params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
     engine.add_request("first", prompt, params)
     first = drain(engine)["first"]
-    engine.add_request("cached", prompt, params)  # its first 64 tokens come from the prefix cache
+    engine.add_request("cached", prompt, params)  # the cache holds its first 64 tokens: it runs them anyway
     cached = drain(engine)["cached"]
-    assert cached.num_cached_tokens == 64
+    assert cached.num_cached_tokens == 0  # prompt logprobs need every position's logits (as vLLM)
+    engine.add_request("plain", prompt, SamplingParams(temperature=0, max_tokens=1))
+    assert drain(engine)["plain"].num_cached_tokens == 64
     for out in (first, cached):
         lps = out.prompt_logprobs
         assert len(lps) == len(prompt) and lps[0] is None

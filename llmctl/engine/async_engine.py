@@ -21,7 +21,7 @@ from typing import Any
 
 from llmctl.engine.outputs import RequestOutput
 from llmctl.engine.sampling_params import SamplingParams
-from llmctl.errors import LlmctlError
+from llmctl.errors import EngineDeadError, LlmctlError, RequestFailedError
 
 logger = logging.getLogger("llmctl.engine")
 
@@ -29,20 +29,10 @@ logger = logging.getLogger("llmctl.engine")
 StepHook = Callable[[Any, list[RequestOutput]], None]
 
 
-class EngineDeadError(LlmctlError):
-    """The engine loop crashed; no request can be served until the server restarts."""
-
-    status_code = 503
-
-
 class QueueFullError(LlmctlError):
     """More requests are waiting than the server takes (scheduler.max_waiting)."""
 
     status_code = 503
-
-
-class RequestFailedError(LlmctlError):
-    """The engine refused or failed one request; the others go on."""
 
 
 class _Stream:
@@ -84,6 +74,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.dead_error: BaseException | None = None
+        # Called on the engine thread when the engine dies (the server then stops and exits non-zero).
+        self.on_dead: Callable[[BaseException], None] | None = None
         self.stats: Any = None
 
     # --- life cycle --------------------------------------------------------------
@@ -189,9 +181,11 @@ class AsyncEngine:
         except BaseException as err:  # the loop is gone: say so to everyone waiting
             logger.exception("engine loop died")
             self.dead_error = err
-            dead = EngineDeadError(f"the engine loop died: {type(err).__name__}: {err}")
+            dead = EngineDeadError("the engine stopped working; the server is restarting or must be restarted")
             for stream in list(self._streams.values()):
                 stream.put(dead)
+            if self.on_dead is not None:
+                self.on_dead(err)
             return
         self._abort_all()
 
@@ -232,7 +226,11 @@ class AsyncEngine:
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)
-        if stream is not None and (out.finished or not stream.final_only):  # None: aborted since the step began
+        if stream is None:  # aborted since the step began
+            return
+        if out.error is not None:  # the step failed this request alone
+            stream.put(out.error)
+        elif out.finished or not stream.final_only:
             stream.put(_snapshot(out))
 
     def _read_stats(self) -> Any:

@@ -146,7 +146,7 @@ class BlockManager:
         seq.block_table = hits + [self._take_free() for _ in range(num_new)]
         seq.num_computed_tokens = len(hits) * self.block_size
         self._num_offered[seq.seq_id] = len(hits)
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and seq.reads_prefix_cache:
             self.num_prefix_queries += seq.num_tokens
             self.num_prefix_hits += seq.num_computed_tokens
         if seq.num_preemptions == 0:
@@ -244,7 +244,7 @@ class BlockManager:
         return hashes
 
     def _find_cached_prefix(self, seq: Sequence) -> list[int]:
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not seq.reads_prefix_cache:
             return []
         max_hits = (seq.num_tokens - 1) // self.block_size  # leave at least one token to run
         hits = []

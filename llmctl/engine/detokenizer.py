@@ -14,6 +14,7 @@ On "length" or an abort, pass finished=True too: that releases held-back text. `
 is all text decoded so far, a possible stop-string prefix not yet streamed included; a character
 still missing bytes joins it only when completed or at the end.
 
+`check_token_stop` is `llmctl.engine.stop`'s, the rule the scheduler applies.
 `limit` is the number of new tokens the sequence may have: params.max_tokens, capped by what
 is left of max_model_len. A stop token (EOS or one of stop_token_ids) is not detokenized
 unless include_stop_str_in_output, as in vLLM.
@@ -41,7 +42,8 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable, Protocol, Sequence
 
-from llmctl.engine.sampling_params import SamplingParams, eos_token_ids
+from llmctl.engine.sampling_params import SamplingParams
+from llmctl.engine.stop import check_token_stop  # noqa: F401  (the stop rule; re-exported for callers)
 
 _REPLACEMENT_CHAR = "\ufffd"
 _NUM_CONTEXT_TOKENS = 6  # prompt tokens decoded with the output; vLLM reads 5 back
@@ -50,31 +52,6 @@ _PROBE = "Hi , a . b ? c ! d 's — é 世界 🙂 x"  # spaces before punctuati
 
 class Tokenizer(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
-
-
-def check_token_stop(
-    params: SamplingParams,
-    output_token_ids: Sequence[int],
-    eos_token_id: int | Sequence[int] | None,
-    max_new_tokens: int | None,
-) -> tuple[str | None, int | None]:
-    """(finish_reason, stop_reason) after the latest token: ("stop", None) for EOS,
-    ("stop", token_id) for a stop token id, ("length", None) at max_new_tokens, else (None, None).
-
-    EOS and stop tokens count only once min_tokens tokens exist; ignore_eos disables EOS.
-    """
-    num_tokens = len(output_token_ids)
-    if num_tokens == 0:
-        return None, None
-    last = output_token_ids[-1]
-    if num_tokens >= params.min_tokens:
-        if not params.ignore_eos and last in eos_token_ids(eos_token_id):
-            return "stop", None
-        if last in params.stop_token_ids:
-            return "stop", last
-    if max_new_tokens is not None and num_tokens >= max_new_tokens:
-        return "length", None
-    return None, None
 
 
 def find_stop_string(text: str, num_new_chars: int, stop: Sequence[str]) -> tuple[str, int] | None:

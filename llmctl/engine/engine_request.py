@@ -20,7 +20,9 @@ class EngineRequest:
         self.seqs = seqs
         self.params = params = seqs[0].sampling_params
         self.metrics = RequestMetrics(arrival_time=arrival_time)
-        self.detokenizers = {s.seq_id: IncrementalDetokenizer(tokenizer, params) for s in seqs} if tokenizer else {}
+        # The prompt's last tokens open each decode window: a SentencePiece "▁Paris" then reads " Paris".
+        self.detokenizers = ({s.seq_id: IncrementalDetokenizer(tokenizer, params, s.prompt_token_ids) for s in seqs}
+                             if tokenizer else {})
         self.logprobs: dict[int, list[Logprobs]] | None = (
             {s.seq_id: [] for s in seqs} if params.logprobs is not None else None)
         self.cumulative_logprob = {s.seq_id: 0.0 for s in seqs}
@@ -29,6 +31,7 @@ class EngineRequest:
                            if params.seed is not None and not params.greedy else {})
         # Index k holds the logprobs of prompt token k (k = 0: None, nothing predicts it).
         self.prompt_logprobs: list[Logprobs | None] | None = [] if params.prompt_logprobs is not None else None
+        self.error: Exception | None = None  # why the engine failed it, if it did
 
     def prompt_logprobs_missing_from(self, seq: Sequence) -> int | None:
         """The first prompt position whose prediction is not recorded; None when complete."""
@@ -87,5 +90,5 @@ class EngineRequest:
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.seqs[0].prompt_token_ids,
             outputs=outputs, finished=finished, metrics=self.metrics,
             prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
-            num_cached_tokens=self.seqs[0].num_cached_tokens,
+            num_cached_tokens=self.seqs[0].num_cached_tokens, error=self.error,
         )

@@ -9,6 +9,7 @@ object from one thread through `AsyncEngine`; the offline `LLM` drives it to the
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -16,15 +17,20 @@ from typing import Callable
 import torch
 
 from llmctl.config import EngineConfig
+from llmctl.engine.admission import AdmissionLimits, check_request
 from llmctl.engine.block_manager import BlockManager
 from llmctl.engine.engine_request import EngineRequest
 from llmctl.engine.kv_budget import KVPlan, plan_kv, resolve_dtype
-from llmctl.engine.model_runner import ModelRunner
+from llmctl.engine.faults import engine_dead, is_request_fault, request_error
+from llmctl.engine.model_runner import ModelRunner, ModelRunnerOutput
 from llmctl.engine.outputs import RequestOutput
 from llmctl.engine.sampling_params import RequestOutputKind, SamplingParams
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
+from llmctl.engine.stop import model_eos_token_ids, read_generation_config, sampling_defaults
 from llmctl.engine.sequence import SequenceStatus
 from llmctl.errors import ConfigError, InvalidRequestError
+
+logger = logging.getLogger("llmctl.engine")
 
 # (event, info): "load" / "kv_plan" / "ready", info["message"] a line of text; "kv_plan"
 # also carries info["plan"] (a KVPlan) so a CLI can draw the table. The engine never draws.
@@ -68,9 +74,15 @@ class LLMEngine:
         if self.max_model_len > self.arch.max_position_embeddings:
             raise ConfigError(f"max_model_len: {self.max_model_len} exceeds the model's context length "
                               f"({self.arch.max_position_embeddings}, max_position_embeddings in config.json)")
-        self.eos_token_id = self._eos_token_id()
+        generation_config = read_generation_config(self.model_dir)
+        # Every id that ends a sequence, and the model's recommended sampling (requests' defaults).
+        self.eos_token_ids = model_eos_token_ids(self.tokenizer, self.arch.eos_token_id, generation_config)
+        self.generation_defaults = sampling_defaults(generation_config)
+        if self.generation_defaults:
+            self.progress("load", {"message": "default sampling from generation_config.json: " + ", ".join(
+                f"{k}={v}" for k, v in self.generation_defaults.items())})
         self.runner = ModelRunner(self.model, self.arch, self.device, self.dtype, config.cache.block_size,
-                                  self.eos_token_id)
+                                  self.eos_token_ids)
         self.kv_plan = self._plan_kv_cache()
         self.runner.allocate_kv_cache(self.kv_plan.num_blocks)
         if self.device.type == "cuda" and not config.model.enforce_eager:
@@ -82,7 +94,9 @@ class LLMEngine:
             self.runner.warm_up_sampler()
         self.block_manager = BlockManager(self.kv_plan.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len, self.eos_token_id)
+        self.admission_limits = AdmissionLimits(self.arch.vocab_size, self.max_model_len,
+                                                config.scheduler.max_num_seqs)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len, self.eos_token_ids)
         self._requests: dict[str, EngineRequest] = {}
         self._seq_to_request: dict[int, EngineRequest] = {}
         self._num_prompt_tokens = self._num_generation_tokens = self._num_steps = self._max_num_running = 0
@@ -99,12 +113,6 @@ class LLMEngine:
         return cls(config, load_format=load_format, progress=progress)
 
     # ---- start-up --------------------------------------------------------------
-    def _eos_token_id(self) -> int | None:
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        if eos is None and self.arch.eos_token_id:
-            eos = self.arch.eos_token_id[0]
-        return eos
-
     def _plan_kv_cache(self) -> KVPlan:
         """The KV budget of kv_budget.plan_kv with this device's measured numbers."""
         cfg = self.config
@@ -125,7 +133,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         """Queue a request; its n samples share the prompt's KV blocks once it has prefilled."""
-        params = params if params is not None else SamplingParams()
+        params = params if params is not None else self.default_sampling_params()
         if request_id in self._requests:
             raise InvalidRequestError(f"request_id: {request_id!r} is already being served")
         if isinstance(prompt, str):
@@ -133,10 +141,9 @@ class LLMEngine:
                 raise InvalidRequestError("prompt: this model has no tokenizer; pass token ids")
             prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
         else:
-            prompt_text, prompt_ids = None, [int(t) for t in prompt]
-        bad = [t for t in prompt_ids if not 0 <= t < self.arch.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.arch.vocab_size})")
+            prompt_text, prompt_ids = None, list(prompt)
+        check_request(prompt_ids, params, self.admission_limits)
+        prompt_ids = [int(t) for t in prompt_ids]
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop: stop strings need a tokenizer; this model has none")
         arrival = time.time() if arrival_time is None else arrival_time
@@ -145,6 +152,10 @@ class LLMEngine:
         self._requests[request_id] = request
         for seq in seqs:
             self._seq_to_request[seq.seq_id] = request
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json defaults (as vLLM's LLM)."""
+        return SamplingParams(**self.generation_defaults)
 
     def abort_request(self, request_id: str | list[str]) -> None:
         """Stop the request(s) now and free their KV blocks; no further output is produced."""
@@ -166,24 +177,34 @@ class LLMEngine:
 
     # ---- one step --------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return the outputs of the requests that got a token (cumulative)."""
+        """Run one batch; return the outputs of the requests that got a token (cumulative),
+        and the final output (with `error`) of any request the step failed."""
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
         now = time.time()
         self._record_schedule(out, now)
         generators, prompt_lp_from = self._sampling_state(out)
-        result = self.runner.execute(out, generators, prompt_lp_from)
+        result, failures = self._execute(out, generators, prompt_lp_from)
+        touched: dict[str, EngineRequest] = {}
+        for request_id, err in failures.items():
+            touched[request_id] = self._fail(request_id, err)
         for seq_id, chunk in result.prompt_logprobs.items():
             self._seq_to_request[seq_id].add_prompt_logprobs(chunk)
         sampled_rows = {e.seq.seq_id: i for i, e in enumerate(out.scheduled) if e.do_sample}
         updated = self.scheduler.update_from_output(out, result.sampled_token_ids)
         now = time.time()
-        touched: dict[str, EngineRequest] = {}
         for seq in updated:
             request = self._seq_to_request[seq.seq_id]
-            row = sampled_rows[seq.seq_id]
-            stop_str = request.on_token(seq, result.logprobs[row], now)
+            if request.error is not None:  # a sibling sample failed it this step
+                continue
+            try:
+                stop_str = request.on_token(seq, result.logprobs[sampled_rows[seq.seq_id]], now)
+            except Exception as err:  # detokenizing one request's token must not stop the others
+                if not is_request_fault(err):
+                    raise engine_dead(err) from err
+                touched[request.request_id] = self._fail(request.request_id, err)
+                continue
             if stop_str is not None:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED, stop_str)
                 request.mark_stopped_by_string(seq, stop_str)
@@ -196,6 +217,56 @@ class LLMEngine:
                 self._drop(output.request_id)
         return outputs
 
+    def _execute(self, out: SchedulerOutput, generators: dict, prompt_lp_from: dict
+                 ) -> tuple[ModelRunnerOutput, dict[str, BaseException]]:
+        """The runner's result for the step, and the requests it failed (request id -> error).
+
+        When the batch fails with an error one request could cause (`faults.is_request_fault`),
+        its sequences run again one by one (their K/V writes are the same again) and only the
+        requests that fail alone fail; any other error kills the engine."""
+        try:
+            return self.runner.execute(out, generators, prompt_lp_from), {}
+        except Exception as err:
+            if not is_request_fault(err):
+                raise engine_dead(err) from err
+            logger.warning("a step of %d sequences failed (%s: %s); running them one by one",
+                           len(out.scheduled), type(err).__name__, err)
+        entries = out.scheduled
+        merged = ModelRunnerOutput([None] * len(entries), [None] * len(entries), {})
+        failures: dict[str, BaseException] = {}
+        try:
+            self.runner.copy_blocks(out.blocks_to_copy)
+        except Exception as err:
+            raise engine_dead(err) from err
+        for i, e in enumerate(entries):
+            seq = e.seq
+            if seq.request_id in failures:
+                continue
+            single = SchedulerOutput([e], [], e.num_new_tokens)
+            try:
+                r = self.runner.execute(single, {k: v for k, v in generators.items() if k == seq.seq_id},
+                                        {k: v for k, v in prompt_lp_from.items() if k == seq.seq_id})
+            except Exception as err:
+                if not is_request_fault(err):
+                    raise engine_dead(err) from err
+                logger.warning("request %s failed in a step: %s: %s", seq.request_id, type(err).__name__, err)
+                failures[seq.request_id] = err
+                continue
+            merged.sampled_token_ids[i], merged.logprobs[i] = r.sampled_token_ids[0], r.logprobs[0]
+            merged.prompt_logprobs.update(r.prompt_logprobs)
+        for i, e in enumerate(entries):  # a request fails as a whole: drop its other rows' results
+            if e.seq.request_id in failures:
+                merged.sampled_token_ids[i] = merged.logprobs[i] = None
+                merged.prompt_logprobs.pop(e.seq.seq_id, None)
+        return merged, failures
+
+    def _fail(self, request_id: str, err: BaseException) -> EngineRequest:
+        """End every sequence of the request, free its blocks, and record why."""
+        request = self._requests[request_id]
+        self.scheduler.abort(request_id)
+        request.error = request_error(err)
+        return request
+
     def _sampling_state(self, out: SchedulerOutput) -> tuple[dict, dict]:
         generators, prompt_lp_from = {}, {}
         for e in out.scheduled:
@@ -205,11 +276,9 @@ class LLMEngine:
                 generators[e.seq.seq_id] = gen
             first = request.prompt_logprobs_missing_from(e.seq)
             if first is not None:
-                if first < e.start_pos:  # the prefix cache served positions nobody scored yet
-                    dense = self.runner.dense_prompt_logprobs(e.seq.prompt_token_ids, e.start_pos,
-                                                              e.seq.sampling_params.prompt_logprobs)
-                    request.add_prompt_logprobs(dense[len(request.prompt_logprobs):])
-                    first = e.start_pos
+                # A sequence with prompt logprobs never reads the prefix cache
+                # (Sequence.reads_prefix_cache), so every missing position runs in a step.
+                assert first >= e.start_pos, (first, e.start_pos)
                 prompt_lp_from[e.seq.seq_id] = first
         return generators, prompt_lp_from
 

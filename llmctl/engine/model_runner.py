@@ -50,13 +50,13 @@ class ModelRunnerOutput:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, arch: ModelArch, device: torch.device, dtype: torch.dtype,
-                 block_size: int, eos_token_id: int | None) -> None:
+                 block_size: int, eos_token_id: int | tuple[int, ...] | None) -> None:
         self.model = model
         self.arch = arch
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        self.eos_token_id = eos_token_id
+        self.eos_token_id = eos_token_id  # every EOS id: min_tokens holds them all back
         self.vocab_size = arch.vocab_size
         self.sampler = Sampler()
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
@@ -112,7 +112,8 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_activation_bytes(self, num_tokens: int, num_seqs: int) -> int:
         """Peak memory of one dense forward of `num_tokens` tokens plus logits and sampling
-        for `num_seqs` rows, over what is allocated now (CUDA only)."""
+        for `num_seqs` rows (or a chunk of prompt-logprob rows, if more), over what is allocated
+        now (CUDA only)."""
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
@@ -120,7 +121,7 @@ class ModelRunner:
         # Positions wrap at the model's context: a step's token budget may exceed it.
         positions = (torch.arange(num_tokens, device=self.device) % self.arch.max_position_embeddings)[None]
         hidden = self.model(ids, positions)  # no metadata: dense causal attention
-        rows = hidden.reshape(-1, hidden.shape[-1])[:num_seqs]
+        rows = hidden.reshape(-1, hidden.shape[-1])[:max(num_seqs, _PROMPT_LOGITS_ROWS)]
         logits = self.model.compute_logits(rows)
         torch.softmax(logits, dim=-1).argmax(dim=-1)
         torch.cuda.synchronize(self.device)
@@ -268,19 +269,4 @@ class ModelRunner:
                 chunk += compute_prompt_logprobs(logits, e.seq.prompt_token_ids,
                                                  e.seq.sampling_params.prompt_logprobs, start=a)[1 if a == 0 else 0:]
             result[e.seq.seq_id] = chunk
-        return result
-
-    @torch.inference_mode()
-    def dense_prompt_logprobs(self, prompt_token_ids: list[int], num_positions: int,
-                              num_logprobs: int) -> list[Logprobs | None]:
-        """Prompt logprobs of positions 0..num_positions-1 by a dense forward (no cache):
-        for a prefix the cache served, whose logits the paged step never computed."""
-        ids = torch.tensor([prompt_token_ids[:num_positions]], device=self.device)
-        positions = torch.arange(num_positions, device=self.device)[None]
-        hidden = self.model(ids, positions)[0]  # [P, D]
-        result: list[Logprobs | None] = []
-        for lo in range(0, num_positions, _PROMPT_LOGITS_ROWS):
-            hi = min(lo + _PROMPT_LOGITS_ROWS, num_positions)
-            logits = self.model.compute_logits(hidden[lo:hi])
-            result += compute_prompt_logprobs(logits, prompt_token_ids, num_logprobs, start=lo)
         return result

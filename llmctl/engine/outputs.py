@@ -47,3 +47,6 @@ class RequestOutput:
     prompt_logprobs: list[Logprobs | None] | None = None  # first position has none
     num_cached_tokens: int = 0
     extra: dict = field(default_factory=dict)
+    # Set when the engine failed this request inside a step (finish_reason "abort"); the
+    # server answers with it, the offline API raises it.
+    error: Exception | None = None

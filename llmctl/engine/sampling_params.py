@@ -72,6 +72,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token (0: only the sampled one)
     prompt_logprobs: int | None = None  # same, for prompt positions
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI's range)
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -114,6 +115,17 @@ class SamplingParams:
         _require(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _require(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
                  "stop_token_ids", f"must be non-negative integer token ids, got {self.stop_token_ids}")
+        if self.logit_bias is not None:
+            self._check_logit_bias()
+
+    def _check_logit_bias(self) -> None:
+        _require(isinstance(self.logit_bias, dict), "logit_bias",
+                 f"must map token ids to numbers, got {type(self.logit_bias).__name__}")
+        for token_id, bias in self.logit_bias.items():
+            _require(isinstance(token_id, int) and not isinstance(token_id, bool) and token_id >= 0, "logit_bias",
+                     f"keys must be non-negative integer token ids, got {token_id!r}")
+            _require_finite(bias, "logit_bias")
+            _require(-100.0 <= bias <= 100.0, "logit_bias", f"values must be in [-100, 100], got {bias}")
 
     def all_stop_token_ids(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
         """Tokens that end the sequence: the EOS id(s) (unless ignore_eos), then stop_token_ids.

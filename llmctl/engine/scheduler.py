@@ -30,11 +30,13 @@ Usage, one engine step per loop (the engine serializes calls; this is not thread
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence as SequenceLike
 from dataclasses import dataclass, field
 
 from llmctl.config import SchedulerConfig
 from llmctl.engine.block_manager import BlockManager
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.engine.sampling_params import SamplingParams, eos_token_ids
+from llmctl.engine.stop import token_stop
 from llmctl.engine.sequence import Sequence, SequenceStatus, create_sequence_group
 from llmctl.errors import CacheCapacityError, ConfigError, InvalidRequestError
 
@@ -89,7 +91,7 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
-                 eos_token_id: int | None = None) -> None:
+                 eos_token_id: int | SequenceLike[int] | None = None) -> None:
         capacity = block_manager.num_blocks * block_manager.block_size
         if max_model_len <= 0:
             raise ConfigError(f"max_model_len: must be positive, got {max_model_len}")
@@ -105,7 +107,7 @@ class Scheduler:
         self.config = scheduler_config
         self.block_manager = block_manager
         self.max_model_len = max_model_len
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = tuple(eos_token_ids(eos_token_id))  # every id that ends a sequence
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is the newest
         self._pending_children: dict[int, list[Sequence]] = {}  # prefilling seq_id -> samples to fork
@@ -311,14 +313,13 @@ class Scheduler:
             self.running.append(child)
 
     def _check_stop(self, seq: Sequence) -> None:
-        params, token_id = seq.sampling_params, seq.last_token_id
-        if seq.num_output_tokens >= params.min_tokens:
-            if token_id == self.eos_token_id and not params.ignore_eos:
-                self.finish(seq, SequenceStatus.FINISHED_STOPPED)
-                return
-            if token_id in params.stop_token_ids:
-                self.finish(seq, SequenceStatus.FINISHED_STOPPED, stop_reason=token_id)
-                return
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len
-        if seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.max_model_len:
+        params = seq.sampling_params
+        limit = self.max_model_len - seq.num_prompt_tokens
+        if params.max_tokens is not None:
+            limit = min(limit, params.max_tokens)
+        finish_reason, stop_reason = token_stop(params, seq.num_output_tokens, seq.last_token_id,
+                                                self.eos_token_ids, limit)
+        if finish_reason == "stop":
+            self.finish(seq, SequenceStatus.FINISHED_STOPPED, stop_reason=stop_reason)
+        elif finish_reason == "length":
             self.finish(seq, SequenceStatus.FINISHED_LENGTH_CAPPED)

@@ -112,6 +112,13 @@ class Sequence:
         return self.status.is_finished
 
     @property
+    def reads_prefix_cache(self) -> bool:
+        """Prompt logprobs need the logits of every prompt position, which a prefix-cache hit
+        skips: such a sequence runs its whole prompt (vLLM does the same), so no dense
+        recompute outside the step's memory budget is ever needed."""
+        return self.sampling_params.prompt_logprobs is None
+
+    @property
     def finish_reason(self) -> str | None:
         return self.status.finish_reason
 

@@ -56,6 +56,16 @@ def apply_token_mask(
     return logits
 
 
+def apply_logit_bias(
+    logits: torch.Tensor,  # [B, V], modified in place
+    rows: torch.Tensor,  # [M] int64
+    cols: torch.Tensor,  # [M] int64
+    values: torch.Tensor,  # [M] fp32
+) -> torch.Tensor:
+    """OpenAI's logit_bias: add each (row, token)'s bias to its logit."""
+    return logits.index_put_((rows, cols), values, accumulate=True)
+
+
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Drop tokens whose probability is below min_p times the row's top probability.
 

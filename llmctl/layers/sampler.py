@@ -17,7 +17,7 @@ and kept for its whole life (n > 1: sample i uses `params.sample_seed(i)`); its 
 only when that sequence samples, so its tokens do not depend on the rest of the batch.
 
 Order of operations (vLLM's): raw logprobs (log-softmax of the model's logits, what
-clients compare) -> penalties -> min_tokens mask -> greedy argmax for temperature-0 rows ->
+clients compare) -> penalties -> logit_bias -> min_tokens mask -> greedy argmax for temperature-0 rows ->
 temperature -> min-p -> top-k -> top-p -> exponential-race sample. On CUDA the steps from
 temperature on are one kernel (kernels/sampling.py: top-p by rejection, no sort of the
 vocabulary; a topk finds top-k's threshold); on the CPU they are the torch ops of
@@ -67,6 +67,7 @@ class SamplingMetadata:
     min_p: torch.Tensor | None  # [B] fp32; None when no row uses it
     penalties: lp.PenaltyTensors | None
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # ([M] rows, [M] token ids) to forbid
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # ([M] rows, [M] token ids, [M] fp32 biases)
     generators: dict[int, torch.Generator]  # row -> generator, seeded random rows only
     num_logprobs: tuple[int | None, ...]  # per row, params.logprobs
     max_num_logprobs: int | None  # None: no row wants logprobs
@@ -116,6 +117,7 @@ class SamplingMetadata:
             min_p=floats([p.min_p for p in params]) if use_min_p else None,
             penalties=_build_penalties(requests, device),
             min_tokens_mask=_build_min_tokens_mask(requests, vocab_size, eos_token_id, device),
+            logit_bias=_build_logit_bias(params, vocab_size, device),
             generators=generators,
             num_logprobs=num_logprobs,
             max_num_logprobs=max(wanted) if wanted else None,
@@ -170,6 +172,23 @@ def _build_min_tokens_mask(requests, vocab_size: int, eos_token_id: int | Sequen
     return (torch.tensor(rows, dtype=torch.int64, device=device), torch.tensor(cols, dtype=torch.int64, device=device))
 
 
+def _build_logit_bias(params: Sequence[SamplingParams], vocab_size: int, device):
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
+    for row, p in enumerate(params):
+        for token_id, bias in (p.logit_bias or {}).items():
+            if not 0 <= token_id < vocab_size:  # admission's invariant
+                raise InvalidRequestError(f"logit_bias: {token_id} is outside the vocabulary [0, {vocab_size})")
+            rows.append(row)
+            cols.append(token_id)
+            values.append(float(bias))
+    if not rows:
+        return None
+    return (torch.tensor(rows, dtype=torch.int64, device=device), torch.tensor(cols, dtype=torch.int64, device=device),
+            torch.tensor(values, dtype=torch.float32, device=device))
+
+
 @dataclass(frozen=True)
 class LogprobsTensors:
     """Per row: column 0 is the sampled token, columns 1..K the top-K by raw logprob."""
@@ -216,11 +235,14 @@ class Sampler(nn.Module):
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         fused = _fused(logits, metadata)
-        in_place = metadata.penalties is not None or metadata.min_tokens_mask is not None or not fused
+        in_place = (metadata.penalties is not None or metadata.min_tokens_mask is not None
+                    or metadata.logit_bias is not None or not fused)
         logits = logits.to(torch.float32, copy=in_place)  # [B, V]
         raw_logprobs = None if metadata.max_num_logprobs is None else torch.log_softmax(logits, dim=-1)
         if metadata.penalties is not None:
             lp.apply_penalties(logits, metadata.penalties)
+        if metadata.logit_bias is not None:
+            lp.apply_logit_bias(logits, *metadata.logit_bias)
         if metadata.min_tokens_mask is not None:
             lp.apply_token_mask(logits, *metadata.min_tokens_mask)
         sampled = self.sample(logits, metadata, fused)

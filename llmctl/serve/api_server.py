@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from llmctl import __version__
 from llmctl.config import ServeConfig
-from llmctl.errors import InvalidRequestError
+from llmctl.errors import EngineDeadError, InvalidRequestError
 from llmctl.serve.errors import error_response, install_error_handlers
 from llmctl.serve.metrics import ServerMetrics
 from llmctl.serve.middleware import GuardMiddleware
@@ -124,7 +124,14 @@ class _Server(uvicorn.Server):
 def run_server(app: FastAPI, config: ServeConfig, log_level: str = "info", sock=None) -> None:
     """Serve until SIGINT/SIGTERM: stop accepting, let in-flight requests finish for
     `shutdown_grace_s`, then cancel (aborting them in the engine) and return. `sock`: a
-    socket already bound (`listen.bind_socket`), so a taken port failed before the model loaded."""
+    socket already bound (`listen.bind_socket`), so a taken port failed before the model loaded.
+    If the engine dies, stop too and raise EngineDeadError, so the process exits non-zero and a
+    supervisor restarts it."""
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
                                timeout_graceful_shutdown=config.shutdown_grace_s, access_log=False)
-    _Server(uv_config).run(sockets=[sock] if sock is not None else None)
+    server = _Server(uv_config)
+    engine = app.state.ctx.engine
+    engine.on_dead = lambda err: setattr(server, "should_exit", True)  # uvicorn polls it
+    server.run(sockets=[sock] if sock is not None else None)
+    if engine.dead_error is not None:
+        raise EngineDeadError(engine.dead_reason() or "the engine died")

@@ -53,7 +53,8 @@ def build_app(engine: Any, serve_config: ServeConfig, served_model_name: str | N
     ctx = ServingContext(
         engine=async_engine, tokenizer=engine.tokenizer, served_model_names=names,
         model_path=str(engine.model_dir) if engine.model_dir else engine.model_name,
-        max_model_len=engine.max_model_len, vocab_size=engine.arch.vocab_size)
+        max_model_len=engine.max_model_len, vocab_size=engine.arch.vocab_size, max_num_seqs=scheduler.max_num_seqs,
+        generation_defaults=dict(getattr(engine, "generation_defaults", {})))
     return create_app(ctx, metrics, serve_config)
 
 

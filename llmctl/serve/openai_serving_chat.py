@@ -26,7 +26,14 @@ from llmctl.serve.protocol import (
     UsageInfo,
     random_id,
 )
-from llmctl.serve.serving_common import ServingContext, include_usage, sampling_params, sse, sse_error, unless_disconnected
+from llmctl.serve.serving_common import (
+    ServingContext,
+    check_unsupported,
+    include_usage,
+    sse,
+    sse_error,
+    unless_disconnected,
+)
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
@@ -82,11 +89,11 @@ class OpenAIServingChat:
         model = ctx.check_model(req.model)
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequestError("top_logprobs: requires logprobs to be true")
+        check_unsupported(req)
         ids = apply_chat_template(ctx, req.messages, req.add_generation_prompt, req.continue_final_message,
                                   req.chat_template_kwargs)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens = ctx.check_length(len(ids), max_tokens, param="messages")
-        params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        params = ctx.admit(ids, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, param="messages")
         request_id = random_id("chatcmpl")
         arrival = time.time()
         generator = ctx.engine.generate(request_id, ids, params, arrival, final_only=not req.stream)

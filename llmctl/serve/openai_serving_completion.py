@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from llmctl.engine.admission import check_num_prompts
 from llmctl.engine.outputs import CompletionOutput, Logprobs, RequestOutput
 from llmctl.errors import InvalidRequestError
 from llmctl.serve.protocol import (
@@ -23,9 +24,9 @@ from llmctl.serve.protocol import (
 )
 from llmctl.serve.serving_common import (
     ServingContext,
+    check_unsupported,
     include_usage,
     merge_streams,
-    sampling_params,
     sse,
     sse_error,
     unless_disconnected,
@@ -43,6 +44,7 @@ def _prompts(ctx: ServingContext, req: CompletionRequest) -> list[Prompt]:
         raise InvalidRequestError("prompt: must not be empty")
     if all(isinstance(t, int) for t in raw):
         raw = [raw]  # one prompt given as token ids
+    check_num_prompts(len(raw))
     prompts = []
     for item in raw:
         if isinstance(item, str):
@@ -98,10 +100,10 @@ class OpenAIServingCompletion:
         model = ctx.check_model(req.model)
         if req.suffix:
             raise InvalidRequestError("suffix: is not supported")
+        check_unsupported(req)
         prompts = _prompts(ctx, req)
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else req.prompt_logprobs
-        params = [sampling_params(req, ctx.check_length(len(ids), req.max_tokens), req.logprobs, prompt_logprobs)
-                  for _, ids in prompts]
+        params = [ctx.admit(ids, req, req.max_tokens, req.logprobs, prompt_logprobs) for _, ids in prompts]
         request_id = random_id("cmpl")
         arrival = time.time()
         generators, submitted = [], []

@@ -9,9 +9,22 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from llmctl.engine.admission import (
+    MAX_LOGIT_BIAS,
+    MAX_PROMPTS_PER_REQUEST,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+)
+from llmctl.engine.sampling_params import MAX_LOGPROBS
+
+# A token id is a JSON integer, never a boolean or a float (pydantic's lax mode takes both).
+TokenId = Annotated[int, Field(strict=True, ge=0)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 
 
 def random_id(prefix: str) -> str:
@@ -31,34 +44,38 @@ class SamplingFields(OpenAIBaseModel):
     """The sampling fields both endpoints share (OpenAI's plus vLLM's extras)."""
 
     model: str | None = None
-    n: int = 1
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, description="at most the server's max_num_seqs")
+    seed: int | None = Field(default=None, ge=0, lt=2**64)
+    stop: StopString | list[StopString] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
+    temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    presence_penalty: float | None = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS, description="token id (as a string) -> bias added to its logit")
+    response_format: dict[str, Any] | None = Field(default=None, description='only {"type": "text"} is supported')
     user: str | None = None
     # vLLM's extra sampling parameters
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    stop_token_ids: list[int] | None = None
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: int = Field(default=0, ge=0)
     skip_special_tokens: bool = True
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (str | Annotated[list[str], Field(max_length=MAX_PROMPTS_PER_REQUEST)] | list[TokenId]
+             | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS_PER_REQUEST)])
     echo: bool = False
-    logprobs: int | None = None
-    max_tokens: int | None = 16
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(default=16, ge=1)
     suffix: str | None = None
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_special_tokens: bool = True
 
 
@@ -71,13 +88,17 @@ class ChatMessage(OpenAIBaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     logprobs: bool = False
-    top_logprobs: int | None = 0
-    max_tokens: int | None = Field(default=None, description="deprecated by OpenAI; max_completion_tokens wins")
-    max_completion_tokens: int | None = None
+    top_logprobs: int | None = Field(default=0, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(default=None, ge=1, description="deprecated by OpenAI; max_completion_tokens wins")
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     echo: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="only add_generation_prompt, continue_final_message, enable_thinking, "
+                                  "thinking, reasoning_effort and date_string are accepted")
+    tools: list[dict[str, Any]] | None = Field(default=None, description='not supported unless tool_choice is "none"')
+    tool_choice: str | dict[str, Any] | None = None
 
 
 class UsageInfo(OpenAIBaseModel):
@@ -220,7 +241,7 @@ class TokenizeResponse(OpenAIBaseModel):
 
 class DetokenizeRequest(OpenAIBaseModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(OpenAIBaseModel):

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel
 
+from llmctl.engine.admission import AdmissionLimits, check_context, check_request, check_token_ids
 from llmctl.engine.async_engine import AsyncEngine
 from llmctl.engine.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError, LlmctlError
@@ -37,6 +38,8 @@ class ServingContext:
     model_path: str
     max_model_len: int
     vocab_size: int
+    max_num_seqs: int = 256
+    generation_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
     _token_text: dict[int, str] = field(default_factory=dict)
 
     @property
@@ -64,41 +67,42 @@ class ServingContext:
             self._token_text[token_id] = text
         return text
 
-    def check_token_ids(self, token_ids: list[int], param: str = "prompt") -> None:
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"{param}: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+    @property
+    def limits(self) -> AdmissionLimits:
+        return AdmissionLimits(self.vocab_size, self.max_model_len, self.max_num_seqs)
 
-    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str = "prompt") -> int | None:
-        """vLLM's context check; returns max_tokens, filling None with what the context leaves."""
-        if num_prompt_tokens == 0:
-            raise InvalidRequestError(f"{param}: the prompt is empty")
-        if num_prompt_tokens >= self.max_model_len:
-            raise InvalidRequestError(
-                f"{param}: this model's maximum context length is {self.max_model_len} tokens, "
-                f"but the prompt has {num_prompt_tokens} tokens")
-        if max_tokens is None:
-            return self.max_model_len - num_prompt_tokens
-        if num_prompt_tokens + max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"max_tokens: this model's maximum context length is {self.max_model_len} tokens. However, you "
-                f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
-                f"{max_tokens} in the completion). Please reduce the length of the prompt or completion.")
-        return max_tokens
+    def check_token_ids(self, token_ids: list[int], param: str = "prompt") -> None:
+        check_token_ids(token_ids, self.vocab_size, param)
+
+    def admit(self, prompt_token_ids: list[int], req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+              prompt_logprobs: int | None = None, param: str = "prompt") -> SamplingParams:
+        """The request's SamplingParams for this prompt, through the engine's admission checks:
+        whatever the engine would refuse is refused here, before any work or stream byte."""
+        max_tokens = check_context(len(prompt_token_ids), max_tokens, self.max_model_len, param)
+        params = sampling_params(req, max_tokens, logprobs, prompt_logprobs, self.generation_defaults)
+        check_request(prompt_token_ids, params, self.limits)
+        return params
 
 
 def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
-    """OpenAI defaults (temperature 1, top_p 1) where the request leaves a field out."""
+                    prompt_logprobs: int | None = None, defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """Where the request leaves a field out: the model's generation_config.json default if it
+    has one (`defaults`, as vLLM), else OpenAI's (temperature 1, top_p 1)."""
+    defaults = defaults or {}
+
+    def pick(name: str, openai_default: Any) -> Any:
+        value = getattr(req, name)
+        return value if value is not None else defaults.get(name, openai_default)
+
     return SamplingParams(
         n=req.n,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=-1 if req.top_k is None else req.top_k,
-        min_p=0.0 if req.min_p is None else req.min_p,
+        temperature=pick("temperature", 1.0),
+        top_p=pick("top_p", 1.0),
+        top_k=pick("top_k", -1),
+        min_p=pick("min_p", 0.0),
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        repetition_penalty=pick("repetition_penalty", 1.0),
         seed=req.seed,
         stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
         stop_token_ids=list(req.stop_token_ids or []),
@@ -109,7 +113,31 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        logit_bias=_logit_bias(req.logit_bias),
     )
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI sends token ids as JSON object keys, so as strings."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isdigit() and key.isascii()):
+            raise InvalidRequestError(f"logit_bias: keys must be token ids, got {key!r}")
+        out[int(key)] = value
+    return out
+
+
+def check_unsupported(req: SamplingFields) -> None:
+    """What the server parses but cannot honour is refused, never silently ignored."""
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        raise InvalidRequestError(f"response_format: type {req.response_format.get('type')!r} is not supported "
+                                  "(only \"text\"); structured output is not implemented")
+    tools = getattr(req, "tools", None)
+    if tools and getattr(req, "tool_choice", None) != "none":
+        raise InvalidRequestError("tools: tool calling is not supported; send the request without tools "
+                                  "(or with tool_choice \"none\")")
 
 
 def include_usage(req: SamplingFields) -> bool:
