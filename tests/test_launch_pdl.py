@@ -43,7 +43,7 @@ def _chain(x, layers, norm_weight):
 @pytest.mark.parametrize("m", [1, 16, 64, 128])  # 128: products launched without PDL, between kernels with it
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dependent_chain_in_a_graph_matches_without_pdl(m, dtype):
-    from llmctl_kernels.w4a16_tune import random_layer
+    from llmctl_kernels.w4a16.tune import random_layer
 
     device = torch.device("cuda")
     if torch.cuda.get_device_capability(device)[0] < 9:

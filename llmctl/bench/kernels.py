@@ -9,6 +9,7 @@ copies that no call finds its weights in L2; eager timings with host overhead co
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ def measure_copy_bandwidth(device, num_bytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     import torch
 
-    from llmctl_kernels.w4a16_tune import time_ms
+    from llmctl_kernels.w4a16.tune import time_ms
 
     src = torch.empty(num_bytes // 2, dtype=torch.float16, device=device).uniform_()
     dst = torch.empty_like(src)
@@ -68,9 +69,8 @@ def _bench_shape(
     import torch
     import torch.nn.functional as F
 
-    from llmctl_kernels.w4a16 import select_path, w4a16_matmul
-    from llmctl_kernels.w4a16_dequant import w4a16_dequantize
-    from llmctl_kernels.w4a16_tune import layer_bytes, num_rotations, random_layer, time_graph_ms, time_ms
+    from llmctl_kernels.w4a16 import select_path, w4a16_dequantize, w4a16_matmul
+    from llmctl_kernels.w4a16.tune import layer_bytes, num_rotations, random_layer, time_graph_ms, time_ms
 
     device = torch.device("cuda")
     gs = cfg.group_size
@@ -92,7 +92,7 @@ def _bench_shape(
         fp16_ms = time_graph_ms([functools.partial(F.linear, x, d) for d in dense], reps=cfg.reps)
         ours_ms = time_graph_ms([functools.partial(w4a16_matmul, x, w) for w in plain], reps=cfg.reps)
         path, config = select_path(m, n, k, device, plain[0].layout)
-        row = dict(shape=name, k=k, n=n, m=m, layout=plain[0].layout, path=path, config=config, rel_err=rel_err,
+        row = dict(shape=name, k=k, n=n, m=m, layout=plain[0].layout, path=path, config=dataclasses.asdict(config), rel_err=rel_err,
                    fp16_us=fp16_ms * 1e3, w4a16_us=ours_ms * 1e3, speedup=fp16_ms / ours_ms)
         row["gbps"] = _w4a16_bytes(m, k, n, gs, False) / (ours_ms * 1e-3) / 1e9
         row["bw_share"] = row["gbps"] / copy_gbps

@@ -73,6 +73,12 @@ class LinearMethodBase:
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         return None
 
+    def allocate_workspace(self, max_num_tokens: int, device: torch.device) -> int:
+        """Buffers the method's kernels share across layers, for steps of up to max_num_tokens
+        tokens: allocated once, at engine start, before the engine measures its memory; returns
+        their bytes."""
+        return 0
+
 
 class UnquantizedLinearMethod(LinearMethodBase):
     """A dense weight [N, K] in the model dtype (the Hugging Face layout)."""

@@ -37,6 +37,8 @@ class GPTQLinearMethod(LinearMethodBase):
 
     def __init__(self, quant_config: GPTQConfig) -> None:
         self.config = quant_config
+        self._max_out_features = 0  # of the layers prepared for the kernels
+        self.scratch = None  # SplitKScratch shared by every layer, once allocate_workspace ran
 
     def create_weights(
         self, layer: nn.Module, input_size: int, output_sizes: list[int], bias: bool, params_dtype: torch.dtype
@@ -78,10 +80,21 @@ class GPTQLinearMethod(LinearMethodBase):
                 layer.qweight.data, layer.qzeros.data, layer.scales.data, layer.g_idx.data,
                 bits=self.config.bits, zero_offset=self.config.zero_offset,
             )
+            self._max_out_features = max(self._max_out_features, layer.w4a16.out_features)
             if layer.w4a16.qweight.data_ptr() != layer.qweight.data_ptr():
                 # The kernels read a repacked copy (fragment order, or rows sorted by group):
                 # the checkpoint's codes would only double the weight memory.
                 layer.qweight.data = layer.qweight.data.new_empty(0)
+
+    def allocate_workspace(self, max_num_tokens: int, device: torch.device) -> int:
+        """The split-K scratch every layer's kernels share (kernels/w4a16/scratch.py), sized for
+        steps of up to max_num_tokens tokens; returns its bytes."""
+        if self.scratch is not None or self._max_out_features == 0 or device.type != "cuda":
+            return 0 if self.scratch is None else self.scratch.num_bytes
+        from llmctl_kernels.w4a16 import SplitKScratch
+
+        self.scratch = SplitKScratch(device, max_num_tokens, self._max_out_features)
+        return self.scratch.num_bytes
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
@@ -90,9 +103,9 @@ class GPTQLinearMethod(LinearMethodBase):
         if prepared is not None and x.dtype in (torch.float16, torch.bfloat16):
             from llmctl_kernels.w4a16 import w4a16_matmul
 
-            return w4a16_matmul(x, prepared, bias.to(x.dtype) if bias is not None else None)
+            return w4a16_matmul(x, prepared, bias.to(x.dtype) if bias is not None else None, scratch=self.scratch)
         if prepared is not None:  # e.g. fp32 activations on CUDA
-            from llmctl_kernels.w4a16_dequant import w4a16_dequantize
+            from llmctl_kernels.w4a16 import w4a16_dequantize
 
             weight = w4a16_dequantize(prepared, torch.float32)  # [K, N]
         else:

@@ -13,14 +13,11 @@ import triton
 import triton.language as tl
 
 from llmctl_kernels.launch import interpreting
-from llmctl_kernels.w4a16_gemv import (
-    BITS_OF_2_23,
-    CODE_PAIRS,
-    _scale_and_zero,
-    half_pair,
-    pairs_fma_ptx,
-    split_word_ptx,
-)
+from llmctl_kernels.w4a16.common import BITS_OF_2_23, half_pair, scale_and_zero
+from llmctl_kernels.w4a16.config import KernelConfig
+from llmctl_kernels.w4a16.layout import W4A16Weights
+from llmctl_kernels.w4a16.ptx import NIBBLES_TO_BF16, NIBBLES_TO_FP16
+from llmctl_kernels.w4a16.scratch import SplitKScratch, finish_split_k, split_k_target
 
 GEMM_CONFIGS = [
     dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SWAP_AB=swap, GROUP_M=8, PACKED_LOAD=1, PREFETCH=pf,
@@ -92,7 +89,7 @@ def _unpack_codes(w, BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.
 def _codes_fp32(w, BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr, big_bits):
     """The codes of `_load_words`' words as the fp32 2**23 + q: [BLOCK_K, BLOCK_N]."""
     q = _unpack_codes(w, BITS, BLOCK_K, PACKED_LOAD)
-    return (q | big_bits).to(tl.float32, bitcast=True)  # big_bits: 2**23 (see w4a16_gemv.BITS_OF_2_23)
+    return (q | big_bits).to(tl.float32, bitcast=True)  # big_bits: 2**23 (see common.BITS_OF_2_23)
 
 
 @triton.jit
@@ -113,27 +110,8 @@ def _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_ma
     else:
         g = (ks // GROUP_SIZE)[:, None]
         s_mask = k_mask[:, None] & n_mask[None, :]
-    s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], s_mask, N, BITS, ZERO_OFFSET)
+    s, zm = scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], s_mask, N, BITS, ZERO_OFFSET)
     return (q - zm) * s
-
-
-# PAIRS: the code pairs of a word (w4a16_gemv.split_word_ptx) and one HFMA2 per pair with
-# -(MAGIC + z) leave the exact q - z, two codes per instruction. Triton cannot express a
-# packed-half result, so this is inline PTX (GPU only).
-_NIBBLES_TO_HALF2 = """{
-.reg .b32 s1, s2, s3, c0, c1, c2, c3, one;
-mov.b32 one, ONE2;
-""" + split_word_ptx("$8", "MAGIC2") + pairs_fma_ptx(CODE_PAIRS, CODE_PAIRS, "one", ["$9"], "TYPE") + """\
-mov.b32 {$0, $4}, c0;
-mov.b32 {$1, $5}, c1;
-mov.b32 {$2, $6}, c2;
-mov.b32 {$3, $7}, c3;
-}"""
-# MAGIC: 1024.0 in fp16, 128.0 in bf16 (one unit in the last place is 1)
-NIBBLES_TO_FP16 = tl.constexpr(
-    _NIBBLES_TO_HALF2.replace("MAGIC2", "0x64006400").replace("ONE2", "0x3C003C00").replace("TYPE", "f16x2"))
-NIBBLES_TO_BF16 = tl.constexpr(
-    _NIBBLES_TO_HALF2.replace("MAGIC2", "0x43004300").replace("ONE2", "0x3F803F80").replace("TYPE", "bf16x2"))
 
 
 @triton.jit
@@ -180,7 +158,7 @@ def _codes_as_half(w, half_bits, BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACK
 
 
 @triton.jit
-def _dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
+def dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
                   HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
     """Load and dequantize W[k0:k0+BLOCK_K, offs_n] in fp32."""
@@ -245,7 +223,7 @@ def _w4a16_gemm_kernel(
         # Every tile lies in one group. Its row of scales and zeros is loaded a step ahead, into
         # registers: the pipeliner leaves the 16-bit scale load synchronous, and loaded where it is
         # used it would stall every step for a DRAM round trip.
-        s_next, zm_next = _scale_and_zero(scales_ptr, qzeros_ptr, k_start // GROUP_SIZE, offs_n, n_mask, N,
+        s_next, zm_next = scale_and_zero(scales_ptr, qzeros_ptr, k_start // GROUP_SIZE, offs_n, n_mask, N,
                                           BITS, ZERO_OFFSET)
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
@@ -261,10 +239,10 @@ def _w4a16_gemm_kernel(
             zm = zm_next
             # (the last step reloads the last group rather than read past the scales)
             g_next = tl.minimum(k0 + BLOCK_K, K - 1) // GROUP_SIZE
-            s_next, zm_next = _scale_and_zero(scales_ptr, qzeros_ptr, g_next, offs_n, n_mask, N, BITS, ZERO_OFFSET)
+            s_next, zm_next = scale_and_zero(scales_ptr, qzeros_ptr, g_next, offs_n, n_mask, N, BITS, ZERO_OFFSET)
         if INT_DOT:
             # Exact integer codes on the tensor cores, the scale (and without PAIRS the zero point)
-            # applied per column after the dot. zm is 2**23 + z (w4a16_gemv._scale_and_zero).
+            # applied per column after the dot. zm is 2**23 + z (common.scale_and_zero).
             if PAIRS:
                 # q - z exactly, two codes per instruction: the dot needs no correction
                 qz = _codes_minus_zero_pairs(w, zm - 8388608.0, HALF_MAGIC, BLOCK_K, a.dtype, ASM)
@@ -309,31 +287,32 @@ def _w4a16_gemm_kernel(
 
 def w4a16_gemm(
     x: torch.Tensor,  # [M, K] fp16/bf16, unit stride along K
-    w,  # W4A16Weights
+    w: W4A16Weights,  # checkpoint layout
     bias: torch.Tensor | None,  # [N] or None
     out: torch.Tensor,  # [M, N] x.dtype; written, never read
-    config: dict,
+    config: KernelConfig,
+    scratch: SplitKScratch | None,
 ) -> torch.Tensor:
-    """Launch the tiled GEMM (split-K when config["SPLIT_K"] > 1)."""
+    """Launch the tiled GEMM (split-K when config.SPLIT_K > 1; kernels/w4a16/scratch.py)."""
+    config.require("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    assert w.layout == "gptq", f"the checkpoint-layout GEMM got {w.layout} weights"
     m, k = x.shape
     n = w.out_features
-    block_k = config["BLOCK_K"]
-    split_k = config["SPLIT_K"]
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    block_k = config.BLOCK_K
+    k_per_split = triton.cdiv(triton.cdiv(k, config.SPLIT_K), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
-    target = out
-    if split_k > 1:
-        target = out.zero_() if out.dtype == torch.float16 else torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    launch = {"PDL": False}
+    target = split_k_target(out, split_k, launch, scratch)
     perm = w.perm
-    if perm is not None and not config.get("GATHER_X", 0):
+    if perm is not None and not config.GATHER_X:
         # One gather of x up front beats per-tile gathers of scattered columns inside the kernel.
         x = x.index_select(1, perm)
         perm = None
     # fp16 holds 1024 + q exactly for q < 1024, bf16 128 + q for q < 128 (so up to 4-bit codes).
     half_magic = 1024 if x.dtype == torch.float16 else 128
-    int_dot = (bool(config.get("INT_DOT", 0)) and w.g_idx is None and w.group_size % block_k == 0
+    int_dot = (bool(config.INT_DOT) and w.g_idx is None and w.group_size % block_k == 0
                and (1 << w.bits) <= half_magic)
-    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), split_k)
+    grid = (triton.cdiv(m, config.BLOCK_M) * triton.cdiv(n, config.BLOCK_N), split_k)
     dummy = w.qweight
     _w4a16_gemm_kernel[grid](
         x, w.qweight, w.scales, w.qzeros,
@@ -343,14 +322,13 @@ def w4a16_gemm(
         x.stride(0), target.stride(0),
         BITS=w.bits, GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset,
         HAS_PERM=perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
-        SPLIT_K=split_k, SWAP_AB=bool(config.get("SWAP_AB", 0)), BLOCK_M=config["BLOCK_M"],
-        BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, GROUP_M=config.get("GROUP_M", 8),
-        PACKED_LOAD=bool(config.get("PACKED_LOAD", 1)), PREFETCH=bool(config.get("PREFETCH", 0)),
-        INT_DOT=int_dot, HALF_MAGIC=half_magic, PAIRS=int_dot and w.bits == 4 and bool(config.get("PAIRS", 0)),
+        SPLIT_K=split_k, SWAP_AB=bool(config.SWAP_AB), BLOCK_M=config.BLOCK_M,
+        BLOCK_N=config.BLOCK_N, BLOCK_K=block_k, GROUP_M=config.GROUP_M,
+        PACKED_LOAD=bool(config.PACKED_LOAD), PREFETCH=bool(config.PREFETCH),
+        INT_DOT=int_dot, HALF_MAGIC=half_magic, PAIRS=int_dot and w.bits == 4 and bool(config.PAIRS),
         ONE_GROUP=w.g_idx is None and w.group_size % block_k == 0,
         ASM=not interpreting(),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if target is not out:
-        out.copy_(target)
+    finish_split_k(target, out, launch, scratch)
     return out

@@ -3,7 +3,7 @@
 Decode is memory-bound, so the kernel's only job is to keep enough packed-weight loads in flight:
 the grid is (N / BLOCK_N) x SPLIT_K x M and each program streams a [BLOCK_KW, BLOCK_N] tile of
 int32 words per step. The dequantized weight never leaves registers; partial sums of the SPLIT_K
-programs meet in the output through atomic adds (the output is zeroed first).
+programs meet as kernels/w4a16/scratch.py says.
 """
 
 from __future__ import annotations
@@ -13,38 +13,19 @@ import triton
 import triton.language as tl
 
 from llmctl_kernels.launch import interpreting
+from llmctl_kernels.w4a16.common import BITS_OF_2_23, BITS_OF_ONE, half_pair, magic_to_float, scale_and_zero
+from llmctl_kernels.w4a16.config import KernelConfig
+from llmctl_kernels.w4a16.layout import W4A16Weights
+from llmctl_kernels.w4a16.ptx import WORD_DOT_FP16
+from llmctl_kernels.w4a16.scratch import SplitKScratch, finish_split_k, split_k_target
 
-# The configurations the tuner sweeps (kernels/configs/*.json records the winners per GPU).
+# The configurations the tuner sweeps (kernels/w4a16/tables.json records the winners per GPU).
 GEMV_CONFIGS = [
     dict(BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=sk, PREFETCH=0, HALF2=h2, num_warps=nw, num_stages=1)
     for bn, bkw, nw in ((128, 16, 4), (256, 16, 4), (256, 8, 4), (512, 8, 4), (512, 8, 8), (128, 32, 8))
     for sk in (8, 16)
     for h2 in (1, 0)
 ] + [dict(BLOCK_N=256, BLOCK_KW=16, SPLIT_K=sk, PREFETCH=1, HALF2=0, num_warps=4, num_stages=1) for sk in (8, 16)]
-
-
-# The bit patterns OR-ed into codes arrive as kernel arguments, not literals: in a register, the
-# mask and the OR fuse into one LOP3 (an instruction takes one immediate, so two literals cost two
-# LOP3s on the half-rate integer pipe, which bounds the GEMV).
-BITS_OF_ONE = 0x3F800000  # 1.0f
-BITS_OF_2_23 = 0x4B000000  # 2.0f ** 23
-
-
-@triton.jit
-def _magic_to_float(q, big_bits):
-    # Exact int -> fp32 without the quarter-rate I2F: OR the code into the mantissa of 2**23
-    # (big_bits). The caller subtracts 2**23 (folded into the zero point).
-    return (q | big_bits).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n, mask, N, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
-    """Scales and zero points (plus 2**23) of groups g for columns offs_n, in fp32."""
-    VALS: tl.constexpr = 32 // BITS
-    s = tl.load(scales_ptr + g * N + offs_n, mask=mask, other=0.0).to(tl.float32)
-    zw = tl.load(qzeros_ptr + g * (N // VALS) + offs_n // VALS, mask=mask, other=0)
-    zm = ((zw >> ((offs_n % VALS) * BITS)) & ((1 << BITS) - 1)).to(tl.float32) + (ZERO_OFFSET + 8388608.0)
-    return s, zm
 
 
 @triton.jit
@@ -76,67 +57,6 @@ def _x_of_code(x_row, perm_ptr, rows, j: tl.constexpr, r_mask, VALS: tl.constexp
     return xv.to(tl.float32) if FP32 else xv
 
 
-def split_word_ptx(word: str, magic2: str) -> str:
-    """PTX that splits the 32-bit word `word` into four half2 code pairs c0..c3 (declared by the
-    caller): c_j = (MAGIC + q_j, MAGIC + q_j+4), with magic2 the bits of (MAGIC, MAGIC). OR-ing a
-    nibble pair masked by 0x000F000F into those bits is one LOP3 per two codes (as Marlin and
-    FasterTransformer do); three shifts and four LOP3 per word in all."""
-    return f"""shr.u32 s1, {word}, 4;
-shr.u32 s2, {word}, 8;
-shr.u32 s3, {word}, 12;
-lop3.b32 c0, {word}, 0x000F000F, {magic2}, 0xEA;
-lop3.b32 c1, s1, 0x000F000F, {magic2}, 0xEA;
-lop3.b32 c2, s2, 0x000F000F, {magic2}, 0xEA;
-lop3.b32 c3, s3, 0x000F000F, {magic2}, 0xEA;
-"""
-
-
-def pairs_fma_ptx(dst: list[str], src: list[str], mul: str, addends: list[str], type_: str = "f16x2") -> str:
-    """PTX: dst[j] = src[j] * mul + addends[j % len(addends)] for the four code pairs of a word
-    (packed halves; `split_word_ptx` names them c0..c3)."""
-    return "".join(f"fma.rn.{type_} {d}, {x}, {mul}, {addends[j % len(addends)]};\n"
-                   for j, (d, x) in enumerate(zip(dst, src)))
-
-
-def half2_sum_ptx(dst: str, pair: str, halves: str = "lo, hi", floats: str = "flo, fhi") -> str:
-    """PTX: the f32 dst = the sum of the two fp16 halves of `pair` (the caller declares the
-    .f16 registers `halves` and the .f32 registers `floats`)."""
-    h0, h1 = halves.split(", ")
-    f0, f1 = floats.split(", ")
-    return (f"mov.b32 {{{h0}, {h1}}}, {pair};\ncvt.f32.f16 {f0}, {h0};\ncvt.f32.f16 {f1}, {h1};\n"
-            f"add.f32 {dst}, {f0}, {f1};\n")
-
-
-CODE_PAIRS = ["c0", "c1", "c2", "c3"]
-
-
-# HALF2 (fp16 activations, 4-bit codes, one group per tile): per word the code pairs
-# (1024 + q_j, 1024 + q_j+4) (split_word_ptx); one HFMA2 per pair makes them the exact
-# (q - z) / 16, in [-1, 1]; four more HFMA2 multiply them by the matching pairs of x and add, and
-# the two halves leave as one fp32 sum. So eight products of a word are rounded to fp16 and summed
-# four at a time in fp16 (each partial sum stays within 4 |x|), then accumulated in fp32. About 30%
-# fewer instructions than the fp32 form (docs/benchmarks.md); inline PTX, so GPU only.
-_WORD_DOT_FP16 = tl.constexpr("""{
-.reg .b32 s1, s2, s3, c0, c1, c2, c3, k, acc;
-.reg .f16 lo, hi;
-.reg .f32 flo, fhi;
-mov.b32 k, 0x2C002C00;
-""" + split_word_ptx("$1", "0x64006400") + pairs_fma_ptx(CODE_PAIRS, CODE_PAIRS, "k", ["$2"]) + """\
-mul.rn.f16x2 acc, c0, $3;
-fma.rn.f16x2 acc, c1, $4, acc;
-fma.rn.f16x2 acc, c2, $5, acc;
-fma.rn.f16x2 acc, c3, $6, acc;
-""" + half2_sum_ptx("$0", "acc") + "}")
-
-
-@triton.jit
-def half_pair(lo, hi):
-    """The fp16 values lo and hi packed as one 32-bit half2 pattern (lo in the low half)."""
-    lo_bits = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    hi_bits = hi.to(tl.int16, bitcast=True).to(tl.int32)
-    return lo_bits | (hi_bits << 16)
-
-
 @triton.jit
 def _word_dots_half2(w, x_row, perm_ptr, rows, r_mask, z, HAS_PERM: tl.constexpr, EVEN: tl.constexpr,
                      ASM: tl.constexpr):
@@ -153,7 +73,7 @@ def _word_dots_half2(w, x_row, perm_ptr, rows, r_mask, z, HAS_PERM: tl.constexpr
         # -(64 + z/16) in both halves: (1024 + q)/16 - (64 + z/16) = (q - z)/16, exactly
         nz = (-(64.0 + z * 0.0625)).to(tl.float16)
         return tl.inline_asm_elementwise(
-            _WORD_DOT_FP16, "=f,r,r,r,r,r,r",
+            WORD_DOT_FP16, "=f,r,r,r,r,r,r",
             [w, half_pair(nz, nz)[None, :], half_pair(x0, x4)[:, None], half_pair(x1, x5)[:, None],
              half_pair(x2, x6)[:, None], half_pair(x3, x7)[:, None]],
             dtype=tl.float32, is_pure=True, pack=1)
@@ -194,13 +114,13 @@ def _gemv_tile(acc, w, rows, r0, r_mask, tile_mask, offs_n, n_mask, N, x_row, pe
     # Groups change inside the tile: scale and zero per code row.
     if not HAS_G_IDX:
         g = ((rows * VALS) // GROUP_SIZE)[:, None]
-        s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], tile_mask, N, BITS, ZERO_OFFSET)
+        s, zm = scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], tile_mask, N, BITS, ZERO_OFFSET)
     for j in tl.static_range(VALS):
         xv = _x_of_code(x_row, perm_ptr, rows, j, r_mask, VALS, HAS_PERM, EVEN)
         if HAS_G_IDX:
             g = tl.load(g_idx_ptr + rows * VALS + j, mask=r_mask, other=0)[:, None]
-            s, zm = _scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], tile_mask, N, BITS, ZERO_OFFSET)
-        q = _magic_to_float((w >> (j * BITS)) & MASK, big_bits)
+            s, zm = scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], tile_mask, N, BITS, ZERO_OFFSET)
+        q = magic_to_float((w >> (j * BITS)) & MASK, big_bits)
         acc += xv[:, None] * ((q - zm) * s)
     return acc
 
@@ -264,31 +184,31 @@ def _w4a16_gemv_kernel(
 
 def w4a16_gemv(
     x: torch.Tensor,  # [M, K] fp16/bf16, unit stride along K
-    w,  # W4A16Weights
+    w: W4A16Weights,  # checkpoint layout
     bias: torch.Tensor | None,  # [N] or None
-    out: torch.Tensor,  # [M, N] x.dtype; written, never read (zeroed here when SPLIT_K > 1)
-    config: dict,
+    out: torch.Tensor,  # [M, N] x.dtype; written, never read
+    config: KernelConfig,
+    scratch: SplitKScratch | None,
 ) -> torch.Tensor:
-    """Launch the GEMV kernel; fp16 partials meet in `out`, bf16 ones in an fp32 buffer."""
+    """Launch the GEMV kernel; split-K partials meet as kernels/w4a16/scratch.py says."""
+    config.require("BLOCK_N", "BLOCK_KW")
+    assert w.layout == "gptq", f"the checkpoint-layout GEMV got {w.layout} weights"
     m, k = x.shape
     n = w.out_features
     vals = 32 // w.bits
-    split_k = config["SPLIT_K"]
-    block_kw = config["BLOCK_KW"]
+    block_kw = config.BLOCK_KW
     k_rows = k // vals
-    rows_per_split = triton.cdiv(triton.cdiv(k_rows, split_k), block_kw) * block_kw
+    rows_per_split = triton.cdiv(triton.cdiv(k_rows, config.SPLIT_K), block_kw) * block_kw
     split_k = triton.cdiv(k_rows, rows_per_split)
-    target = out
-    if split_k > 1:
-        # bf16 atomics round every partial to 8 bits of mantissa: sum bf16 in fp32 instead.
-        target = out.zero_() if out.dtype == torch.float16 else torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    launch = {"PDL": False}
+    target = split_k_target(out, split_k, launch, scratch)
     perm = w.perm
-    if perm is not None and not config.get("GATHER_X", 0):
+    if perm is not None and not config.GATHER_X:
         # One gather of x up front (a tiny kernel) beats a perm load per code in the kernel.
         x = x.index_select(1, perm)
         perm = None
     one_group = w.g_idx is None and w.group_size % (block_kw * vals) == 0
-    grid = (triton.cdiv(n, config["BLOCK_N"]), split_k, m)
+    grid = (triton.cdiv(n, config.BLOCK_N), split_k, m)
     dummy = w.qweight
     _w4a16_gemv_kernel[grid](
         x, w.qweight, w.scales, w.qzeros,
@@ -299,11 +219,10 @@ def w4a16_gemv(
         BITS=w.bits, GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset,
         HAS_PERM=perm is not None, HAS_G_IDX=w.g_idx is not None, HAS_BIAS=bias is not None,
         SPLIT_K=split_k, ONE_GROUP=one_group,
-        EVEN=n % config["BLOCK_N"] == 0 and k_rows % block_kw == 0, PREFETCH=bool(config.get("PREFETCH", 0)),
-        HALF2=bool(config.get("HALF2", 0)) and one_group and w.bits == 4 and x.dtype == torch.float16,
-        ASM=not interpreting(), BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        EVEN=n % config.BLOCK_N == 0 and k_rows % block_kw == 0, PREFETCH=bool(config.PREFETCH),
+        HALF2=bool(config.HALF2) and one_group and w.bits == 4 and x.dtype == torch.float16,
+        ASM=not interpreting(), BLOCK_N=config.BLOCK_N, BLOCK_KW=block_kw,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if target is not out:
-        out.copy_(target)
+    finish_split_k(target, out, launch, scratch)
     return out

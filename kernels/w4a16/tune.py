@@ -1,6 +1,6 @@
 """Measure every W4A16 path and configuration on a GPU and record the per-M winners.
 
-The result is the dispatch table of kernels/configs/w4a16.json: for each GPU name, rows of
+The result is the dispatch table of kernels/w4a16/tables.json: for each GPU name, rows of
 {max_m, path, config} (one list for the benchmark's layer shapes, keyed "NxK", and a "default"
 list that is best by geometric mean over them). Thresholds between paths come out of this
 measurement, not out of guesses.
@@ -15,19 +15,15 @@ from collections.abc import Callable
 
 import torch
 
-from llmctl_kernels.w4a16 import (
-    _CONFIG_FILE,
-    W4A16Weights,
-    _load_tables,
-    _select_path,
-    device_name,
-    prepare_w4a16_weights,
-    w4a16_matmul,
-)
-from llmctl_kernels.w4a16_dequant import w4a16_dequantize
-from llmctl_kernels.w4a16_frag import FRAG_GEMM_CONFIGS, FRAG_GEMV_CONFIGS
-from llmctl_kernels.w4a16_gemm import GEMM_CONFIGS
-from llmctl_kernels.w4a16_gemv import GEMV_CONFIGS
+from llmctl_kernels.w4a16.config import TABLES_FILE, clear_caches, device_name
+from llmctl_kernels.w4a16.dequant import w4a16_dequantize
+from llmctl_kernels.w4a16.dispatch import w4a16_matmul
+from llmctl_kernels.w4a16.frag_gemm import FRAG_GEMM_CONFIGS
+from llmctl_kernels.w4a16.frag_gemv import FRAG_GEMV_CONFIGS
+from llmctl_kernels.w4a16.gemm import GEMM_CONFIGS
+from llmctl_kernels.w4a16.gemv import GEMV_CONFIGS
+from llmctl_kernels.w4a16.layout import W4A16Weights, prepare_w4a16_weights
+from llmctl_kernels.w4a16.scratch import SPLIT_K_MAX_M
 
 GEMV_MAX_M = 4  # beyond this the GEMV rereads the weights once per row and cannot win
 # A candidate must match the fp32 product of the same codes this closely to be picked (the kernels'
@@ -110,7 +106,7 @@ def candidates(m: int, layout: str = "frag") -> list[tuple[str, dict]]:
     if m <= GEMV_MAX_M:
         out += [("gemv", c) for c in (FRAG_GEMV_CONFIGS if layout == "frag" else GEMV_CONFIGS)]
     for c in FRAG_GEMM_CONFIGS if layout == "frag" else GEMM_CONFIGS:
-        if c["BLOCK_M"] > max(16, 4 * m) or (c["SPLIT_K"] > 1 and m > 256):
+        if c["BLOCK_M"] > max(16, 4 * m) or (c["SPLIT_K"] > 1 and m > SPLIT_K_MAX_M):
             continue
         out.append(("gemm", c))
     if m >= DEQUANT_MIN_M:
@@ -211,11 +207,10 @@ def splice_rows(new: list[dict], old: list[dict], up_to_m: int) -> list[dict]:
     return rows
 
 
-def write_table(table: dict[str, list[dict]], device: torch.device, layout: str = "frag", path=_CONFIG_FILE) -> None:
+def write_table(table: dict[str, list[dict]], device: torch.device, layout: str = "frag", path=TABLES_FILE) -> None:
     """Merge this GPU's table for `layout` into the JSON file, keeping other GPUs' and layouts' entries."""
     data = json.loads(path.read_text()) if path.exists() else {}
     data.setdefault("devices", {}).setdefault(device_name(device), {})[layout] = table
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    _load_tables.cache_clear()
-    _select_path.cache_clear()
+    clear_caches()
