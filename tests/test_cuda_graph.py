@@ -1,8 +1,10 @@
-"""CUDA graphs for decode steps: bucket sizes (CPU), and on a GPU (`-m gpu`) replayed steps that
-give the eager engine's tokens for dense and GPTQ models, padded batches included."""
+"""CUDA graphs for decode and prefill steps: bucket sizes and staged prefill inputs (CPU), and on a
+GPU (`-m gpu`) replayed steps that give the eager engine's tokens for dense and GPTQ models, padded
+batches and chunked prefills included."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,6 +40,31 @@ def test_capture_sizes_cover_max_num_seqs_with_few_buckets():
     assert capture_sizes(10_000)[-1] == 256  # larger batches run eagerly
 
 
+def test_prefill_graph_inputs_pad_tokens_and_sequences():
+    """A step of 13 tokens from 3 sequences (a prompt, a decode, a chunk after a cached prefix)
+    staged for the (16, 4) buckets: every token's position and slot, empty padding sequences,
+    padding tokens that write no slot, and each sequence's last row."""
+    from llmctl.engine.prefill_graph import stage_inputs
+
+    tmax, bmax, bs = 64, 8, 4
+    longs = np.full(3 * tmax + bmax, 77, dtype=np.int64)
+    ints = np.full(2 * bmax + 1 + bmax * 8, 77, dtype=np.int32)
+    starts, lens = [0, 5, 9], [6, 1, 6]
+    tables = [[3, 4, 0, 0], [7, 8, 0, 0], [1, 2, 5, 6]]
+    token_ids = list(range(100, 113))
+    used = stage_inputs(longs, ints, tmax, bmax, 16, 4, bs, token_ids, starts, lens, tables)
+    positions = [p for s, n in zip(starts, lens) for p in range(s, s + n)]
+    slots = [tables[i][p // bs] * bs + p % bs for i, (s, n) in enumerate(zip(starts, lens)) for p in range(s, s + n)]
+    assert longs[:13].tolist() == token_ids
+    assert longs[tmax:tmax + 13].tolist() == positions == [0, 1, 2, 3, 4, 5, 5, 9, 10, 11, 12, 13, 14]
+    assert longs[2 * tmax:2 * tmax + 16].tolist() == slots + [-1, -1, -1]
+    assert slots[:7] == [12, 13, 14, 15, 16, 17, 33] and slots[7:] == [21, 22, 23, 24, 25, 26]
+    assert longs[3 * tmax:3 * tmax + 4].tolist() == [5, 6, 12, 0]
+    assert ints[:5].tolist() == [0, 6, 7, 13, 13]  # the fourth sequence has no tokens
+    assert ints[bmax + 1:bmax + 5].tolist() == [6, 6, 15, 1]
+    assert used == 2 * bmax + 1 + 12 and ints[2 * bmax + 1:used].tolist() == [b for row in tables for b in row]
+
+
 def _assert_same_or_tie(a, b, label):
     """Greedy tokens equal, or where they first part the eager run's top two were a tie."""
     for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
@@ -50,7 +77,8 @@ def _assert_same_or_tie(a, b, label):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("quantization", [None, "gptq"])
-def test_graph_replay_matches_eager(tmp_path, quantization):
+@pytest.mark.parametrize("max_num_batched_tokens", [2048, 48])  # 48: chunked prompts beside decodes
+def test_graph_replay_matches_eager(tmp_path, quantization, max_num_batched_tokens):
     from llmctl.llm import LLM
 
     recipe = tmp_path / "small.yaml"
@@ -61,13 +89,47 @@ def test_graph_replay_matches_eager(tmp_path, quantization):
     runs = {}
     for eager in (True, False):
         llm = LLM(str(recipe), load_format="dummy", quantization=quantization, device="cuda",
-                  enforce_eager=eager, max_num_seqs=8, kv_cache_memory="64MiB")
+                  enforce_eager=eager, max_num_seqs=8, kv_cache_memory="64MiB",
+                  max_num_batched_tokens=max_num_batched_tokens)
         graphs = llm.engine.runner.decode_graphs
-        assert (graphs is None) == eager
+        prefill = llm.engine.runner.prefill_graphs
+        assert (graphs is None) == eager and (prefill is None) == eager
         # 5 prompts together, then 3 alone: batches of 5 and 3 replay the padded buckets 8 and 4.
         runs[eager] = llm.generate(prompts, params) + llm.generate(prompts[:3], params)
         if not eager:
-            assert graphs.sizes == [1, 2, 4, 8] and graphs.num_replays >= 2 * 39
+            assert graphs.sizes == [1, 2, 4, 8] and prefill.seq_sizes == [1, 2, 4, 8]
+            assert prefill.max_tokens == min(max_num_batched_tokens, 512)
+            if max_num_batched_tokens > 256:  # each call's prompts in one replayed prefill step
+                assert graphs.num_replays >= 2 * 39 and prefill.num_replays == 2
+            else:  # 222 prompt tokens in chunks of at most 48, beside decodes
+                assert prefill.num_replays >= 222 // 48 + 1
         llm.shutdown()
     for i, (a, b) in enumerate(zip(runs[True], runs[False])):
         _assert_same_or_tie(a.outputs[0], b.outputs[0], f"request {i}")
+
+
+@pytest.mark.gpu
+def test_gptq_engine_allocates_one_split_k_scratch_before_its_memory_plan(tmp_path, monkeypatch):
+    """The GPTQ kernels' split-K scratch exists before the engine measures its memory (so the KV
+    plan counts it), is shared by every layer, and is zero again after bf16 steps."""
+    from llmctl.engine.llm_engine import LLMEngine
+    from llmctl.llm import LLM
+
+    seen = {}
+    plan = LLMEngine._plan_kv_cache
+
+    def spy(engine):
+        methods = {id(m.linear_method): m.linear_method for m in engine.model.modules() if hasattr(m, "linear_method")}
+        seen["scratch"] = [getattr(m, "scratch", None) for m in methods.values()]
+        return plan(engine)
+
+    monkeypatch.setattr(LLMEngine, "_plan_kv_cache", spy)
+    recipe = tmp_path / "small.yaml"
+    recipe.write_text(ARCH_RECIPE)
+    llm = LLM(str(recipe), load_format="dummy", quantization="gptq", device="cuda", dtype="bfloat16",
+              max_num_seqs=8, kv_cache_memory="64MiB")
+    (scratch,) = seen["scratch"]  # one linear method, one scratch, allocated before the plan
+    assert scratch is not None and scratch.max_cols == 2 * 512 and scratch.max_rows == 256
+    llm.generate([list(range(3, 40))], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert float(scratch.sums.abs().sum()) == 0.0
+    llm.shutdown()

@@ -83,6 +83,7 @@ class LLMEngine:
                 f"{k}={v}" for k, v in self.generation_defaults.items())})
         self.runner = ModelRunner(self.model, self.arch, self.device, self.dtype, config.cache.block_size,
                                   self.eos_token_ids)
+        self.runner.allocate_workspaces(config.scheduler.max_num_batched_tokens)  # counted in the KV plan below
         self.kv_plan = self._plan_kv_cache()
         self.runner.allocate_kv_cache(self.kv_plan.num_blocks)
         if self.device.type == "cuda" and not config.model.enforce_eager:
@@ -90,6 +91,12 @@ class LLMEngine:
             sizes = self.runner.decode_graphs.sizes
             self.progress("load", {"message": f"CUDA graphs for decode batches {sizes[0]}..{sizes[-1]} "
                                               f"({len(sizes)} sizes) captured in {seconds:.1f} s"})
+            seconds = self.runner.capture_prefill_graphs(self.max_model_len, config.scheduler.max_num_batched_tokens,
+                                                         config.scheduler.max_num_seqs)
+            graphs = self.runner.prefill_graphs
+            self.progress("load", {"message": f"CUDA graphs for prefill steps of up to {graphs.max_tokens} tokens "
+                                              f"from up to {graphs.max_seqs} sequences ({len(graphs.graphs)} buckets) "
+                                              f"captured in {seconds:.1f} s"})
         if self.device.type == "cuda":
             self.runner.warm_up_sampler()
         self.block_manager = BlockManager(self.kv_plan.num_blocks, config.cache.block_size,

@@ -18,7 +18,9 @@ is one tensor [2, L, num_blocks, block_size, Hkv, Dh]; layer i reads the contigu
 
 Every step input is a tensor built from a handful of host lists. On CUDA, a decode-only
 step writes them into the persistent buffers of a captured graph of the forward and the
-logits and replays it (llmctl.engine.cuda_graph), unless the engine runs with enforce_eager.
+logits and replays it (llmctl.engine.cuda_graph), and so does a step with prefill chunks of
+up to 512 tokens from up to 8 sequences (llmctl.engine.prefill_graph), unless the engine runs
+with enforce_eager.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self._pin = device.type == "cuda"
         self.decode_graphs = None  # DecodeGraphs once captured
+        self.prefill_graphs = None  # PrefillGraphs once captured
 
     def capture_decode_graphs(self, max_model_len: int, max_num_seqs: int) -> float:
         """Capture decode-step graphs for batch buckets up to max_num_seqs (CUDA, after the
@@ -76,6 +79,22 @@ class ModelRunner:
         graphs.capture()
         self.decode_graphs = graphs
         return graphs.capture_seconds
+
+    def capture_prefill_graphs(self, max_model_len: int, max_num_tokens: int, max_num_seqs: int) -> float:
+        """Capture graphs for steps with prefill chunks, by token and sequence buckets (CUDA, after
+        the KV cache is allocated); returns the seconds it took."""
+        from llmctl.engine.prefill_graph import PrefillGraphs
+
+        graphs = PrefillGraphs(self.model, self.device, self.block_size, max_model_len, max_num_tokens, max_num_seqs)
+        graphs.capture()
+        self.prefill_graphs = graphs
+        return graphs.capture_seconds
+
+    def allocate_workspaces(self, max_num_tokens: int) -> int:
+        """Let each linear method allocate the buffers its kernels share (the GPTQ kernels'
+        split-K scratch), before the engine measures its memory; returns their bytes."""
+        methods = {id(m.linear_method): m.linear_method for m in self.model.modules() if hasattr(m, "linear_method")}
+        return sum(method.allocate_workspace(max_num_tokens, self.device) for method in methods.values())
 
     @torch.inference_mode()
     def warm_up_sampler(self) -> None:
@@ -89,6 +108,12 @@ class ModelRunner:
         return (graphs is not None and len(out.scheduled) <= graphs.max_batch
                 and all(e.num_new_tokens == 1 and e.do_sample and e.start_pos >= e.seq.num_prompt_tokens
                         and len(e.seq.block_table) <= graphs.block_tables.shape[1] for e in out.scheduled))
+
+    def _replays_prefill(self, out: SchedulerOutput, prompt_logprobs_from: Mapping[int, int]) -> bool:
+        graphs = self.prefill_graphs
+        return (graphs is not None and graphs.buckets(sum(e.num_new_tokens for e in out.scheduled),
+                                                      len(out.scheduled)) is not None
+                and not any(e.seq.seq_id in prompt_logprobs_from for e in out.scheduled))
 
     # ---- KV cache --------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -219,6 +244,15 @@ class ModelRunner:
             token_ids, starts, _, padded = self._host_lists(entries)
             logits = self.decode_graphs.run(token_ids, starts, self._decode_slots(starts, padded),
                                             padded)  # [B, V] fp32
+        elif self._replays_prefill(out, prompt_logprobs_from):
+            # Prefill chunks (with or without decodes) from a captured graph: logits of every
+            # sequence's last new token, of which the sampling rows are kept.
+            prompt_logprobs = {}
+            rows = [i for i, e in enumerate(entries) if e.do_sample]
+            token_ids, starts, lens, padded = self._host_lists(entries)
+            logits = self.prefill_graphs.run(token_ids, starts, lens, padded)  # [B, V] fp32
+            if len(rows) < len(entries):
+                logits = logits[torch.tensor(rows, device=self.device, dtype=torch.long)] if rows else None
         else:
             input_ids, positions, meta = self.prepare_inputs(out)
             with attention_metadata(meta):
