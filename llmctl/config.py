@@ -32,6 +32,9 @@ class ModelConfig:
     # A real checkpoint's quantization is read from its config.json.
     quantization: str | None = None  # None | gptq
     enforce_eager: bool = False  # True: never replay CUDA graphs for decode steps
+    # Inline architecture (config.json fields, a recipe's `model.arch`): plans and random
+    # weights (load_format="dummy") of a model whose files are not here.
+    arch: dict[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "float16", "bfloat16"), "dtype",

@@ -28,7 +28,8 @@ from llmctl.config import (
 )
 from llmctl.errors import ConfigError
 
-# YAML section -> config class. `model.arch` is handled separately.
+# YAML section -> config class. `model.arch` (inline config.json fields) is checked where it
+# is used (`llmctl plan`, random weights), by llmctl.models.arch.
 _SECTIONS: dict[str, type] = {
     "quantize": QuantConfig,
     "eval": EvalConfig,
@@ -39,6 +40,11 @@ _SECTIONS: dict[str, type] = {
     "bench": BenchConfig,
 }
 
+# The quantize section is flat in YAML: GPTQ fields (as quantize_config.json names them)
+# beside the calibration fields. The checkpoint format follows `sym`, so it is not one of them.
+QUANTIZE_GPTQ_FIELDS = tuple(f.name for f in dataclasses.fields(GPTQConfig) if f.name != "checkpoint_format")
+# Fields given as sizes ("2GiB"), in a recipe or as a flag.
+SIZE_FIELDS = frozenset({"cache.kv_cache_memory"})
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -68,8 +74,6 @@ class Recipe:
     name: str
     path: Path | None
     model: ModelConfig = field(default_factory=ModelConfig)
-    # Inline architecture (config.json fields) so a recipe can be planned without weights.
-    arch_config: dict[str, Any] | None = None
     quant: QuantConfig = field(default_factory=QuantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -77,14 +81,17 @@ class Recipe:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    # The "section.field" names the file sets (model.path counts as model.model): the
+    # values `llmctl.settings.resolve` takes from the recipe rather than the defaults.
+    explicit: frozenset[str] = frozenset()
 
-    @property
-    def arch(self):  # -> ModelArch | None
-        if self.arch_config is None:
-            return None
-        from llmctl.models.arch import arch_from_config
-
-        return arch_from_config(self.arch_config, source=f"{self.path or self.name}: model.arch")
+    def value(self, name: str) -> Any:
+        """The value of "section.field" (GPTQ fields of `quantize` included)."""
+        section, key = name.split(".", 1)
+        config = self.quant if section == "quantize" else getattr(self, section)
+        if section == "quantize" and key in QUANTIZE_GPTQ_FIELDS:
+            config = config.gptq
+        return getattr(config, key)
 
 
 def _check_type(value: Any, hint: Any, name: str) -> Any:
@@ -126,18 +133,13 @@ def _build(cls: type, raw: Any, section: str, extra_names: tuple[str, ...] = ())
         if key not in names:
             known = sorted((names | set(extra_names)) - {"gptq"})
             raise ConfigError(f"{section}.{key}: unknown field", hint=f"known fields: {', '.join(known)}")
-        if key == "kv_cache_memory" and value is not None:
+        if f"{section}.{key}" in SIZE_FIELDS and value is not None:
             value = parse_size(value, f"{section}.{key}")
         kwargs[key] = _check_type(value, hints[key], f"{section}.{key}")
     try:
         return cls(**kwargs)
     except ConfigError as err:
         raise ConfigError(f"{section}.{err}", hint=err.hint) from None
-
-
-# The quantize section is flat in YAML: GPTQ fields (as quantize_config.json names them)
-# beside the calibration fields. The checkpoint format follows `sym`, so it is not one of them.
-QUANTIZE_GPTQ_FIELDS = tuple(f.name for f in dataclasses.fields(GPTQConfig) if f.name != "checkpoint_format")
 
 
 def _build_quant(raw: Any) -> QuantConfig:
@@ -161,8 +163,7 @@ def recipe_from_dict(raw: Any, path: Path | None = None) -> Recipe:
         if key not in known:
             raise ConfigError(f"{where}: unknown section {key!r}", hint=f"known sections: {', '.join(sorted(known))}")
     model_raw = dict(raw.get("model") or {})
-    arch_config = model_raw.pop("arch", None)
-    if arch_config is not None and not isinstance(arch_config, dict):
+    if model_raw.get("arch") is not None and not isinstance(model_raw["arch"], dict):
         raise ConfigError(f"{where}: model.arch must be a mapping of config.json fields")
     if "path" in model_raw:
         model_raw["model"] = str(model_raw.pop("path"))
@@ -172,11 +173,10 @@ def recipe_from_dict(raw: Any, path: Path | None = None) -> Recipe:
         name=str(raw.get("name") or (path.stem if path else "recipe")),
         path=path,
         model=_build(ModelConfig, model_raw, "model"),
-        arch_config=arch_config,
+        explicit=frozenset(f"{key}.{name}" for key, section in [("model", model_raw), *(
+            (key, raw.get(key)) for key in _SECTIONS)] if isinstance(section, dict) for name in section),
         **sections,
     )
-    if arch_config is not None:
-        recipe.arch  # validate now, not on first use
     return recipe
 
 

@@ -46,9 +46,10 @@ def tiny_recipe(tmp_path):
 
 def test_every_backend_runs_the_same_workload(tiny_recipe):
     from llmctl.bench.throughput import run_throughput, summary_rows
-    from llmctl.cli.bench_throughput import throughput_configs
+    from llmctl.cli.bench_throughput import throughput_settings
 
-    config, bench = throughput_configs(tiny_recipe, n=2, device="cpu")
+    settings = throughput_settings(tiny_recipe, n=2, device="cpu")
+    config, bench = settings.engine, settings.bench
     assert (bench.num_prompts, bench.input_len, bench.output_len, bench.n) == (12, 20, 10, 2)
     assert config.scheduler.max_num_seqs == 8 and config.cache.kv_cache_memory == 4 << 20
     events = []

@@ -23,7 +23,9 @@ def test_default_recipe_uses_group_size_64():
 
 
 def test_llama3_recipe_carries_real_shapes():
-    arch = load_recipe(RECIPES / "llama3-8b.yaml").arch
+    from llmctl.models.arch import arch_from_config
+
+    arch = arch_from_config(load_recipe(RECIPES / "llama3-8b.yaml").model.arch)
     assert (arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim) == (32, 8, 128)
     assert arch.kv_bytes_per_token(2) == 2 * 32 * 8 * 128 * 2 == 131_072
     assert 8.0e9 < arch.num_params() < 8.1e9
@@ -51,9 +53,17 @@ def test_bad_values_name_the_field(raw, field):
     assert field in str(err.value)
 
 
-def test_bad_inline_arch_is_rejected():
-    with pytest.raises(Exception, match="unsupported architecture"):
-        recipe_from_dict({"model": {"arch": {"architectures": ["GPT2LMHeadModel"]}}})
+def test_bad_inline_arch_is_rejected_where_it_is_used(tmp_path):
+    from typer.testing import CliRunner
+
+    from llmctl.cli.main import app
+
+    recipe = tmp_path / "gpt2.yaml"
+    recipe.write_text("model:\n  arch:\n    architectures: [GPT2LMHeadModel]\n")
+    result = CliRunner().invoke(app, ["plan", str(recipe)])
+    assert "unsupported architecture" in str(result.exception)
+    with pytest.raises(ConfigError, match="model.arch must be a mapping"):
+        recipe_from_dict({"model": {"arch": [1, 2]}})
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from llmctl.errors import ConfigError
-from llmctl.serve.launcher import build_configs
+from llmctl.settings import resolve
 from llmctl.serve.startup import EVAL_FILE, quant_check
 
 
@@ -58,10 +58,12 @@ def test_flags_override_the_recipe(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model:\n  path: default\ncache:\n  block_size: 32\nscheduler:\n  max_num_seqs: 8\n"
                       "serve:\n  port: 9000\n  api_key: from-recipe\n")
-    engine, serve = build_configs(None, str(recipe), max_num_seqs=16, port=None, host="0.0.0.0", block_size=None)
+    settings = resolve(None, {"scheduler.max_num_seqs": 16, "serve.port": None, "serve.host": "0.0.0.0",
+                              "cache.block_size": None}, recipe=str(recipe))
+    engine, serve = settings.engine, settings.serve
     assert engine.cache.block_size == 32 and engine.scheduler.max_num_seqs == 16
     assert serve.port == 9000 and serve.host == "0.0.0.0" and serve.api_key == "from-recipe"
-    engine, serve = build_configs("some/dir", None)
-    assert engine.model.model == "some/dir" and serve.host == "127.0.0.1"
-    with pytest.raises(ConfigError, match="port"):
-        build_configs(None, None, port=70000)
+    settings = resolve("some/dir")
+    assert settings.engine.model.model == "some/dir" and settings.serve.host == "127.0.0.1"
+    with pytest.raises(ConfigError, match="serve.port"):
+        resolve(None, {"serve.port": 70000}).serve

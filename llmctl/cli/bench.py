@@ -39,9 +39,11 @@ def throughput(
     seed: Annotated[Optional[int], typer.Option(help="Seed of the prompts and of dummy weights [0].")] = None,
     output_json: Annotated[Optional[Path], typer.Option(help="Write results, machine and commit here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+    show_config: Annotated[bool, typer.Option("--show-config", help="Print every setting and where it came "
+                                                                      "from (flag, recipe, default), then exit.")] = False,
 ) -> None:
     from llmctl.bench.throughput import BACKENDS
-    from llmctl.cli.bench_throughput import run_throughput_command, throughput_configs
+    from llmctl.cli.bench_throughput import run_throughput_command, throughput_settings
     from llmctl.errors import ConfigError
 
     backends = BACKENDS if backend == "all" else tuple(b.strip() for b in backend.split(","))
@@ -52,12 +54,18 @@ def throughput(
                           hint="a GPTQ checkpoint's own config.json says how it is quantized")
     if quantization is not None and backends != ("llmctl",):
         raise ConfigError("--quantization: the hf baselines run dense models only", hint="use --backend llmctl")
-    config, bench = throughput_configs(
+    settings = throughput_settings(
         model, num_prompts=num_prompts, input_len=input_len, output_len=output_len, n=n, dataset=dataset,
         seed=seed, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory,
         gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
         quantization=quantization, enforce_eager=enforce_eager)
+    if show_config:
+        from llmctl.settings import BENCH_SECTIONS, print_settings
+
+        print_settings(settings, BENCH_SECTIONS)
+        return
+    config, bench = settings.engine, settings.bench
     run_throughput_command(config, bench, backends, hf_batch_size, load_format, output_json, as_json)
 
 

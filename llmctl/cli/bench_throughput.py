@@ -6,34 +6,19 @@ import json
 from pathlib import Path
 
 
-def throughput_configs(model: str, **options):
-    """(EngineConfig, BenchConfig): the recipe's settings when `model` is one, the
-    dataclass defaults otherwise, with every option that was given on top."""
-    import dataclasses
+def throughput_settings(model: str, **options):
+    """The settings of `llmctl bench throughput`: `model` is a model or a recipe; every
+    option given (not None) is a flag. `seed` seeds both the prompts and dummy weights."""
+    from llmctl.settings import resolve
 
-    from llmctl.config import BenchConfig, EngineConfig, ModelConfig
-    from llmctl.recipe import parse_size
-
-    given = {k: v for k, v in options.items() if v is not None}
-    if "kv_cache_memory" in given:
-        given["kv_cache_memory"] = parse_size(given["kv_cache_memory"], "--kv-cache-memory")
-    base = EngineConfig(model=ModelConfig(model=model))
-    bench = BenchConfig()
-    if model.endswith((".yaml", ".yml")):
-        from llmctl.recipe import load_recipe
-
-        recipe = load_recipe(model)
-        base = EngineConfig(model=dataclasses.replace(recipe.model, model=model), cache=recipe.cache,
-                            scheduler=recipe.scheduler, parallel=recipe.parallel)
-        bench = recipe.bench
-
-    def pick(obj):
-        names = {f.name for f in dataclasses.fields(obj)}
-        return dataclasses.replace(obj, **{k: v for k, v in given.items() if k in names})
-
-    config = EngineConfig(model=pick(base.model), cache=pick(base.cache), scheduler=pick(base.scheduler),
-                          parallel=base.parallel)
-    return config, pick(bench)
+    sections = {"num_prompts": "bench", "input_len": "bench", "output_len": "bench", "n": "bench",
+                "dataset": "bench", "max_num_seqs": "scheduler", "max_num_batched_tokens": "scheduler",
+                "max_model_len": "model", "dtype": "model", "device": "model", "quantization": "model",
+                "enforce_eager": "model", "kv_cache_memory": "cache", "gpu_memory_utilization": "cache",
+                "enable_prefix_caching": "cache"}
+    flags = {f"{sections[k]}.{k}": v for k, v in options.items() if k != "seed"}
+    flags.update({"model.seed": options.get("seed"), "bench.seed": options.get("seed")})
+    return resolve(model, flags)
 
 
 def run_throughput_command(config, bench, backends: tuple[str, ...], hf_batch_size: int, load_format: str,

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-
-from llmctl.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
 
 
 def _default_model_arch():
@@ -42,24 +39,21 @@ def _default_model_arch():
     }, source=str(default_model_gguf()))
 
 
-def resolve_plan_target(model_or_recipe: str):
-    """(display name, ModelArch, Recipe | None) for a model name/dir or a recipe file."""
-    from llmctl.models.arch import load_arch
+def resolve_plan_target(settings):
+    """(display name, ModelArch) of the resolved model: its inline `model.arch` (a recipe's),
+    the embedded default, or a local dir's config.json."""
+    from llmctl.models.arch import arch_from_config, load_arch
 
-    recipe = None
-    model = model_or_recipe
-    if model_or_recipe.endswith((".yaml", ".yml")):
-        from llmctl.recipe import load_recipe
-
-        recipe = load_recipe(model_or_recipe)
-        if recipe.arch is not None:
-            return recipe.name, recipe.arch, recipe
-        model = recipe.model.model
-    if model == "default":
+    recipe, model = settings.recipe, settings.model
+    if model.arch is not None:
+        where = recipe.path if recipe is not None and recipe.path else "model"
+        name = recipe.name if recipe is not None else Path(model.model).name
+        return name, arch_from_config(model.arch, source=f"{where}: model.arch")
+    if model.model == "default":
         from llmctl.models.default import DEFAULT_MODEL_NAME
 
-        return DEFAULT_MODEL_NAME, _default_model_arch(), recipe
-    return Path(model).name, load_arch(Path(model)), recipe
+        return DEFAULT_MODEL_NAME, _default_model_arch()
+    return Path(model.model).name, load_arch(Path(model.model))
 
 
 def plan(
@@ -74,32 +68,31 @@ def plan(
     device: Annotated[str, typer.Option(help="gpu, or cpu (budget = --kv-cache-memory).")] = "gpu",
     kv_cache_memory: Annotated[Optional[str], typer.Option(help="Fixed KV budget, e.g. 1GiB (the CPU default).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    show_config: Annotated[bool, typer.Option("--show-config", help="Print every setting and where it came from (flag, recipe, default), then exit.")] = False,
 ) -> None:
     from llmctl.engine.kv_budget import plan_kv
     from llmctl.errors import ConfigError
     from llmctl.recipe import parse_size
+    from llmctl.settings import PLAN_SECTIONS, print_settings, resolve
 
     if device not in ("gpu", "cpu"):
         raise ConfigError(f"--device: must be gpu or cpu, got {device!r}")
-    name, arch, recipe = resolve_plan_target(model_or_recipe)
-    model_cfg, cache_cfg = (recipe.model, recipe.cache) if recipe else (ModelConfig(), CacheConfig())
-    sched_cfg, par_cfg = (recipe.scheduler, recipe.parallel) if recipe else (SchedulerConfig(), ParallelConfig())
-    model_cfg = dataclasses.replace(model_cfg, **_given(dtype=dtype, max_model_len=max_model_len))
-    cache_cfg = dataclasses.replace(cache_cfg, **_given(
-        block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
-        kv_cache_memory=parse_size(kv_cache_memory, "--kv-cache-memory") if kv_cache_memory else None))
-    par_cfg = dataclasses.replace(par_cfg, **_given(tensor_parallel_size=tensor_parallel_size))
-    result = plan_kv(arch, name, model_cfg, cache_cfg, sched_cfg, par_cfg, device=device,
+    settings = resolve(model_or_recipe, {
+        "model.dtype": dtype, "model.max_model_len": max_model_len, "cache.block_size": block_size,
+        "cache.gpu_memory_utilization": gpu_memory_utilization, "cache.kv_cache_memory": kv_cache_memory,
+        "parallel.tensor_parallel_size": tensor_parallel_size})
+    if show_config:
+        print_settings(settings, PLAN_SECTIONS, echo=typer.echo)
+        return
+    name, arch = resolve_plan_target(settings)
+    config = settings.engine
+    result = plan_kv(arch, name, config.model, config.cache, config.scheduler, config.parallel, device=device,
                      gpu_memory=parse_size(gpu_memory, "--gpu-memory"))
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         print_plan(result)
     result.check_fits()
-
-
-def _given(**kwargs):
-    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def print_plan(result, title: str | None = None, console=None) -> None:

@@ -3,31 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from typing import Annotated, Optional
 
 import typer
 
 _GPTQ = "GPTQ"
 _CALIB = "Calibration"
-
-
-def _quant_config(recipe_path: str | None, overrides: dict):
-    """The recipe's quantize section (or defaults) with the flags that were given on top."""
-    from llmctl.config import EvalConfig, QuantConfig
-    from llmctl.recipe import QUANTIZE_GPTQ_FIELDS
-
-    if recipe_path:
-        from llmctl.recipe import load_recipe
-
-        recipe = load_recipe(recipe_path)
-        base, eval_config, model = recipe.quant, recipe.eval, recipe.model.model
-    else:
-        base, eval_config, model = QuantConfig(), EvalConfig(), None
-    given = {k: v for k, v in overrides.items() if v is not None}
-    gptq = {k: v for k, v in given.items() if k in QUANTIZE_GPTQ_FIELDS}
-    rest = {k: v for k, v in given.items() if k not in QUANTIZE_GPTQ_FIELDS}
-    return replace(base, gptq=replace(base.gptq, **gptq), **rest), eval_config, model
 
 
 def quantize(
@@ -45,20 +26,29 @@ def quantize(
     num_samples: Annotated[Optional[int], typer.Option(help="Calibration sequences (default 128).", rich_help_panel=_CALIB)] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Tokens per calibration sequence (default 2048, capped by the model).", rich_help_panel=_CALIB)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling calibration text.", rich_help_panel=_CALIB)] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N: where each layer is quantized.")] = "auto",
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N: where each layer is quantized (default auto).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output dir.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the held-out perplexity check after quantizing.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    show_config: Annotated[bool, typer.Option("--show-config", help="Print every setting and where it came from (flag, recipe, default), then exit.")] = False,
 ) -> None:
     from llmctl.errors import ConfigError
+    from llmctl.settings import QUANTIZE_SECTIONS, print_settings, resolve
 
-    config, eval_config, recipe_model = _quant_config(recipe, dict(
-        bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, damp_percent=damp_percent,
-        static_groups=static_groups, true_sequential=true_sequential, dataset=dataset,
-        num_samples=num_samples, seq_len=seq_len, seed=seed))
+    settings = resolve(model, {
+        "quantize.bits": bits, "quantize.group_size": group_size, "quantize.desc_act": desc_act, "quantize.sym": sym,
+        "quantize.damp_percent": damp_percent, "quantize.static_groups": static_groups,
+        "quantize.true_sequential": true_sequential, "quantize.dataset": dataset,
+        "quantize.num_samples": num_samples, "quantize.seq_len": seq_len, "quantize.seed": seed,
+        "model.device": device}, recipe=recipe)
+    if show_config:
+        print_settings(settings, QUANTIZE_SECTIONS)
+        return
     if output is None:
         raise ConfigError("--output: where to write the checkpoint is required", hint="llmctl quantize MODEL -o OUT_DIR")
-    _run(model or recipe_model, output, config, eval_config, device, overwrite, not no_eval, json_output)
+    model_config = settings.model
+    _run(model_config.model, output, settings.quant, settings.eval, model_config.device, overwrite, not no_eval,
+         json_output)
 
 
 def _run(model_arg, output, config, eval_config, device, overwrite, run_eval, json_output) -> None:

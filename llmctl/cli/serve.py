@@ -31,18 +31,23 @@ def serve(
     enable_prefix_caching: Annotated[Optional[bool], typer.Option("--enable-prefix-caching/--no-enable-prefix-caching", help="Reuse KV blocks of shared prompt prefixes.", rich_help_panel=_ENGINE)] = None,
     enforce_eager: Annotated[Optional[bool], typer.Option("--enforce-eager/--no-enforce-eager", help="Never replay CUDA graphs for decode steps (GPU).", rich_help_panel=_ENGINE)] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.", rich_help_panel=_SERVER)] = "info",
+    show_config: Annotated[bool, typer.Option("--show-config", help="Print every setting and where it came from (flag, recipe, default), then exit.")] = False,
 ) -> None:
-    from llmctl.recipe import parse_size
-    from llmctl.serve.launcher import build_configs
+    from llmctl.settings import SERVE_SECTIONS, print_settings, resolve
 
-    flags = dict(host=host, port=port, served_model_name=served_model_name, api_key=resolve_api_key(api_key),
-                 max_request_bytes=max_request_bytes, shutdown_grace_s=shutdown_grace_s, dtype=dtype, device=device,
-                 max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                 block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
-                 kv_cache_memory=parse_size(kv_cache_memory, "--kv-cache-memory") if kv_cache_memory else None,
-                 enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager)
-    engine_config, serve_config = build_configs(model, recipe, **flags)
-    _run(engine_config, serve_config, model, log_level)
+    settings = resolve(model, {
+        "serve.host": host, "serve.port": port, "serve.served_model_name": served_model_name,
+        "serve.api_key": resolve_api_key(api_key), "serve.max_request_bytes": max_request_bytes,
+        "serve.shutdown_grace_s": shutdown_grace_s, "model.dtype": dtype, "model.device": device,
+        "model.max_model_len": max_model_len, "model.enforce_eager": enforce_eager,
+        "scheduler.max_num_seqs": max_num_seqs, "scheduler.max_num_batched_tokens": max_num_batched_tokens,
+        "cache.block_size": block_size, "cache.gpu_memory_utilization": gpu_memory_utilization,
+        "cache.kv_cache_memory": kv_cache_memory, "cache.enable_prefix_caching": enable_prefix_caching,
+    }, recipe=recipe)
+    if show_config:
+        print_settings(settings, SERVE_SECTIONS)
+        return
+    _run(settings.engine, settings.serve, model, log_level)
 
 
 def resolve_api_key(flag: str | None) -> str | None:

@@ -58,10 +58,10 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, load_format: str = "auto", progress: ProgressCallback | None = None) -> None:
-        from llmctl.engine.loading import load_model_and_tokenizer, resolve_device
+        from llmctl.engine.loading import check_load_format, load_model_and_tokenizer, resolve_device
 
         self.config = config
-        self.load_format = load_format
+        self.load_format = check_load_format(load_format)
         self.progress = progress or (lambda event, info: None)
         self.device = resolve_device(config.model.device)
         self.device_kind = "gpu" if self.device.type == "cuda" else "cpu"
@@ -113,11 +113,14 @@ class LLMEngine:
         self.progress("ready", {"message": f"engine ready: {self.kv_plan.num_blocks} KV blocks"})
 
     @classmethod
-    def from_engine_args(cls, model: str = "default", **engine_args) -> "LLMEngine":
-        from llmctl.engine.loading import engine_config_from_args
+    def from_engine_args(cls, model: str = "default", load_format: str = "auto",
+                         progress: ProgressCallback | None = None, **engine_args) -> "LLMEngine":
+        """vLLM-style: `model` and keyword engine arguments (dtype=, max_model_len=,
+        block_size=, kv_cache_memory="2GiB", max_num_seqs=, ...), resolved by `llmctl.settings`
+        (which also reads a recipe given as `model`)."""
+        from llmctl.settings import engine_flags, resolve
 
-        config, load_format, progress = engine_config_from_args(model, **engine_args)
-        return cls(config, load_format=load_format, progress=progress)
+        return cls(resolve(model, engine_flags(engine_args)).engine, load_format=load_format, progress=progress)
 
     # ---- start-up --------------------------------------------------------------
     def _plan_kv_cache(self) -> KVPlan:

@@ -1,43 +1,24 @@
-"""From engine arguments to an `EngineConfig`, and from a `ModelConfig` to a loaded model
-and tokenizer (real weights, or random ones with load_format="dummy")."""
+"""From a resolved `ModelConfig` to a loaded model and tokenizer (real weights, or random
+ones with load_format="dummy"). Settings arrive resolved (`llmctl.settings`): nothing here
+reads a recipe."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from llmctl.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from llmctl.config import ModelConfig
 from llmctl.errors import ConfigError
 
 LOAD_FORMATS = ("auto", "dummy")
-_SECTIONS = (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig),
-             ("parallel", ParallelConfig))
 
 
-def engine_config_from_args(model: str = "default", **kwargs: Any) -> tuple[EngineConfig, str, Callable | None]:
-    """vLLM-style keyword arguments (dtype=, max_model_len=, block_size=, kv_cache_memory=,
-    max_num_seqs=, ...) -> (EngineConfig, load_format, progress). Unknown names are errors."""
-    from llmctl.recipe import parse_size
-
-    load_format = kwargs.pop("load_format", "auto")
-    progress = kwargs.pop("progress", None)
+def check_load_format(load_format: str) -> str:
     if load_format not in LOAD_FORMATS:
         raise ConfigError(f"load_format: must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
-    if isinstance(kwargs.get("kv_cache_memory"), str):
-        kwargs["kv_cache_memory"] = parse_size(kwargs["kv_cache_memory"], "kv_cache_memory")
-    sections: dict[str, dict[str, Any]] = {name: {} for name, _ in _SECTIONS}
-    sections["model"]["model"] = model
-    for key, value in kwargs.items():
-        owner = next((name for name, cls in _SECTIONS if key in {f.name for f in dataclasses.fields(cls)}), None)
-        if owner is None:
-            known = sorted(f.name for _, cls in _SECTIONS for f in dataclasses.fields(cls))
-            raise ConfigError(f"{key}: unknown engine argument", hint=f"known: {', '.join(known)}, load_format, progress")
-        sections[owner][key] = value
-    config = EngineConfig(**{name: cls(**sections[name]) for name, cls in _SECTIONS})
-    return config, load_format, progress
+    return load_format
 
 
 def resolve_device(device: str) -> torch.device:
@@ -57,17 +38,13 @@ def load_model_and_tokenizer(model_config: ModelConfig, load_format: str, device
     if load_format == "dummy":
         from llmctl.models.dummy import load_dummy_model, resolve_dummy_arch, with_quantization
 
-        arch, model_dir = resolve_dummy_arch(model)
+        arch, model_dir = resolve_dummy_arch(model_config)
         arch = with_quantization(arch, model_config.quantization)
         dtype = getattr(torch, resolve_dtype(model_config.dtype, arch, device_kind))
         progress(f"random weights of {arch.num_params() / 1e9:.2f} B parameters ({dtype}) on {device}")
         module = load_dummy_model(arch, dtype, device, model_config.seed)
         tokenizer = _maybe_tokenizer(model_dir)
         return module, arch, tokenizer, _display_name(model, model_dir), model_dir
-    if model.endswith((".yaml", ".yml")):
-        from llmctl.recipe import load_recipe
-
-        model = load_recipe(model).model.model
     model_dir = resolve_model_path(model, progress)
     arch = load_arch(model_dir)
     if model_config.quantization == "gptq" and not arch.is_gptq:
@@ -90,4 +67,4 @@ def _maybe_tokenizer(model_dir: Path | None):
 def _display_name(model: str, model_dir: Path | None) -> str:
     if model == "default" and model_dir is not None:
         return model_dir.name
-    return Path(model).stem if model.endswith((".yaml", ".yml")) else Path(model).name
+    return Path(model).name

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmctl.config import GPTQConfig
+from llmctl.config import GPTQConfig, ModelConfig
 from llmctl.models.arch import ModelArch, load_arch
 
 # What `quantization="gptq"` gives dummy weights: the common GPTQ export (4 bits, group 128,
@@ -21,18 +21,15 @@ if TYPE_CHECKING:
     from llmctl.models.llama import LlamaForCausalLM
 
 
-def resolve_dummy_arch(model: str) -> tuple[ModelArch, Path | None]:
-    """(architecture, model dir or None) for a recipe with an inline `model.arch`, a model
-    dir with config.json, or `default`."""
+def resolve_dummy_arch(model_config: ModelConfig) -> tuple[ModelArch, Path | None]:
+    """(architecture, model dir or None) for an inline `arch` (a recipe's `model.arch`), a
+    model dir with config.json, or `default`."""
     from llmctl.errors import ModelLoadError
+    from llmctl.models.arch import arch_from_config
 
-    if model.endswith((".yaml", ".yml")):
-        from llmctl.recipe import load_recipe
-
-        recipe = load_recipe(model)
-        if recipe.arch is not None:
-            return recipe.arch, None
-        model = recipe.model.model
+    if model_config.arch is not None:
+        return arch_from_config(model_config.arch, source="model.arch"), None
+    model = model_config.model
     if model == "default":
         from llmctl.models.default import ensure_default_model
 

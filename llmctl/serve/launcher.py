@@ -1,36 +1,12 @@
-"""From settings to a running server: configs from a recipe plus flags, the app around a
-loaded `LLMEngine`. The CLI and the tests build servers the same way."""
+"""From resolved settings (`llmctl.settings`) to a running server: the app around a loaded
+`LLMEngine`. The CLI and the tests build servers the same way."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
-from llmctl.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, ServeConfig
-
-
-def _override(config: Any, values: dict[str, Any]) -> Any:
-    names = {f.name for f in dataclasses.fields(config)}
-    given = {k: v for k, v in values.items() if k in names and v is not None}
-    return dataclasses.replace(config, **given) if given else config
-
-
-def build_configs(model: str | None, recipe_path: str | None = None,
-                  **flags: Any) -> tuple[EngineConfig, ServeConfig]:
-    """Recipe values first, then every flag that was given (None means not given)."""
-    model_cfg, cache, scheduler, parallel, serve = ModelConfig(), CacheConfig(), SchedulerConfig(), ParallelConfig(), ServeConfig()
-    if recipe_path:
-        from llmctl.recipe import load_recipe
-
-        recipe = load_recipe(recipe_path)
-        model_cfg, cache, scheduler, parallel, serve = recipe.model, recipe.cache, recipe.scheduler, recipe.parallel, recipe.serve
-    if model:
-        flags["model"] = model
-    engine_config = EngineConfig(
-        model=_override(model_cfg, flags), cache=_override(cache, flags),
-        scheduler=_override(scheduler, flags), parallel=_override(parallel, flags))
-    return engine_config, _override(serve, flags)
+from llmctl.config import ServeConfig
 
 
 def build_app(engine: Any, serve_config: ServeConfig, served_model_name: str | None = None,
