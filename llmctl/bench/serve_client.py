@@ -1,22 +1,34 @@
 """`llmctl bench serve`: load any OpenAI-compatible server with streaming requests and report
-`vllm bench serve`'s metrics (request / output / total token throughput; TTFT, TPOT, ITL,
-E2EL mean / median / p99 in ms; goodput), so numbers compare across servers.
+`vllm bench serve`'s metrics, so numbers compare across servers.
 
-Beyond vLLM's client: `duration_s` keeps `max_concurrency` clients busy for a fixed time
-(a soak test), and `disconnect_fraction` makes some clients hang up mid-stream, the way
-real users do; those requests count as `disconnected`, not as failures.
+One run: first contact (clear errors before any load), the workload (`workload.py`), its
+arrival schedule (`arrivals.py`), the load (`loadgen.py`) with the server's /metrics
+watched (`scrape.py`), then the summary (`metrics.py`) and the per-request records.
+Beyond vLLM's client: `duration_s` repeats the workload for a fixed time (a soak test), and
+`disconnect_fraction` makes some clients hang up mid-stream, as real users do; those
+requests count as `disconnected`, not as failures.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import random
-import time
+import contextlib
+import math
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 
 import httpx
-import numpy as np
+
+from llmctl.bench.arrivals import ArrivalConfig, arrival_times
+from llmctl.bench.client import RequestResult, ServerInfo, check_base_url, first_contact
+from llmctl.bench.loadgen import LiveState, LoadConfig, LoadOutcome, StopRule, run_load
+from llmctl.bench.metrics import METRICS, summarize
+from llmctl.bench.scrape import ServerWatch
+from llmctl.bench.workload import BenchRequest, WorkloadConfig, build_workload, describe
+
+# (event, payload): "contact" {"info"}, "workload" {"num_requests"}, "start" {"total", "target"},
+# "result" {"result", "state"}. The CLI draws; nothing here does.
+ServeCallback = Callable[[str, dict], None]
 
 
 @dataclass(frozen=True)
@@ -25,171 +37,141 @@ class ServeBenchConfig:
     endpoint: str = "/v1/completions"  # or /v1/chat/completions
     model: str | None = None  # None: the first of /v1/models
     api_key: str | None = None
+    tokenizer: str | None = None  # a local tokenizer dir; None: the server's /tokenize
+    dataset: str = "random"
     num_prompts: int = 64
     input_len: int = 128
-    output_len: int = 128
-    max_concurrency: int | None = None  # None: all at once
-    request_rate: float = float("inf")  # requests/s (Poisson arrivals); inf: no pacing
-    duration_s: float | None = None  # keep the clients busy this long instead of num_prompts
+    output_len: int | None = 128
+    range_ratio: float = 0.0
+    prefix_len: int = 0
+    request_rate: float = math.inf
+    arrival: str = "poisson"
+    burstiness: float = 1.0
+    ramp_up: str | None = None
+    ramp_up_start_rps: float | None = None
+    ramp_up_end_rps: float | None = None
+    max_concurrency: int | None = None
+    num_warmups: int = 0
+    duration_s: float | None = None
     disconnect_fraction: float = 0.0
-    ignore_eos: bool = True
     seed: int = 0
     goodput: dict[str, float] = field(default_factory=dict)  # SLOs in ms: ttft, tpot, e2el
+    percentile_metrics: tuple[str, ...] = METRICS
+    metric_percentiles: tuple[float, ...] = (99.0,)
+
+    def __post_init__(self) -> None:
+        check_base_url(self.base_url)
+        self.workload_config()
+        self.arrival_config()
+        self.load_config()
+
+    @property
+    def chat(self) -> bool:
+        return self.endpoint.endswith("chat/completions")
+
+    def workload_config(self) -> WorkloadConfig:
+        return WorkloadConfig(dataset=self.dataset, num_prompts=self.num_prompts + self.num_warmups,
+                              input_len=self.input_len, output_len=self.output_len, range_ratio=self.range_ratio,
+                              prefix_len=self.prefix_len, chat=self.chat, seed=self.seed)
+
+    def arrival_config(self) -> ArrivalConfig:
+        return ArrivalConfig(request_rate=self.request_rate, process=self.arrival, burstiness=self.burstiness,
+                             ramp_up=self.ramp_up, ramp_up_start_rps=self.ramp_up_start_rps,
+                             ramp_up_end_rps=self.ramp_up_end_rps)
+
+    def load_config(self) -> LoadConfig:
+        return LoadConfig(max_concurrency=self.max_concurrency, duration_s=self.duration_s,
+                          disconnect_fraction=self.disconnect_fraction, num_warmups=self.num_warmups, seed=self.seed)
+
+    def send_times(self, num: int) -> list[float] | None:
+        """The schedule: None sends all at once (or as fast as --max-concurrency lets)."""
+        arrivals = self.arrival_config()
+        if arrivals.ramp_up is None and not math.isfinite(arrivals.request_rate):
+            return None
+        if self.duration_s:  # a soak: enough arrivals to outlast the duration
+            top = max(arrivals.rates(2)) if arrivals.ramp_up else arrivals.request_rate
+            num = max(num, int(top * self.duration_s * 2) + 16)
+        return arrival_times(arrivals, num, self.seed).tolist()
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "api_key"}
 
 
-@dataclass
-class RequestResult:
-    success: bool = False
-    disconnected: bool = False
-    status: int | None = None
-    error: str = ""
-    prompt_len: int = 0
-    output_len: int = 0
-    ttft: float = 0.0
-    latency: float = 0.0
-    itl: list[float] = field(default_factory=list)
-
-
-def make_prompts(num: int, input_len: int, seed: int) -> list[str]:
-    """Prompts of about input_len tokens from the embedded Wikipedia corpus (evaluation
-    split), so no tokenizer is needed on the client: ~0.75 words per token in English."""
-    from llmctl.paths import wiki_corpus_json
-
-    articles = json.loads(wiki_corpus_json().read_text())
-    words = " ".join(articles[k]["extract"] for k in sorted(articles)[-1000:]).split()
-    rng = random.Random(seed)
-    num_words = max(1, int(input_len * 0.75))
-    starts = [rng.randrange(0, len(words) - num_words) for _ in range(num)]
-    return [" ".join(words[s:s + num_words]) for s in starts]
-
-
-def _payload(cfg: ServeBenchConfig, model: str, prompt: str) -> dict:
-    body = {"model": model, "max_tokens": cfg.output_len, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": cfg.ignore_eos}
-    if cfg.endpoint.endswith("chat/completions"):
-        body["messages"] = [{"role": "user", "content": prompt}]
-    else:
-        body["prompt"] = prompt
-    return body
-
-
-async def _one_request(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, prompt: str,
-                       hang_up_after: int | None) -> RequestResult:
-    res = RequestResult()
-    start = last = time.perf_counter()
-    try:
-        async with client.stream("POST", cfg.endpoint, json=_payload(cfg, model, prompt)) as resp:
-            res.status = resp.status_code
-            if resp.status_code != 200:
-                res.error = (await resp.aread()).decode(errors="replace")[:300]
-                return res
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                data = json.loads(line[6:])
-                if "error" in data:
-                    res.error = str(data["error"])[:300]
-                    return res
-                if data.get("usage"):
-                    res.prompt_len = data["usage"]["prompt_tokens"]
-                    res.output_len = data["usage"]["completion_tokens"]
-                choice = (data.get("choices") or [{}])[0]
-                if choice.get("text") or (choice.get("delta") or {}).get("content"):
-                    now = time.perf_counter()
-                    if res.ttft == 0.0:
-                        res.ttft = now - start
-                    else:
-                        res.itl.append(now - last)
-                    last = now
-                    if hang_up_after is not None and len(res.itl) + 1 >= hang_up_after:
-                        res.disconnected = True
-                        return res  # leaving the `with` closes the connection mid-stream
-        res.latency = time.perf_counter() - start
-        res.output_len = res.output_len or len(res.itl) + 1
-        res.success = True
-    except (httpx.HTTPError, json.JSONDecodeError) as err:
-        res.error = f"{type(err).__name__}: {err}"
-    return res
-
-
-async def _first_model(client: httpx.AsyncClient) -> str:
-    resp = await client.get("/v1/models")
-    resp.raise_for_status()
-    return resp.json()["data"][0]["id"]
-
-
-async def run_load(cfg: ServeBenchConfig, prompts: list[str]) -> tuple[list[RequestResult], float]:
+@contextlib.asynccontextmanager
+async def open_client(cfg: ServeBenchConfig, base_url: str | None = None) -> AsyncIterator[httpx.AsyncClient]:
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    rng = random.Random(cfg.seed + 1)
-    results: list[RequestResult] = []
-    async with httpx.AsyncClient(base_url=cfg.base_url, headers=headers, timeout=httpx.Timeout(600.0),
-                                 limits=limits) as client:
-        model = cfg.model or await _first_model(client)
-        slots = asyncio.Semaphore(cfg.max_concurrency or len(prompts) or 1)
-        start = time.perf_counter()
-        deadline = start + cfg.duration_s if cfg.duration_s else None
-
-        async def worker(prompt: str) -> None:
-            async with slots:
-                hang_up = rng.randint(1, max(1, cfg.output_len - 1)) if rng.random() < cfg.disconnect_fraction else None
-                results.append(await _one_request(client, cfg, model, prompt, hang_up))
-
-        async def soak_client(i: int) -> None:
-            k = i
-            while time.perf_counter() < deadline:
-                await worker(prompts[k % len(prompts)])
-                k += cfg.max_concurrency or 1
-
-        if deadline is not None:
-            await asyncio.gather(*[soak_client(i) for i in range(cfg.max_concurrency or 1)])
-        else:
-            tasks = []
-            for prompt in prompts:
-                tasks.append(asyncio.create_task(worker(prompt)))
-                if cfg.request_rate != float("inf"):
-                    await asyncio.sleep(rng.expovariate(cfg.request_rate))
-            await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-    return results, duration
+    async with httpx.AsyncClient(base_url=base_url or cfg.base_url, headers=headers, limits=limits,
+                                 timeout=httpx.Timeout(600.0, connect=10.0)) as client:
+        yield client
 
 
-def summarize(cfg: ServeBenchConfig, results: list[RequestResult], duration: float) -> dict:
-    """vllm bench serve's summary; times in ms."""
-    done = [r for r in results if r.success]
-    out_tokens = sum(r.output_len for r in done)
-    in_tokens = sum(r.prompt_len for r in done)
-    tpots = [(r.latency - r.ttft) / (r.output_len - 1) for r in done if r.output_len > 1]
-    series = {"ttft": [r.ttft for r in done], "tpot": tpots, "itl": [x for r in done for x in r.itl],
-              "e2el": [r.latency for r in done]}
-    summary = {
-        "completed": len(done), "failed": sum(not r.success and not r.disconnected for r in results),
-        "disconnected": sum(r.disconnected for r in results),
-        "status_5xx": sum(1 for r in results if r.status is not None and r.status >= 500),
-        "duration_s": duration, "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
-        "request_throughput": len(done) / duration, "output_throughput": out_tokens / duration,
-        "total_token_throughput": (in_tokens + out_tokens) / duration,
-        "errors": sorted({r.error for r in results if r.error})[:5],
-    }
-    for name, values in series.items():
-        ms = np.asarray(values, dtype=float) * 1000.0 if values else np.zeros(1)
-        summary.update({f"mean_{name}_ms": float(ms.mean()), f"median_{name}_ms": float(np.median(ms)),
-                        f"std_{name}_ms": float(ms.std()), f"p99_{name}_ms": float(np.percentile(ms, 99))})
-    if cfg.goodput:
-        good = [r for r in done if _meets_slo(r, cfg.goodput)]
-        summary["request_goodput"] = len(good) / duration
-    summary["config"] = {k: v for k, v in asdict(cfg).items() if k != "api_key"}
-    return summary
+def make_workload(cfg: ServeBenchConfig, info: ServerInfo) -> list[BenchRequest]:
+    """The workload, its prompts counted by --tokenizer or else by the server's /tokenize."""
+    from llmctl.bench.tokenizer import LocalTokenizer, ServerTokenizer
+
+    wl = cfg.workload_config()
+    if cfg.tokenizer:
+        return build_workload(wl, LocalTokenizer(cfg.tokenizer), info.max_model_len)
+    if not wl.needs_tokenizer:
+        return build_workload(wl, None, info.max_model_len)
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    tok = ServerTokenizer(info.base_url, info.model, headers)
+    try:
+        return build_workload(wl, tok, info.max_model_len)
+    finally:
+        tok.close()
 
 
-def _meets_slo(r: RequestResult, slo_ms: dict[str, float]) -> bool:
-    tpot = (r.latency - r.ttft) / (r.output_len - 1) if r.output_len > 1 else 0.0
-    values = {"ttft": r.ttft, "tpot": tpot, "e2el": r.latency}
-    return all(values[k] * 1000.0 <= v for k, v in slo_ms.items())
+def request_record(res: RequestResult, req: BenchRequest) -> dict:
+    """One line of the per-request JSON and CSV."""
+    out = asdict(res)
+    out.update(expected_prompt_len=req.prompt_len, requested_output_len=req.output_len)
+    out["tpot"] = res.tpot
+    return out
 
 
-def benchmark(cfg: ServeBenchConfig) -> dict:
-    num = cfg.num_prompts if not cfg.duration_s else max(cfg.num_prompts, 4 * (cfg.max_concurrency or 1))
-    prompts = make_prompts(num, cfg.input_len, cfg.seed)
-    results, duration = asyncio.run(run_load(cfg, prompts))
-    return summarize(cfg, results, duration)
+async def measure(cfg: ServeBenchConfig, client: httpx.AsyncClient, info: ServerInfo, requests: list[BenchRequest],
+                  times: list[float] | None, on_event: ServeCallback | None = None,
+                  stop_rule: StopRule | None = None) -> tuple[LoadOutcome, dict | None]:
+    """One load run against one server, its /metrics watched."""
+    def on_result(res: RequestResult, state: LiveState) -> None:
+        if on_event:
+            on_event("result", {"result": res, "state": state})
+
+    if on_event:
+        on_event("start", {"total": None if cfg.duration_s else len(requests), "target": info.base_url})
+    watch = ServerWatch(client)
+    await watch.start()
+    outcome = await run_load(client, cfg.endpoint, info.model, requests, times, cfg.load_config(),
+                             target=info.base_url, on_result=on_result, stop_rule=stop_rule)
+    await watch.stop()
+    return outcome, watch.report()
+
+
+def build_report(cfg: ServeBenchConfig, info: ServerInfo, requests: list[BenchRequest], outcome: LoadOutcome,
+                 server_metrics: dict | None) -> dict:
+    report = summarize(outcome.results, cfg.percentile_metrics, cfg.metric_percentiles, cfg.goodput or None)
+    report.update(
+        backend="openai-chat" if cfg.chat else "openai", base_url=info.base_url, model_id=info.model,
+        endpoint=cfg.endpoint, request_rate=cfg.request_rate, burstiness=cfg.burstiness,
+        max_concurrency=cfg.max_concurrency, arrivals=cfg.arrival_config().describe(), stopped_early=outcome.stopped,
+        wall_s=outcome.wall_s, server_metrics=server_metrics, config=cfg.to_dict(),
+        workload=describe(cfg.workload_config(), requests),
+        requests=[request_record(r, requests[r.index % len(requests)]) for r in outcome.results])
+    return report
+
+
+async def run_benchmark(cfg: ServeBenchConfig, on_event: ServeCallback | None = None,
+                        stop_rule: StopRule | None = None) -> dict:
+    async with open_client(cfg) as client:
+        info = await first_contact(client, cfg.base_url, cfg.model, cfg.endpoint)
+        if on_event:
+            on_event("contact", {"info": info})
+        requests = await asyncio.to_thread(make_workload, cfg, info)
+        outcome, server = await measure(cfg, client, info, requests, cfg.send_times(len(requests)), on_event, stop_rule)
+    return build_report(cfg, info, requests, outcome, server)
+
+
+def benchmark(cfg: ServeBenchConfig, on_event: ServeCallback | None = None) -> dict:
+    return asyncio.run(run_benchmark(cfg, on_event))

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmctl.cli.bench_serve import serve_bench
+from llmctl.cli import bench_serve
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -69,8 +69,9 @@ def throughput(
     run_throughput_command(config, bench, backends, hf_batch_size, load_format, output_json, as_json)
 
 
-app.command("serve", help="Load any OpenAI-compatible server with streaming requests; report `vllm bench serve` "
-                          "metrics (throughput, TTFT, TPOT, ITL, E2EL, goodput).")(serve_bench)
+app.add_typer(bench_serve.app, name="serve", help="Load any OpenAI-compatible server with streaming requests; report "
+                                                  "`vllm bench serve` metrics (TTFT, TPOT, ITL, E2EL, goodput). "
+                                                  "`sweep`: rates, concurrencies or an SLO search.")
 
 
 @app.command("kernels", help="W4A16 kernels against cuBLAS fp16 on Llama-3-8B layer shapes (GPU).")
