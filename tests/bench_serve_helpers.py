@@ -22,13 +22,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(log: Path, *args: str) -> tuple[subprocess.Popen, str]:
+def start_server(log: Path, *args: str, model: str = "default") -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "LLMCTL_API_KEY"}
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llmctl", "serve", "default", "--port", str(port), "--api-key", API_KEY,
-             "--max-model-len", "512", "--kv-cache-memory", "64MiB", "--log-level", "warning", *args],
+            [sys.executable, "-m", "llmctl", "serve", model, "--port", str(port), "--api-key", API_KEY,
+             "--max-model-len", "256" if model != "default" else "512", "--kv-cache-memory", "64MiB",
+             "--log-level", "warning", *args],
             stdout=subprocess.DEVNULL, stderr=err, env=env)
     return proc, f"http://127.0.0.1:{port}"
 

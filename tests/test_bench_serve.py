@@ -215,3 +215,36 @@ def test_sweep_stops_at_over_saturation(both, tmp_path):
     assert len(report["requests"]) < 100  # sending stopped too
     assert "over-saturated" in proc.stdout
     _assert_png(tmp_path / "plots" / "sweep.png")
+
+
+TINY_RECIPE = """name: tiny
+model:
+  dtype: float32
+  max_model_len: 256
+  arch: {architectures: [LlamaForCausalLM], vocab_size: 50000, hidden_size: 128, intermediate_size: 256,
+         num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 32,
+         max_position_embeddings: 256, rms_norm_eps: 1.0e-5, rope_theta: 10000.0, tie_word_embeddings: false,
+         torch_dtype: float32}
+"""
+
+
+def test_serve_dummy_gptq_weights_of_a_recipe(tmp_path):
+    """`llmctl serve RECIPE --load-format dummy --quantization gptq`: random 4-bit weights of
+    shapes with no files, a vocabulary larger than the stand-in tokenizer's; prompts keep
+    their exact lengths and every sampled token streams as text (one chunk each)."""
+    from bench_serve_helpers import start_server, wait_up
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    args = ["--load-format", "dummy", "--quantization", "gptq"]
+    proc, url = start_server(tmp_path / "serve.log", *args, model=str(recipe))
+    try:
+        wait_up(proc, url, tmp_path / "serve.log")
+        report = benchmark(_cfg(url, num_prompts=3, input_len=30, output_len=6))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "placeholder tokens up to the vocabulary of 50,000" in " ".join((tmp_path / "serve.log").read_text().split())
+    assert report["completed"] == 3, report["errors"]
+    assert all(r["prompt_len"] == r["expected_prompt_len"] == 30 for r in report["requests"])
+    assert all(r["output_len"] == 6 and len(r["itl"]) == 5 for r in report["requests"])

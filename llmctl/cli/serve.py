@@ -30,11 +30,18 @@ def serve(
     kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV-cache budget, e.g. 2GiB (the CPU's budget).", rich_help_panel=_ENGINE)] = None,
     enable_prefix_caching: Annotated[Optional[bool], typer.Option("--enable-prefix-caching/--no-enable-prefix-caching", help="Reuse KV blocks of shared prompt prefixes.", rich_help_panel=_ENGINE)] = None,
     enforce_eager: Annotated[Optional[bool], typer.Option("--enforce-eager/--no-enforce-eager", help="Never replay CUDA graphs for decode steps (GPU).", rich_help_panel=_ENGINE)] = None,
+    load_format: Annotated[str, typer.Option(help="auto, or dummy: random weights of the model's shapes.", rich_help_panel=_ENGINE)] = "auto",
+    quantization: Annotated[Optional[str], typer.Option(help="gptq: with --load-format dummy, random GPTQ 4-bit weights.", rich_help_panel=_ENGINE)] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.", rich_help_panel=_SERVER)] = "info",
     show_config: Annotated[bool, typer.Option("--show-config", help="Print every setting and where it came from (flag, recipe, default), then exit.")] = False,
 ) -> None:
+    from llmctl.engine.loading import check_load_format
+    from llmctl.errors import ConfigError
     from llmctl.settings import SERVE_SECTIONS, print_settings, resolve
 
+    if quantization is not None and check_load_format(load_format) != "dummy":
+        raise ConfigError("--quantization: only with --load-format dummy",
+                          hint="a GPTQ checkpoint's own config.json says how it is quantized")
     settings = resolve(model, {
         "serve.host": host, "serve.port": port, "serve.served_model_name": served_model_name,
         "serve.api_key": resolve_api_key(api_key), "serve.max_request_bytes": max_request_bytes,
@@ -43,11 +50,12 @@ def serve(
         "scheduler.max_num_seqs": max_num_seqs, "scheduler.max_num_batched_tokens": max_num_batched_tokens,
         "cache.block_size": block_size, "cache.gpu_memory_utilization": gpu_memory_utilization,
         "cache.kv_cache_memory": kv_cache_memory, "cache.enable_prefix_caching": enable_prefix_caching,
+        "model.quantization": quantization,
     }, recipe=recipe)
     if show_config:
         print_settings(settings, SERVE_SECTIONS)
         return
-    _run(settings.engine, settings.serve, model, log_level)
+    _run(settings.engine, settings.serve, model, log_level, load_format)
 
 
 def resolve_api_key(flag: str | None) -> str | None:
@@ -67,7 +75,7 @@ def resolve_api_key(flag: str | None) -> str | None:
     return env
 
 
-def _run(engine_config, serve_config, model_arg: str | None, log_level: str) -> None:
+def _run(engine_config, serve_config, model_arg: str | None, log_level: str, load_format: str = "auto") -> None:
     from rich.console import Console
 
     from llmctl.serve.listen import bind_socket
@@ -76,12 +84,12 @@ def _run(engine_config, serve_config, model_arg: str | None, log_level: str) -> 
     # A taken port fails here, in a second, not after the model has loaded.
     sock = bind_socket(serve_config.host, serve_config.port)
     try:
-        _load_and_serve(console, sock, engine_config, serve_config, model_arg, log_level)
+        _load_and_serve(console, sock, engine_config, serve_config, model_arg, log_level, load_format)
     finally:
         sock.close()
 
 
-def _load_and_serve(console, sock, engine_config, serve_config, model_arg, log_level) -> None:
+def _load_and_serve(console, sock, engine_config, serve_config, model_arg, log_level, load_format) -> None:
     from llmctl.engine.llm_engine import LLMEngine
     from llmctl.serve.api_server import run_server
     from llmctl.serve.launcher import build_app, model_dir_of
@@ -91,7 +99,15 @@ def _load_and_serve(console, sock, engine_config, serve_config, model_arg, log_l
         console.print(info.get("message", event), markup=False)
 
     with console.status("loading the model"):
-        engine = LLMEngine(engine_config, progress=progress)
+        engine = LLMEngine(engine_config, load_format=load_format, progress=progress)
+    if engine.tokenizer is None:
+        from llmctl.models.dummy import stand_in_tokenizer
+
+        # Random weights of a recipe's shapes come without tokenizer files; text requests
+        # still need one, and a benchmark only needs token counts that hold.
+        engine.tokenizer = stand_in_tokenizer(engine.arch.vocab_size)
+        console.print("no tokenizer with these weights: the default model's, placeholder tokens up to "
+                      f"the vocabulary of {engine.arch.vocab_size:,}", markup=False)
     check = quant_check(model_dir_of(engine))
     for line in check.lines:
         style = "bold red" if line.startswith("WARNING") else ("green" if "PASSED" in line else "")

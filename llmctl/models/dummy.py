@@ -84,3 +84,19 @@ def load_dummy_model(arch: ModelArch, dtype: torch.dtype, device: torch.device |
         if callable(hook):
             hook()
     return model.eval()
+
+
+def stand_in_tokenizer(vocab_size: int):
+    """The default model's tokenizer, with placeholder tokens `<|dummy_N|>` added up to
+    `vocab_size`: text prompts for a random-weight model whose tokenizer is not here, and
+    every id the model samples decodes to some text (a token, or its placeholder)."""
+    from tokenizers import AddedToken
+
+    from llmctl.models.default import ensure_default_model
+    from llmctl.models.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(ensure_default_model())
+    extra = range(len(tokenizer), vocab_size)
+    if extra:
+        tokenizer.add_tokens([AddedToken(f"<|dummy_{i}|>", special=False, normalized=False) for i in extra])
+    return tokenizer
