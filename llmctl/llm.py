@@ -1,6 +1,7 @@
 """The offline API, as in vLLM: `LLM(model="default", **engine_args).generate(prompts, params)`.
 
-    from llmctl import LLM, SamplingParams
+    from llmctl.llm import LLM
+    from llmctl.sampling_params import SamplingParams
     llm = LLM("default", max_model_len=2048)
     outs = llm.generate(["Hello", "The capital of France is"], SamplingParams(temperature=0, max_tokens=16))
     print(outs[1].outputs[0].text)
@@ -15,7 +16,7 @@ from typing import Callable, Sequence
 from llmctl.config import EngineConfig
 from llmctl.engine.llm_engine import LLMEngine, ProgressCallback
 from llmctl.engine.outputs import RequestOutput
-from llmctl.engine.sampling_params import RequestOutputKind, SamplingParams
+from llmctl.sampling_params import RequestOutputKind, SamplingParams
 from llmctl.errors import InvalidRequestError
 
 Prompt = str | list[int]

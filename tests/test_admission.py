@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from llmctl.engine import admission
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError
 
 VOCAB = 49152  # the default model's

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from llmctl.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmctl.engine.cuda_graph import capture_sizes
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 
 ARCH_RECIPE = """
 name: small

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from llmctl.engine.detokenizer import IncrementalDetokenizer, check_token_stop, find_stop_string
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 
 MIXED = "Héllo 🤖 世界, naïve café — 👨‍👩‍👧 ok. Ελληνικά дом 한국어 😀😀!"
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmctl.engine.llm_engine import LLMEngine
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError
 
 PROMPT = list(range(1000, 1040))  # 40 tokens: two full blocks of 16 and a partial one
@@ -185,7 +185,7 @@ def test_prompt_logprobs_survive_preemption_and_cache_hits(engine):
 
 
 def test_final_only_requests_get_one_output_the_same_as_the_last_cumulative_one(engine):
-    from llmctl.engine.sampling_params import RequestOutputKind
+    from llmctl.sampling_params import RequestOutputKind
 
     params = dict(temperature=0.0, max_tokens=5, ignore_eos=True)
     engine.add_request("cum", PROMPT, SamplingParams(**params))

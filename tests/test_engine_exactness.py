@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llmctl.engine.llm_engine import LLMEngine
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 
 TIE_TOL = 1e-4
 NUM_LOGPROBS = 5

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llmctl.engine.async_engine import AsyncEngine
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 from llmctl.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 
 MARK = [504, 505, 506]  # prompts starting with these token ids fail their prompt logprobs

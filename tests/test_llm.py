@@ -9,7 +9,7 @@ from llmctl.errors import CacheCapacityError, ConfigError, InvalidRequestError
 
 @pytest.fixture(scope="module")
 def llm_and_events():
-    from llmctl import LLM
+    from llmctl.llm import LLM
 
     events = []
     llm = LLM("default", max_model_len=256, kv_cache_memory="32MiB",
@@ -18,7 +18,7 @@ def llm_and_events():
 
 
 def test_generate_returns_outputs_in_input_order(llm_and_events):
-    from llmctl import SamplingParams
+    from llmctl.sampling_params import SamplingParams
 
     llm, _ = llm_and_events
     prompts = ["Once upon a time", [1, 504, 3458, 282], "Water boils at"]
@@ -44,7 +44,8 @@ def test_engine_reports_its_kv_plan_through_the_callback(llm_and_events):
 
 
 def test_bad_arguments():
-    from llmctl import LLM, SamplingParams
+    from llmctl.llm import LLM
+    from llmctl.sampling_params import SamplingParams
 
     with pytest.raises(ConfigError, match="no_such_arg"):
         LLM("default", no_such_arg=1)

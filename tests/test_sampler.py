@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError
 from llmctl.layers import logits_processors as lp
 from llmctl.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs, make_generator

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError, LlmctlError
 
 BAD_VALUES = [

@@ -13,7 +13,7 @@ import pytest
 
 from llmctl.config import SchedulerConfig
 from llmctl.engine.block_manager import BlockManager
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
 from llmctl.engine.sequence import Sequence, SequenceStatus
 from llmctl.errors import CacheCapacityError, ConfigError, InvalidRequestError

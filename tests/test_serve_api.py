@@ -77,7 +77,7 @@ def http(server):
 
 
 def _greedy(**kw):
-    from llmctl.engine.sampling_params import SamplingParams
+    from llmctl.sampling_params import SamplingParams
 
     return SamplingParams(temperature=0.0, **kw)
 

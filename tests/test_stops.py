@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 
 PROMPT = "The capital of France is"
 

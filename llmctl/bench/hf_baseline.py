@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from llmctl.bench.throughput import BenchResult
+from llmctl.bench.result import BenchResult
 
 
 def load_hf_model(model_dir: str | None, dtype: torch.dtype, device: str, arch_config: dict | None = None,

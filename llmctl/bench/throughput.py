@@ -9,9 +9,10 @@ import platform
 import random
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Callable
 
+from llmctl.bench.result import BenchResult
 from llmctl.config import BenchConfig, EngineConfig
 
 BACKENDS = ("llmctl", "hf", "hf-sequential")
@@ -19,34 +20,6 @@ BACKENDS = ("llmctl", "hf", "hf-sequential")
 # (backend, event, payload): "start" {"total": n}, "advance" {"n": k}, "done" {"result": BenchResult},
 # "log" {"message": str}, "kv_plan" {"plan": KVPlan, "message": str}. The CLI draws; nothing here does.
 BenchCallback = Callable[[str, str, dict], None]
-
-
-@dataclass
-class BenchResult:
-    backend: str
-    num_requests: int
-    elapsed_s: float
-    num_prompt_tokens: int
-    num_output_tokens: int
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def requests_per_s(self) -> float:
-        return self.num_requests / self.elapsed_s
-
-    @property
-    def output_tokens_per_s(self) -> float:
-        return self.num_output_tokens / self.elapsed_s
-
-    @property
-    def total_tokens_per_s(self) -> float:
-        return (self.num_prompt_tokens + self.num_output_tokens) / self.elapsed_s
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out.update(requests_per_second=self.requests_per_s, output_throughput=self.output_tokens_per_s,
-                   total_token_throughput=self.total_tokens_per_s)
-        return out
 
 
 def sample_prompts(bench: BenchConfig, vocab_size: int, tokenizer=None) -> list[list[int]]:
@@ -85,7 +58,7 @@ def _corpus_prompts(bench: BenchConfig, tokenizer) -> list[list[int]]:
 
 def run_llmctl(llm, prompts: list[list[int]], bench: BenchConfig, on_event: BenchCallback) -> BenchResult:
     """The whole workload submitted at once, as `vllm bench throughput` does."""
-    from llmctl.engine.sampling_params import SamplingParams
+    from llmctl.sampling_params import SamplingParams
 
     params = SamplingParams(n=bench.n, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=bench.output_len)
     # Untimed warm-up on the workload's first batch, two tokens each: Triton compiles a kernel at

@@ -23,7 +23,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 64

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from llmctl.engine.outputs import RequestOutput
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 from llmctl.errors import EngineDeadError, LlmctlError, RequestFailedError
 
 logger = logging.getLogger("llmctl.engine")

@@ -42,7 +42,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable, Protocol, Sequence
 
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 from llmctl.engine.stop import check_token_stop  # noqa: F401  (the stop rule; re-exported for callers)
 
 _REPLACEMENT_CHAR = "\ufffd"

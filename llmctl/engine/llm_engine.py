@@ -24,7 +24,7 @@ from llmctl.engine.kv_budget import KVPlan, plan_kv, resolve_dtype
 from llmctl.engine.faults import engine_dead, is_request_fault, request_error
 from llmctl.engine.model_runner import ModelRunner, ModelRunnerOutput
 from llmctl.engine.outputs import RequestOutput
-from llmctl.engine.sampling_params import RequestOutputKind, SamplingParams
+from llmctl.sampling_params import RequestOutputKind, SamplingParams
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
 from llmctl.engine.stop import model_eos_token_ids, read_generation_config, sampling_defaults
 from llmctl.engine.sequence import SequenceStatus
@@ -58,7 +58,8 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, load_format: str = "auto", progress: ProgressCallback | None = None) -> None:
-        from llmctl.engine.loading import check_load_format, load_model_and_tokenizer, resolve_device
+        from llmctl.engine.loading import check_load_format, load_model_and_tokenizer
+        from llmctl.models.loader import resolve_device
 
         self.config = config
         self.load_format = check_load_format(load_format)

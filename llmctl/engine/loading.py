@@ -21,12 +21,6 @@ def check_load_format(load_format: str) -> str:
     return load_format
 
 
-def resolve_device(device: str) -> torch.device:
-    from llmctl.models.loader import _resolve_device
-
-    return _resolve_device(device)
-
-
 def load_model_and_tokenizer(model_config: ModelConfig, load_format: str, device: torch.device, device_kind: str,
                              progress: Callable[[str], None]):
     """(model, arch, tokenizer or None, display name, model dir or None)."""

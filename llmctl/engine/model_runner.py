@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from llmctl.engine.outputs import Logprobs
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 from llmctl.engine.scheduler import SchedulerOutput
 from llmctl.layers.attention import Attention, AttentionMetadata, attention_metadata
 from llmctl.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs

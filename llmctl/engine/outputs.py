@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# One position's logprobs: token id -> logprob, the chosen token first, then the top-k.
-Logprobs = dict[int, float]
+from llmctl.sampling_params import Logprobs
 
 
 @dataclass

@@ -10,7 +10,7 @@ import enum
 import itertools
 import time
 
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError
 
 

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from llmctl.engine.sampling_params import SamplingParams, eos_token_ids
+from llmctl.sampling_params import SamplingParams, eos_token_ids
 
 # generation_config.json keys that become request defaults (vLLM's list, without max_new_tokens).
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")

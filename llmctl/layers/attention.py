@@ -8,39 +8,13 @@ is plain causal attention (used by eval, GPTQ calibration and the tests).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class AttentionMetadata:
-    """One engine step: T new tokens from B sequences, flattened in sequence order.
-
-    Sequence i owns new tokens query_start_loc[i]:query_start_loc[i+1]; before this
-    step it already had seq_lens[i] - query_len[i] tokens in the cache (a cached
-    prefix or earlier chunks), and its tokens live in the blocks of block_tables[i]:
-    token t is in block block_tables[i][t // block_size] at offset t % block_size.
-    """
-
-    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset for each new token
-    block_tables: torch.Tensor  # [B, max_num_blocks] int32, padded with 0
-    query_start_loc: torch.Tensor  # [B + 1] int32, cumulative new-token counts
-    seq_lens: torch.Tensor  # [B] int32, tokens in context after this step
-    max_query_len: int
-    max_seq_len: int
-    block_size: int
-
-    @property
-    def num_seqs(self) -> int:
-        return self.seq_lens.shape[0]
-
-    @property
-    def is_decode_only(self) -> bool:
-        return self.max_query_len == 1
+from llmctl.layers.paged_attention import AttentionMetadata, paged_attention
 
 
 _METADATA: AttentionMetadata | None = None
@@ -82,8 +56,6 @@ class Attention(nn.Module):
         meta = get_attention_metadata()
         if meta is None:
             return self._dense_causal(q, k, v)
-        from llmctl.layers.paged_attention import paged_attention
-
         shape = q.shape
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)

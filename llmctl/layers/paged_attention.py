@@ -3,12 +3,40 @@ through the block tables. Triton kernels on CUDA, the pure-torch path elsewhere.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from llmctl_kernels.paged_attention import paged_attention_reference
 from llmctl.errors import LlmctlError
 from llmctl.layers import use_triton
-from llmctl.layers.attention import AttentionMetadata
+
+
+@dataclass
+class AttentionMetadata:
+    """One engine step: T new tokens from B sequences, flattened in sequence order.
+
+    Sequence i owns new tokens query_start_loc[i]:query_start_loc[i+1]; before this
+    step it already had seq_lens[i] - query_len[i] tokens in the cache (a cached
+    prefix or earlier chunks), and its tokens live in the blocks of block_tables[i]:
+    token t is in block block_tables[i][t // block_size] at offset t % block_size.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset for each new token
+    block_tables: torch.Tensor  # [B, max_num_blocks] int32, padded with 0
+    query_start_loc: torch.Tensor  # [B + 1] int32, cumulative new-token counts
+    seq_lens: torch.Tensor  # [B] int32, tokens in context after this step
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
 
 
 class AttentionShapeError(LlmctlError, ValueError):

@@ -38,8 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from llmctl.engine.outputs import Logprobs
-from llmctl.engine.sampling_params import SamplingParams
+from llmctl.sampling_params import Logprobs, SamplingParams
 from llmctl.errors import InvalidRequestError
 from llmctl.layers import logits_processors as lp
 

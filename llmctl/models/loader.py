@@ -159,7 +159,8 @@ def _check_complete(model_dir: Path, expected: dict, loaded: set[str], unexpecte
         )
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """"auto" is CUDA where there is one, else the CPU; a CUDA device that is not here is an error."""
     import torch
 
     if device == "auto":
@@ -183,7 +184,7 @@ def load_model(model_dir: Path | str, dtype: str | torch.dtype = "auto", device:
     arch = load_arch(model_dir)
     files = weight_files(model_dir)
     torch_dtype = resolve_dtype(dtype, arch)
-    with torch.device(_resolve_device(device)):
+    with torch.device(resolve_device(device)):
         model = LlamaForCausalLM(arch, dtype=torch_dtype)
     load_weights(model, files)
     for module in model.modules():

@@ -120,7 +120,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: Quan
     """Quantize `model_dir` into `out_dir` (see the module docstring)."""
     import torch
 
-    from llmctl.models.loader import _resolve_device
+    from llmctl.models.loader import resolve_device
     from llmctl.quant.checkpoint import CheckpointWriter
     from llmctl.quant.driver import quantize_model_layers
     from llmctl.quant.packing import pack_result
@@ -128,7 +128,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: Quan
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = validate_request(model_dir, out_dir, config, overwrite)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     stage = on_stage or (lambda *_: None)
     start = time.perf_counter()
     if dev.type == "cuda":

@@ -20,7 +20,7 @@ from llmctl.engine.admission import (
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
 )
-from llmctl.engine.sampling_params import MAX_LOGPROBS
+from llmctl.sampling_params import MAX_LOGPROBS
 
 # A token id is a JSON integer, never a boolean or a float (pydantic's lax mode takes both).
 TokenId = Annotated[int, Field(strict=True, ge=0)]

@@ -1,4 +1,6 @@
-"""`SamplingParams`: how one request is sampled and when it stops, under vLLM's names."""
+"""`SamplingParams`: how one request is sampled and when it stops, under vLLM's names, and
+`Logprobs`, one position's logprobs. Both the engine and the sampler layer use them, so they
+live below both (as `vllm.sampling_params` does)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ from typing import Sequence
 
 from llmctl.errors import InvalidRequestError
 
+
+# One position's logprobs: token id -> logprob, the chosen token first, then the top-k.
+Logprobs = dict[int, float]
 
 # vLLM's default cap on logprobs and prompt_logprobs per position.
 MAX_LOGPROBS = 20
