@@ -103,6 +103,13 @@ def serve_bench(
     if duration is not None and not max_concurrency and not math.isfinite(request_rate):
         raise LlmctlError("--duration: needs --max-concurrency or a finite --request-rate",
                           hint="e.g. --duration 600 --max-concurrency 32")
+    if len(urls) > 1:
+        from rich.console import Console
+
+        from llmctl.cli.bench_serve_ab import run_ab_command
+
+        run_ab_command(cfg, urls, ab_rounds, output_json, output_csv, plot, as_json, Console(stderr=True))
+        return
     run_single(cfg, urls, ab_rounds, output_json, output_csv, plot, as_json)
 
 

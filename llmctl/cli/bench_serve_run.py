@@ -81,11 +81,6 @@ def run_single(cfg, urls: list[str], ab_rounds: int, output_json: Path | None, o
     from llmctl.bench.serve_report import error_lines, render_summary, to_json
 
     err = Console(stderr=True)
-    if len(urls) > 1:
-        from llmctl.cli.bench_serve_ab import run_ab_command
-
-        run_ab_command(cfg, urls, ab_rounds, output_json, output_csv, plot_dir, as_json, err)
-        return
     from llmctl.bench.serve_client import run_benchmark
 
     with LiveProgress(err) as live:
