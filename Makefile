@@ -24,5 +24,8 @@ test-slow:
 test-gpu:
 	$(PY) -m pytest -q -m gpu
 
+lint:
+	$(VENV)/bin/ruff check llmctl kernels tests
+
 bench:
 	$(VENV)/bin/llmctl bench throughput --num-prompts 64 --input-len 128 --output-len 128 --backend all --output-json bench-results/throughput.json

@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 from llmctl.config import EngineConfig
 from llmctl.engine.llm_engine import LLMEngine, ProgressCallback
 from llmctl.engine.outputs import RequestOutput
-from llmctl.sampling_params import RequestOutputKind, SamplingParams
 from llmctl.errors import InvalidRequestError
+from llmctl.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int]
 

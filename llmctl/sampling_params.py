@@ -11,7 +11,6 @@ from typing import Sequence
 
 from llmctl.errors import InvalidRequestError
 
-
 # One position's logprobs: token id -> logprob, the chosen token first, then the top-k.
 Logprobs = dict[int, float]
 

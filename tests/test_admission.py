@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from llmctl.engine import admission
-from llmctl.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError
+from llmctl.sampling_params import SamplingParams
 
 VOCAB = 49152  # the default model's
 

@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from llmctl.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from llmctl.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError
+from llmctl.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 
-
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "llmctl", *args], capture_output=True, text=True, env=full_env)

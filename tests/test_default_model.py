@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from llmctl.models.default import DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model, is_default_model_converted
+from llmctl.models.default import (
+    DEFAULT_MODEL_NAME,
+    default_model_dir,
+    ensure_default_model,
+    is_default_model_converted,
+)
 
 
 def test_converted_dir_is_a_plain_fp32_llama(default_model_dir: Path) -> None:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from llmctl.engine.llm_engine import LLMEngine
-from llmctl.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError
+from llmctl.sampling_params import SamplingParams
 
 PROMPT = list(range(1000, 1040))  # 40 tokens: two full blocks of 16 and a partial one
 

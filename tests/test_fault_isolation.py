@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from llmctl.engine.async_engine import AsyncEngine
-from llmctl.sampling_params import SamplingParams
 from llmctl.errors import EngineDeadError, InvalidRequestError, RequestFailedError
+from llmctl.sampling_params import SamplingParams
 
 MARK = [504, 505, 506]  # prompts starting with these token ids fail their prompt logprobs
 

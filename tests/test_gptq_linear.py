@@ -7,12 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from llmctl_kernels.reference import dequantize_gptq
 from llmctl.config import GPTQConfig
 from llmctl.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from llmctl.layers.quantization import GPTQLinearMethod
 from llmctl.quant.gptq import HessianAccumulator, gptq_quantize
 from llmctl.quant.packing import format_for, pack_result
+from llmctl_kernels.reference import dequantize_gptq
 
 
 def _packed(n: int, k: int, settings: GPTQConfig, seed: int):

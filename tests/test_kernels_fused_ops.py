@@ -14,10 +14,10 @@ DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"
 
 pytest.importorskip("triton")
 
-from llmctl_kernels.fused_ops import rms_norm, rotary_embedding, silu_and_mul  # noqa: E402
 from llmctl.layers.activation import SiluAndMul  # noqa: E402
 from llmctl.layers.layernorm import RMSNorm  # noqa: E402
 from llmctl.layers.rotary import RotaryEmbedding  # noqa: E402
+from llmctl_kernels.fused_ops import rms_norm, rotary_embedding, silu_and_mul  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
 

@@ -14,10 +14,10 @@ DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"
 
 pytest.importorskip("triton")
 
-from llmctl_kernels.sampling import sample  # noqa: E402
-from llmctl.sampling_params import SamplingParams  # noqa: E402
 from llmctl.layers import logits_processors as lp  # noqa: E402
 from llmctl.layers.sampler import Sampler, SamplingMetadata, make_generator  # noqa: E402
+from llmctl.sampling_params import SamplingParams  # noqa: E402
+from llmctl_kernels.sampling import sample  # noqa: E402
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 

@@ -20,7 +20,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # by truncation (up to 2**-7 of each element), so it gets twice the room.
 BF16_TOL = 4e-3 if DEVICE.type == "cuda" else 8e-3
 
-from llmctl_kernels.reference import (
+from llmctl_kernels.reference import (  # noqa: E402 (after TRITON_INTERPRET is set)
     dequantize_gptq,
     pack_qweight,
     pack_qzeros,

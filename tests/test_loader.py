@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llmctl.errors import ConfigError, ModelLoadError
 from llmctl.config import read_gptq_config
+from llmctl.errors import ConfigError, ModelLoadError
 from llmctl.models.loader import load_model, load_tokenizer, resolve_model_path, weight_files
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmctl_kernels.reference import dequantize_gptq
-from llmctl.errors import QuantizationError
 from llmctl.config import GPTQConfig
+from llmctl.errors import QuantizationError
 from llmctl.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize
 from llmctl.quant.packing import (
     FORMAT_V1,
@@ -19,6 +18,7 @@ from llmctl.quant.packing import (
     unpack_linear,
     zero_offset,
 )
+from llmctl_kernels.reference import dequantize_gptq
 
 
 def _random_result(bits: int, sym: bool, act_order: bool, n: int = 64, k: int = 128, gs: int = 32,

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from llmctl.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError
 from llmctl.layers import logits_processors as lp
 from llmctl.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs, make_generator
+from llmctl.sampling_params import SamplingParams
 
 EOS = 3
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])  # distinct masses so every cut point is unambiguous

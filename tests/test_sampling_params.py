@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from llmctl.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError, LlmctlError
+from llmctl.sampling_params import SamplingParams
 
 BAD_VALUES = [
     ("n", 0), ("n", 1.5), ("n", True),

@@ -13,10 +13,10 @@ import pytest
 
 from llmctl.config import SchedulerConfig
 from llmctl.engine.block_manager import BlockManager
-from llmctl.sampling_params import SamplingParams
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
 from llmctl.engine.sequence import Sequence, SequenceStatus
 from llmctl.errors import CacheCapacityError, ConfigError, InvalidRequestError
+from llmctl.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
 EOS = 2

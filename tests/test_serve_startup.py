@@ -8,8 +8,8 @@ import json
 import pytest
 
 from llmctl.errors import ConfigError
-from llmctl.settings import resolve
 from llmctl.serve.startup import EVAL_FILE, quant_check
+from llmctl.settings import resolve
 
 
 def _gptq_dir(tmp_path, eval_report=None, in_config_json=False):

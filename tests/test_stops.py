@@ -65,9 +65,9 @@ def test_a_model_with_two_eos_ids_stops_on_either(default_model_dir, tmp_path, g
 
 
 def test_generation_config_sampling_is_the_default(default_model_dir, tmp_path, greedy_reference):
+    from llmctl.config import ServeConfig
     from llmctl.llm import LLM
     from llmctl.serve.launcher import build_app
-    from llmctl.config import ServeConfig
     from llmctl.serve.protocol import CompletionRequest
 
     model_dir = _model_dir_with(default_model_dir, tmp_path, {"eos_token_id": 2, "temperature": 0.0, "top_k": 7})

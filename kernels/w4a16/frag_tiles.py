@@ -8,7 +8,6 @@ import triton
 import triton.language as tl
 
 from llmctl_kernels.launch import launch_options
-
 from llmctl_kernels.w4a16.common import half_pair
 from llmctl_kernels.w4a16.config import KernelConfig
 from llmctl_kernels.w4a16.layout import FRAG_K, W4A16Weights

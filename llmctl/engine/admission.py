@@ -23,8 +23,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
-from llmctl.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError
+from llmctl.sampling_params import SamplingParams
 
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024

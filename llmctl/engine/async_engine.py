@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from llmctl.engine.outputs import RequestOutput
-from llmctl.sampling_params import SamplingParams
 from llmctl.errors import EngineDeadError, LlmctlError, RequestFailedError
+from llmctl.sampling_params import SamplingParams
 
 logger = logging.getLogger("llmctl.engine")
 

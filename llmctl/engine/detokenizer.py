@@ -42,8 +42,8 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable, Protocol, Sequence
 
-from llmctl.sampling_params import SamplingParams
 from llmctl.engine.stop import check_token_stop  # noqa: F401  (the stop rule; re-exported for callers)
+from llmctl.sampling_params import SamplingParams
 
 _REPLACEMENT_CHAR = "\ufffd"
 _NUM_CONTEXT_TOKENS = 6  # prompt tokens decoded with the output; vLLM reads 5 back

@@ -32,11 +32,11 @@ import torch
 from torch import nn
 
 from llmctl.engine.outputs import Logprobs
-from llmctl.sampling_params import SamplingParams
 from llmctl.engine.scheduler import SchedulerOutput
 from llmctl.layers.attention import Attention, AttentionMetadata, attention_metadata
 from llmctl.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
 from llmctl.models.arch import ModelArch
+from llmctl.sampling_params import SamplingParams
 
 _PROMPT_LOGITS_ROWS = 512  # prompt-logprob rows per compute_logits call: bounds the fp32 [rows, V] peak
 

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 
 from llmctl.config import SchedulerConfig
 from llmctl.engine.block_manager import BlockManager
-from llmctl.sampling_params import SamplingParams, eos_token_ids
-from llmctl.engine.stop import token_stop
 from llmctl.engine.sequence import Sequence, SequenceStatus, create_sequence_group
+from llmctl.engine.stop import token_stop
 from llmctl.errors import CacheCapacityError, ConfigError, InvalidRequestError
+from llmctl.sampling_params import SamplingParams, eos_token_ids
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import enum
 import itertools
 import time
 
-from llmctl.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError
+from llmctl.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

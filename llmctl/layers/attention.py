@@ -16,7 +16,6 @@ from torch import nn
 
 from llmctl.layers.paged_attention import AttentionMetadata, paged_attention
 
-
 _METADATA: AttentionMetadata | None = None
 
 

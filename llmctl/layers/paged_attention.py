@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llmctl_kernels.paged_attention import paged_attention_reference
 from llmctl.errors import LlmctlError
 from llmctl.layers import use_triton
+from llmctl_kernels.paged_attention import paged_attention_reference
 
 
 @dataclass

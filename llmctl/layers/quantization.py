@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmctl_kernels.reference import dequantize_gptq
 from llmctl.config import GPTQConfig
 from llmctl.errors import ModelLoadError
 from llmctl.layers.linear import LinearMethodBase, UnquantizedLinearMethod, create_bias, set_weight_attrs
+from llmctl_kernels.reference import dequantize_gptq
 
 
 def get_linear_method(quant_config: GPTQConfig | None) -> LinearMethodBase:

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from llmctl.sampling_params import Logprobs, SamplingParams
 from llmctl.errors import InvalidRequestError
 from llmctl.layers import logits_processors as lp
+from llmctl.sampling_params import Logprobs, SamplingParams
 
 SamplingRequest = tuple[SamplingParams, Sequence[int], Sequence[int], "torch.Generator | None"]
 

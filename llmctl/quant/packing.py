@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llmctl_kernels.reference import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 from llmctl.errors import QuantizationError
 from llmctl.quant.gptq import GPTQResult
+from llmctl_kernels.reference import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 
 FORMAT_V1 = "gptq"
 FORMAT_V2 = "gptq_v2"

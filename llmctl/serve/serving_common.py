@@ -14,8 +14,8 @@ from pydantic import BaseModel
 
 from llmctl.engine.admission import AdmissionLimits, check_context, check_request, check_token_ids
 from llmctl.engine.async_engine import AsyncEngine
-from llmctl.sampling_params import SamplingParams
 from llmctl.errors import InvalidRequestError, LlmctlError
+from llmctl.sampling_params import SamplingParams
 from llmctl.serve.errors import ModelNotFoundError, error_body, param_of
 from llmctl.serve.protocol import SamplingFields
 
