@@ -92,10 +92,12 @@ def stand_in_tokenizer(vocab_size: int):
     every id the model samples decodes to some text (a token, or its placeholder)."""
     from tokenizers import AddedToken
 
-    from llmctl.models.default import ensure_default_model
+    from llmctl.models.default import default_model_dir, ensure_default_model
     from llmctl.models.loader import load_tokenizer
 
-    tokenizer = load_tokenizer(ensure_default_model())
+    # The tokenizer files alone will do: no need to convert the default model's weights.
+    source = default_model_dir()
+    tokenizer = load_tokenizer(source if (source / "tokenizer.json").is_file() else ensure_default_model())
     extra = range(len(tokenizer), vocab_size)
     if extra:
         tokenizer.add_tokens([AddedToken(f"<|dummy_{i}|>", special=False, normalized=False) for i in extra])
