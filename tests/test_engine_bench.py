@@ -141,7 +141,8 @@ def test_dummy_gptq_weights_load_as_a_gptq_model_and_bench_through_the_cli(tiny_
     model = load_dummy_model(arch, torch.float32, "cpu", seed=3)
     layer = model.model.layers[0].mlp.gate_up_proj
     assert layer.qweight.dtype == torch.int32 and not hasattr(layer, "weight")
-    assert layer.qweight.unique().numel() > 100  # random codes, not a constant
+    # On the CPU the random codes are dequantized once at load: (code - zero) levels, not a constant.
+    assert layer.dense_weight.unique().numel() > 8 and layer.qweight.numel() == 0
     logits = model.logits(torch.randint(0, 512, (1, 16)))
     assert torch.isfinite(logits).all() and logits.std() > 0
 

@@ -79,6 +79,7 @@ class KVPlan:
     weight_bytes_fp16: int
     weight_bytes_gptq4: int
     weight_bytes_loaded: int  # what this run loads (total, all ranks)
+    weight_format: str  # how they are held: "float16", "GPTQ 4-bit g64", "GPTQ 4-bit g64 -> float32 (CPU)"
     kv_bytes_per_token: int  # whole model, all ranks
     kv_bytes_per_token_rank: int  # what one GPU stores per token
     block_size: int
@@ -118,7 +119,7 @@ class KVPlan:
             ("parameters", f"{self.num_params / 1e9:.2f} B"),
             ("weights fp16", fmt_bytes(self.weight_bytes_fp16)),
             ("weights GPTQ 4-bit (g128)", fmt_bytes(self.weight_bytes_gptq4)),
-            (f"weights loaded ({self.dtype})", fmt_bytes(self.weight_bytes_loaded)),
+            (f"weights loaded ({self.weight_format})", fmt_bytes(self.weight_bytes_loaded)),
             ("KV bytes per token", f"{self.kv_bytes_per_token:,}"),
             ("block size (tokens)", str(self.block_size)),
         ]
@@ -190,10 +191,16 @@ def _kv_bytes_per_token_per_rank(arch: ModelArch, nbytes: int, tp: int) -> int:
     return 2 * arch.num_hidden_layers * heads * arch.head_dim * nbytes
 
 
-def _loaded_weight_bytes(arch: ModelArch, nbytes: int) -> int:
-    if arch.quantization is not None:
-        return gptq_weight_bytes(arch, arch.quantization.bits, arch.quantization.group_size)
-    return weight_bytes(arch, nbytes)
+def _loaded_weights(arch: ModelArch, dtype: str, device: str) -> tuple[int, str]:
+    """(bytes, format) of the weights as the engine holds them. On the CPU a GPTQ model is
+    dequantized once at load into the compute dtype: the dense size, not the 4-bit one."""
+    if not arch.is_gptq:
+        return weight_bytes(arch, _DTYPE_BYTES[dtype]), dtype
+    bits, group = arch.quantization.bits, arch.quantization.group_size
+    name = f"GPTQ {bits}-bit g{group}"
+    if device == "cpu":
+        return weight_bytes(arch, _DTYPE_BYTES[dtype]), f"{name} -> {dtype} at load (CPU)"
+    return gptq_weight_bytes(arch, bits, group), name
 
 
 def _tp_verdict(usable: int, weights: int, activation: int, seq_kv: int, tp: int) -> tuple[str, str]:
@@ -228,7 +235,7 @@ def plan_kv(arch: ModelArch, model: str, model_config, cache_config, scheduler_c
     nbytes = _DTYPE_BYTES[dtype]
     tp = parallel_config.tensor_parallel_size
     max_model_len = model_config.max_model_len or arch.max_position_embeddings
-    weights = _loaded_weight_bytes(arch, nbytes)
+    weights, weight_format = _loaded_weights(arch, dtype, device)
     kv_rank = _kv_bytes_per_token_per_rank(arch, nbytes, tp)
     block_bytes = cache_config.block_size * kv_rank
     activation = measured_activation_bytes
@@ -250,7 +257,7 @@ def plan_kv(arch: ModelArch, model: str, model_config, cache_config, scheduler_c
     return KVPlan(
         model=model, dtype=dtype, device=device, num_params=arch.num_params(),
         weight_bytes_fp16=weight_bytes(arch, 2), weight_bytes_gptq4=gptq_weight_bytes(arch, 4, 128),
-        weight_bytes_loaded=weights, kv_bytes_per_token=arch.kv_bytes_per_token(nbytes),
+        weight_bytes_loaded=weights, weight_format=weight_format, kv_bytes_per_token=arch.kv_bytes_per_token(nbytes),
         kv_bytes_per_token_rank=kv_rank,
         block_size=cache_config.block_size, tensor_parallel_size=tp,
         memory_total=gpu_memory if device == "gpu" else None,

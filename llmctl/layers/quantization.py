@@ -3,9 +3,10 @@ parameters in the AutoGPTQ/GPTQModel layout, and `get_linear_method`, which pick
 checkpoint's method from its `GPTQConfig`.
 
 On CUDA (2/4/8 bits) `apply` runs the Triton W4A16 kernels on weights prepared once
-in `process_weights_after_loading`; elsewhere it dequantizes with the torch
-reference and multiplies, recomputing the dense weight every call so no fp32 copy
-of the model ever stays resident.
+in `process_weights_after_loading`. On the CPU the weights are dequantized once, at
+load, into the compute dtype and the codes are dropped: the model then takes the
+memory of the dense original and runs at its speed (dequantizing every call was 13-25x
+slower; torch's CPU int4 matmul was measured against it, see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class GPTQLinearMethod(LinearMethodBase):
         if (bits == 3 and input_size % 32) or input_size * bits % 32 or out_size * bits % 32:
             raise ModelLoadError(f"a {out_size}x{input_size} linear cannot hold {bits}-bit packed weights")
         num_groups = input_size // group_size
+        layer.compute_dtype = params_dtype
 
         def param(shape: tuple[int, ...], dtype: torch.dtype, attrs: dict[str, Any], name: str) -> None:
             p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
@@ -70,9 +72,12 @@ class GPTQLinearMethod(LinearMethodBase):
             create_bias(layer, out_size, params_dtype)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        if getattr(layer, "w4a16", None) is not None:
+        if getattr(layer, "w4a16", None) is not None or getattr(layer, "dense_weight", None) is not None:
             return  # prepared already (the checkpoint's codes may be gone)
-        layer.w4a16 = None
+        layer.w4a16 = layer.dense_weight = None
+        if layer.qweight.device.type == "cpu":
+            self._dequantize_once(layer)
+            return
         if layer.qweight.is_cuda and self.config.bits in (2, 4, 8):
             from llmctl_kernels.w4a16 import prepare_w4a16_weights
 
@@ -96,9 +101,19 @@ class GPTQLinearMethod(LinearMethodBase):
         self.scratch = SplitKScratch(device, max_num_tokens, self._max_out_features)
         return self.scratch.num_bytes
 
+    def _dequantize_once(self, layer: nn.Module) -> None:
+        weight = dequantize_gptq(layer.qweight.data, layer.qzeros.data, layer.scales.data.to(torch.float32),
+                                 layer.g_idx.data, bits=self.config.bits, zero_offset=self.config.zero_offset)  # [K, N]
+        layer.dense_weight = weight.t().contiguous().to(layer.compute_dtype)  # [N, K], as nn.Linear keeps it
+        for name in ("qweight", "qzeros", "scales"):
+            getattr(layer, name).data = getattr(layer, name).data.new_empty(0)
+
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K] -> [..., N]
         bias = getattr(layer, "bias", None)
+        dense = getattr(layer, "dense_weight", None)
+        if dense is not None:
+            return torch.nn.functional.linear(x, dense if dense.dtype == x.dtype else dense.to(x.dtype), bias)
         prepared = getattr(layer, "w4a16", None)
         if prepared is not None and x.dtype in (torch.float16, torch.bfloat16):
             from llmctl_kernels.w4a16 import w4a16_matmul
