@@ -149,10 +149,13 @@ def test_dummy_gptq_weights_load_as_a_gptq_model_and_bench_through_the_cli(tiny_
     out = tmp_path / "q.json"
     res = CliRunner().invoke(app, ["bench", "throughput", "--model", tiny_recipe, "--load-format", "dummy",
                                    "--quantization", "gptq", "--num-prompts", "3", "--output-len", "4",
-                                   "--output-json", str(out)])
+                                   "--baseline", tiny_recipe, "--output-json", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     assert report["quantization"] == "gptq" and report["results"][0]["num_output_tokens"] == 12
+    # --baseline: the dense model of the same shapes, same prompts, in the same run
+    assert report["baseline"] == tiny_recipe and [r["backend"] for r in report["results"]] == ["llmctl", "baseline"]
+    assert report["results"][1]["num_output_tokens"] == 12 and "x baseline" in res.stdout
     res = CliRunner().invoke(app, ["bench", "throughput", "--model", tiny_recipe, "--quantization", "gptq"])
     assert res.exit_code != 0 and "--load-format dummy" in str(res.exception)
     res = CliRunner().invoke(app, ["bench", "throughput", "--model", tiny_recipe, "--load-format", "dummy",

@@ -52,3 +52,23 @@ def test_plan_loads_no_weights_and_no_torch():
 def test_plan_bad_model_dir_is_a_clear_error(tmp_path):
     res = _plan(str(tmp_path / "nope"))
     assert res.returncode == 1 and "does not exist" in res.stderr
+
+
+def test_plan_of_a_recipe_puts_its_quantized_form_beside_the_dense_model():
+    res = _plan(RECIPE, "--json", "--gpu-memory", "24GiB")
+    assert res.returncode == 0, res.stderr
+    dense = json.loads(res.stdout)
+    quantized = dense["quantized"]
+    assert dense["weight_format"] == "bfloat16" and quantized["weight_format"] == "GPTQ 4-bit g128"
+    assert quantized["weight_bytes_loaded"] < dense["weight_bytes_loaded"] / 2.5
+    assert quantized["num_blocks"] > 2 * dense["num_blocks"] > 0
+    table = _plan(RECIPE, "--gpu-memory", "24GiB", "--tensor-parallel-size", "2")
+    assert table.returncode == 0, table.stderr
+    assert "bfloat16" in table.stdout and "GPTQ 4-bit g128" in table.stdout and "wasteful" in table.stdout
+
+
+def test_plan_on_the_cpu_says_gptq_is_dequantized_at_load():
+    res = _plan(str(Path(RECIPE).with_name("smollm2-135m.yaml")), "--json", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    quantized = json.loads(res.stdout)["quantized"]
+    assert quantized["weight_format"] == "GPTQ 4-bit g64 -> float32 at load (CPU)"

@@ -56,7 +56,8 @@ def _corpus_prompts(bench: BenchConfig, tokenizer) -> list[list[int]]:
     return [stream[i * bench.input_len:(i + 1) * bench.input_len] for i in range(bench.num_prompts)]
 
 
-def run_llmctl(llm, prompts: list[list[int]], bench: BenchConfig, on_event: BenchCallback) -> BenchResult:
+def run_llmctl(llm, prompts: list[list[int]], bench: BenchConfig, on_event: BenchCallback,
+               name: str = "llmctl") -> BenchResult:
     """The whole workload submitted at once, as `vllm bench throughput` does."""
     from llmctl.sampling_params import SamplingParams
 
@@ -70,9 +71,9 @@ def run_llmctl(llm, prompts: list[list[int]], bench: BenchConfig, on_event: Benc
     llm.generate(warm, replace(params, max_tokens=min(2, bench.output_len)))
     engine.block_manager.reset_prefix_cache()
     before = engine.get_stats()
-    on_event("llmctl", "start", {"total": len(prompts)})
+    on_event(name, "start", {"total": len(prompts)})
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, on_finished=lambda k: on_event("llmctl", "advance", {"n": k}))
+    outputs = llm.generate(prompts, params, on_finished=lambda k: on_event(name, "advance", {"n": k}))
     elapsed = time.perf_counter() - start
     stats = engine.get_stats()
     return BenchResult(
@@ -133,8 +134,10 @@ def _cpu_name() -> str:
 
 def run_throughput(engine_config: EngineConfig, bench: BenchConfig, backends: tuple[str, ...],
                    hf_batch_size: int, load_format: str = "auto",
-                   on_event: BenchCallback = lambda *_: None) -> dict:
-    """Every backend on the same prompts; returns {"environment", "config", "results"}."""
+                   on_event: BenchCallback = lambda *_: None, baseline: str | None = None) -> dict:
+    """Every backend on the same prompts; returns {"environment", "config", "results"}.
+    `baseline`: a second model run through llmctl's engine with the same settings and prompts
+    after the first (row "baseline"), e.g. a checkpoint's original beside the checkpoint."""
     from llmctl.llm import LLM
 
     env = environment()  # before the run: the commit that was measured, not one that landed meanwhile
@@ -151,14 +154,29 @@ def run_throughput(engine_config: EngineConfig, bench: BenchConfig, backends: tu
         on_event("llmctl", "done", {"result": results[-1]})
     llm.shutdown()
     del llm
+    if baseline is not None:
+        results.append(_run_baseline(engine_config, baseline, load_format, prompts, bench, on_event))
     for backend in ("hf", "hf-sequential"):
         if backend in backends:
             results.append(run_hf_backend(backend, model_spec, prompts, bench, hf_batch_size, on_event))
             on_event(backend, "done", {"result": results[-1]})
     return {"environment": env, "config": asdict(bench), "model": model_spec["name"],
-            "quantization": model_spec["quantization"], "load_format": load_format,
+            "quantization": model_spec["quantization"], "load_format": load_format, "baseline": baseline,
             "cuda_graphs": not engine_config.model.enforce_eager and model_spec["device"].startswith("cuda"),
             "results": [r.to_dict() for r in results]}
+
+
+def _run_baseline(engine_config: EngineConfig, model: str, load_format: str, prompts: list[list[int]],
+                  bench: BenchConfig, on_event: BenchCallback) -> BenchResult:
+    from llmctl.llm import LLM
+
+    config = replace(engine_config, model=replace(engine_config.model, model=model, quantization=None))
+    llm = LLM.from_engine_config(config, load_format=load_format,
+                                 progress=lambda event, info: on_event("baseline", "log", info))
+    result = replace(run_llmctl(llm, prompts, bench, on_event, name="baseline"), backend="baseline")
+    on_event("baseline", "done", {"result": result})
+    llm.shutdown()
+    return result
 
 
 def summary_rows(report: dict) -> list[dict]:
@@ -170,7 +188,7 @@ def summary_rows(report: dict) -> list[dict]:
         row = {"backend": r["backend"], "requests": r["num_requests"], "elapsed_s": r["elapsed_s"],
                "requests_per_s": r["requests_per_second"], "output_tok_s": r["output_throughput"],
                "total_tok_s": r["total_token_throughput"]}
-        for base in ("hf", "hf-sequential"):
+        for base in ("baseline", "hf", "hf-sequential"):
             if base in by_backend and base != r["backend"]:
                 row[f"x_{base}"] = r["output_throughput"] / by_backend[base]["output_throughput"]
         rows.append(row)

@@ -22,6 +22,8 @@ def throughput(
     n: Annotated[Optional[int], typer.Option(help="Samples per request [1].")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="random (token ids) or corpus (embedded Wikipedia) [random].")] = None,
     backend: Annotated[str, typer.Option(help="llmctl | hf | hf-sequential | all, or a comma-separated list")] = "llmctl",
+    baseline: Annotated[Optional[str], typer.Option(help="A second model through llmctl, same settings and prompts "
+                                                         "(e.g. a checkpoint's original).")] = None,
     max_num_seqs: Annotated[Optional[int], typer.Option(help="Engine: sequences per step [128].")] = None,
     max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="Engine: tokens per step [2048].")] = None,
     max_model_len: Annotated[Optional[int], typer.Option(help="Engine: longest sequence [the model's].")] = None,
@@ -66,7 +68,7 @@ def throughput(
         print_settings(settings, BENCH_SECTIONS)
         return
     config, bench = settings.engine, settings.bench
-    run_throughput_command(config, bench, backends, hf_batch_size, load_format, output_json, as_json)
+    run_throughput_command(config, bench, backends, hf_batch_size, load_format, output_json, as_json, baseline)
 
 
 app.add_typer(bench_serve.app, name="serve", help="Load any OpenAI-compatible server with streaming requests; report "

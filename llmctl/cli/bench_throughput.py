@@ -22,7 +22,7 @@ def throughput_settings(model: str, **options):
 
 
 def run_throughput_command(config, bench, backends: tuple[str, ...], hf_batch_size: int, load_format: str,
-                           output_json: Path | None, as_json: bool) -> None:
+                           output_json: Path | None, as_json: bool, baseline: str | None = None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -44,7 +44,7 @@ def run_throughput_command(config, bench, backends: tuple[str, ...], hf_batch_si
             elif event == "log":
                 err.print(f"[dim]{info['message']}[/]")
 
-        report = run_throughput(config, bench, backends, hf_batch_size, load_format, on_event)
+        report = run_throughput(config, bench, backends, hf_batch_size, load_format, on_event, baseline=baseline)
     if output_json is not None:
         output_json.parent.mkdir(parents=True, exist_ok=True)
         output_json.write_text(json.dumps(report, indent=2))
@@ -68,10 +68,11 @@ def print_report(report: dict) -> None:
                         f"{cfg['output_len']} out (n={cfg['n']}, {cfg['dataset']}) on {where}, commit {env.get('commit')}",
                   title_justify="left")
     rows = summary_rows(report)
-    extra = [k for k in ("x_hf", "x_hf-sequential") if any(k in r for r in rows)]
+    extra = [k for k in ("x_baseline", "x_hf", "x_hf-sequential") if any(k in r for r in rows)]
     for col in ["backend", "req/s", "out tok/s", "total tok/s", "time s", *(f"x {k[2:]}" for k in extra)]:
         table.add_column(col, justify="left" if col == "backend" else "right")
     for r in rows:
-        table.add_row(r["backend"], f"{r['requests_per_s']:.2f}", f"{r['output_tok_s']:.1f}", f"{r['total_tok_s']:.1f}",
+        name = f"baseline: {report['baseline']}" if r["backend"] == "baseline" else r["backend"]
+        table.add_row(name, f"{r['requests_per_s']:.2f}", f"{r['output_tok_s']:.1f}", f"{r['total_tok_s']:.1f}",
                       f"{r['elapsed_s']:.1f}", *(f"{r[k]:.2f}x" if k in r else "" for k in extra))
     Console().print(table)

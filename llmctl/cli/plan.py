@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -86,13 +87,44 @@ def plan(
         return
     name, arch = resolve_plan_target(settings)
     config = settings.engine
-    result = plan_kv(arch, name, config.model, config.cache, config.scheduler, config.parallel, device=device,
-                     gpu_memory=parse_size(gpu_memory, "--gpu-memory"))
+
+    def plan_of(target):
+        return plan_kv(target, name, config.model, config.cache, config.scheduler, config.parallel, device=device,
+                       gpu_memory=parse_size(gpu_memory, "--gpu-memory"))
+
+    result = plan_of(arch)
+    # A recipe's quantize section says what will be deployed: plan it beside the dense model.
+    quantized = None
+    if settings.recipe is not None and not arch.is_gptq:
+        quantized = plan_of(dataclasses.replace(arch, quantization=settings.quant.gptq))
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        out = result.to_dict()
+        if quantized is not None:
+            out["quantized"] = quantized.to_dict()
+        typer.echo(json.dumps(out, indent=2))
+    elif quantized is not None:
+        print_plans(result, quantized)
     else:
         print_plan(result)
-    result.check_fits()
+    (quantized or result).check_fits()
+
+
+def print_plans(dense, quantized, console=None) -> None:
+    """Two plans of one model side by side: as it is, and as the recipe quantizes it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"KV plan: {dense.model}", title_justify="left")
+    table.add_column("")
+    table.add_column(dense.weight_format, justify="right")
+    table.add_column(quantized.weight_format, justify="right")
+    for (label, a), (_, b) in zip(dense.rows(), quantized.rows()):
+        if label.startswith("weights loaded"):
+            label = "weights loaded"
+        if label == "model" or (label.startswith("weights ") and label != "weights loaded"):
+            continue  # the title and the columns say it
+        table.add_row(label, a, b)
+    (console or Console()).print(table)
 
 
 def print_plan(result, title: str | None = None, console=None) -> None:
