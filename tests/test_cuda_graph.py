@@ -133,3 +133,20 @@ def test_gptq_engine_allocates_one_split_k_scratch_before_its_memory_plan(tmp_pa
     llm.generate([list(range(3, 40))], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert float(scratch.sums.abs().sum()) == 0.0
     llm.shutdown()
+
+
+@pytest.mark.gpu
+def test_bf16_gptq_graphs_of_a_bucket_above_the_token_budget(tmp_path):
+    """A token budget of 6 with 6 sequences captures the decode bucket 8: the split-K scratch holds
+    the bucket's rows (it is sized for every split-K product, not for the budget)."""
+    from llmctl.llm import LLM
+
+    recipe = tmp_path / "small.yaml"
+    recipe.write_text(ARCH_RECIPE)
+    llm = LLM(str(recipe), load_format="dummy", quantization="gptq", device="cuda", dtype="bfloat16",
+              max_num_seqs=6, max_num_batched_tokens=6, kv_cache_memory="64MiB")
+    assert llm.engine.runner.decode_graphs.sizes == [1, 2, 4, 8]
+    outs = llm.generate([list(range(3, 12)), list(range(20, 25))],
+                        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4]
+    llm.shutdown()

@@ -92,13 +92,14 @@ class GPTQLinearMethod(LinearMethodBase):
                 layer.qweight.data = layer.qweight.data.new_empty(0)
 
     def allocate_workspace(self, max_num_tokens: int, device: torch.device) -> int:
-        """The split-K scratch every layer's kernels share (kernels/w4a16/scratch.py), sized for
-        steps of up to max_num_tokens tokens; returns its bytes."""
+        """The split-K scratch every layer's kernels share (kernels/w4a16/scratch.py); returns its
+        bytes. It holds SPLIT_K_MAX_M rows whatever max_num_tokens is: a graph's padded batch
+        (a bucket) may have more rows than a step's token budget."""
         if self.scratch is not None or self._max_out_features == 0 or device.type != "cuda":
             return 0 if self.scratch is None else self.scratch.num_bytes
-        from llmctl_kernels.w4a16 import SplitKScratch
+        from llmctl_kernels.w4a16 import SPLIT_K_MAX_M, SplitKScratch
 
-        self.scratch = SplitKScratch(device, max_num_tokens, self._max_out_features)
+        self.scratch = SplitKScratch(device, SPLIT_K_MAX_M, self._max_out_features)
         return self.scratch.num_bytes
 
     def _dequantize_once(self, layer: nn.Module) -> None:
