@@ -40,6 +40,15 @@ def test_capture_sizes_cover_max_num_seqs_with_few_buckets():
     assert capture_sizes(10_000)[-1] == 256  # larger batches run eagerly
 
 
+def test_prefill_capture_sizes_cover_the_step_budget():
+    from llmctl.engine.prefill_graph import prefill_capture_sizes
+
+    assert prefill_capture_sizes(2048, 256) == ([16, 32, 64, 128, 256, 512], [1, 2, 4, 8])
+    assert prefill_capture_sizes(512, 8) == ([16, 32, 64, 128, 256, 512], [1, 2, 4, 8])
+    assert prefill_capture_sizes(48, 3) == ([16, 32, 48], [1, 2, 4])  # a 3-sequence step pads to 4
+    assert prefill_capture_sizes(6, 1) == ([6], [1])
+
+
 def test_prefill_graph_inputs_pad_tokens_and_sequences():
     """A step of 13 tokens from 3 sequences (a prompt, a decode, a chunk after a cached prefix)
     staged for the (16, 4) buckets: every token's position and slot, empty padding sequences,

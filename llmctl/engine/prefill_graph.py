@@ -34,16 +34,28 @@ TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
 SEQ_BUCKETS = (1, 2, 4, 8)
 
 
+def prefill_capture_sizes(max_num_tokens: int, max_num_seqs: int) -> tuple[list[int], list[int]]:
+    """(token buckets, sequence buckets) for a step budget of max_num_tokens tokens and
+    max_num_seqs sequences: the token buckets below the budget and the budget itself (up to the
+    last bucket), the sequence buckets up to the first that holds max_num_seqs."""
+    tokens = [t for t in TOKEN_BUCKETS if t < max_num_tokens]
+    if max_num_tokens <= TOKEN_BUCKETS[-1]:
+        tokens.append(max_num_tokens)  # a step's whole budget
+    seqs = []
+    for b in SEQ_BUCKETS:
+        seqs.append(b)
+        if b >= max_num_seqs:
+            break
+    return tokens, seqs
+
+
 class PrefillGraphs:
     def __init__(self, model: nn.Module, device: torch.device, block_size: int, max_model_len: int,
                  max_num_tokens: int, max_num_seqs: int) -> None:
         self.model = model
         self.block_size = block_size
         self.max_model_len = max_model_len
-        self.token_sizes = [t for t in TOKEN_BUCKETS if t < max_num_tokens]
-        if max_num_tokens <= TOKEN_BUCKETS[-1]:
-            self.token_sizes.append(max_num_tokens)  # a step's whole budget
-        self.seq_sizes = [b for b in SEQ_BUCKETS if b <= max(max_num_seqs, 1)]
+        self.token_sizes, self.seq_sizes = prefill_capture_sizes(max_num_tokens, max_num_seqs)
         self.max_tokens, self.max_seqs = self.token_sizes[-1], self.seq_sizes[-1]
         t, b = self.max_tokens, self.max_seqs
         self.max_blocks = -(-max_model_len // block_size)
