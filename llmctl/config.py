@@ -88,6 +88,8 @@ class ParallelConfig:
 
 GPTQ_FORMATS = ("gptq", "gptq_v2")
 GPTQ_CONFIG_FILE = "quantize_config.json"
+# The accuracy check `llmctl quantize` stores beside a checkpoint (and `serve` reports).
+EVAL_FILE = "llmctl_eval.json"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ unknown key, a wrong type or an invalid value is a `ConfigError` naming the fiel
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from llmctl.config import (
     ServeConfig,
 )
 from llmctl.errors import ConfigError
+from llmctl.units import parse_size
 
 # YAML section -> config class. `model.arch` (inline config.json fields) is checked where it
 # is used (`llmctl plan`, random weights), by llmctl.models.arch.
@@ -45,28 +45,6 @@ _SECTIONS: dict[str, type] = {
 QUANTIZE_GPTQ_FIELDS = tuple(f.name for f in dataclasses.fields(GPTQConfig) if f.name != "checkpoint_format")
 # Fields given as sizes ("2GiB"), in a recipe or as a flag.
 SIZE_FIELDS = frozenset({"cache.kv_cache_memory"})
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
-_MIN_BARE_SIZE = 2**20  # a number without a unit below this is a forgotten unit
-
-
-def parse_size(value: str | int, name: str = "size") -> int:
-    """'80GiB' -> 85899345920; '1.5GB' -> 1500000000; ints pass through."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{name}: expected a size like 16GiB, got {value!r}")
-    if isinstance(value, int):
-        return value
-    m = _SIZE_RE.match(str(value))
-    unit = (m.group(2) or "").lower() if m else None
-    if not m or unit not in _UNITS:
-        raise ConfigError(f"{name}: expected a size like 16GiB or 512MB, got {value!r}")
-    size = int(float(m.group(1)) * _UNITS[unit])
-    if not unit and size < _MIN_BARE_SIZE:
-        # `--gpu-memory 80` meant 80GiB, not 80 bytes.
-        raise ConfigError(f"{name}: {value!r} has no unit, so it reads as {size} bytes",
-                          hint=f"give a unit: {m.group(1)}GiB, {m.group(1)}GB or {m.group(1)}MiB")
-    return size
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ from llmctl.config import (
     ServeConfig,
 )
 from llmctl.errors import ConfigError
-from llmctl.recipe import QUANTIZE_GPTQ_FIELDS, SIZE_FIELDS, Recipe, load_recipe, parse_size
+from llmctl.recipe import QUANTIZE_GPTQ_FIELDS, SIZE_FIELDS, Recipe, load_recipe
+from llmctl.units import parse_size
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 # Section -> the config class whose fields it holds (quantize: its GPTQ fields beside these).

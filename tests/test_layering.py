@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Room -> the rooms it may import (besides itself). Bottom first.
 ALLOWED: dict[str, set[str]] = {
     "kernels": set(),
-    "base": set(),  # llmctl/__init__, errors, config, paths, recipe, settings, sampling_params
+    "base": set(),  # llmctl/__init__, errors, config, paths, units, recipe, settings, sampling_params
     "layers": {"base", "kernels"},
     "models": {"base", "kernels", "layers"},
     "engine": {"base", "layers", "models"},
@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 _PACKAGES = {"layers", "models", "engine", "eval", "quant", "serve", "bench", "cli"}
 _BASE = {"llmctl", "llmctl.errors", "llmctl.config", "llmctl.paths", "llmctl.recipe", "llmctl.settings",
-         "llmctl.sampling_params"}
+         "llmctl.sampling_params", "llmctl.units"}
 
 
 def _modules() -> dict[str, Path]:

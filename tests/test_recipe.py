@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from llmctl.errors import ConfigError
-from llmctl.recipe import load_recipe, parse_size, recipe_from_dict
+from llmctl.recipe import load_recipe, recipe_from_dict
+from llmctl.units import parse_size
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 

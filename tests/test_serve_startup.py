@@ -7,8 +7,9 @@ import json
 
 import pytest
 
+from llmctl.config import EVAL_FILE
 from llmctl.errors import ConfigError
-from llmctl.serve.startup import EVAL_FILE, quant_check
+from llmctl.serve.startup import quant_check
 from llmctl.settings import resolve
 
 

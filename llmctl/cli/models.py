@@ -11,6 +11,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from llmctl.units import format_bytes
+
 
 def models(
     model: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="A local Hugging Face model dir; omit (or 'default') for the embedded model.")] = None,
@@ -99,16 +101,6 @@ def describe_model_dir(model_dir: Path) -> dict[str, Any]:
     }
 
 
-def _human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _human_count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
@@ -129,8 +121,8 @@ def _model_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         ("parameters", _human_count(info["num_params"]) + (" (tied embeddings)" if info["tie_word_embeddings"] else "")),
         ("dtype", info["dtype"]),
         ("quantization", quant),
-        ("weights", f"{len(info['weight_files'])} safetensors file(s), {_human_bytes(info['weights_bytes'])}"),
-        ("size on disk", _human_bytes(info["size_bytes"])),
+        ("weights", f"{len(info['weight_files'])} safetensors file(s), {format_bytes(info['weights_bytes'])}"),
+        ("size on disk", format_bytes(info["size_bytes"])),
     ]
 
 
@@ -143,10 +135,10 @@ def _print_info(info: dict[str, Any]) -> None:
     table.add_column(overflow="fold")
     if "source_gguf" in info:
         table.title = f"default model: {info['name']}"
-        table.add_row("source", f"{info['source_gguf']} ({_human_bytes(info['source_gguf_bytes'])})")
+        table.add_row("source", f"{info['source_gguf']} ({format_bytes(info['source_gguf_bytes'])})")
         table.add_row("cache", info["cache_dir"])
         table.add_row("converted", "yes" if info["converted"] else "no (converts on first use, or run `llmctl models --convert`)")
-        table.add_row("size on disk", _human_bytes(info["size_bytes"]))
+        table.add_row("size on disk", format_bytes(info["size_bytes"]))
         rows = _model_rows(info["model"])[:-1] if info["model"] else []
     else:
         table.title = info["path"]

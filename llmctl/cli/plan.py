@@ -73,8 +73,8 @@ def plan(
 ) -> None:
     from llmctl.engine.kv_budget import plan_kv
     from llmctl.errors import ConfigError
-    from llmctl.recipe import parse_size
     from llmctl.settings import PLAN_SECTIONS, print_settings, resolve
+    from llmctl.units import parse_size
 
     if device not in ("gpu", "cpu"):
         raise ConfigError(f"--device: must be gpu or cpu, got {device!r}")

@@ -105,25 +105,19 @@ class _Progress:
         self.bar.console.print(f"layer {report.index:>3}  {report.seconds:6.1f}s  {losses}", markup=False)
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
-
-
 def _print_summary(console, summary) -> None:
     from rich.table import Table
+
+    from llmctl.units import format_bytes
 
     table = Table(title=f"GPTQ {summary.bits}-bit, group {summary.group_size} -> {summary.output}")
     table.add_column("")
     table.add_column("value", justify="right")
     rows = [("format", summary.checkpoint_format),
             ("calibration", f"{summary.num_samples} x {summary.seq_len} tokens"),
-            ("size before", _fmt_bytes(summary.source_bytes)), ("size after", _fmt_bytes(summary.output_bytes)),
+            ("size before", format_bytes(summary.source_bytes)), ("size after", format_bytes(summary.output_bytes)),
             ("compression", f"{summary.compression:.2f}x"), ("time", f"{summary.seconds:.1f} s"),
-            ("peak memory", f"{_fmt_bytes(summary.peak_memory_bytes)} ({summary.device})")]
+            ("peak memory", f"{format_bytes(summary.peak_memory_bytes)} ({summary.device})")]
     ev = summary.eval
     if ev:
         rows += [("perplexity original", f"{ev['ppl_original']:.3f}"), ("perplexity quantized", f"{ev['ppl_quantized']:.3f}"),

@@ -15,29 +15,19 @@ import math
 from dataclasses import dataclass
 
 from llmctl.errors import CacheCapacityError
-from llmctl.models.arch import ModelArch
+from llmctl.models.arch import DTYPE_BYTES, ModelArch, resolve_dtype
+from llmctl.units import format_bytes
 
 GiB = 1 << 30
 # On the CPU the cache lives in RAM next to everything else; 1 GiB holds ~23k tokens of
 # the default model in fp32 (46 KiB/token), far more than a 2-core CPU can keep busy.
 DEFAULT_CPU_KV_CACHE_MEMORY = 1 * GiB
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
 def dtype_bytes(dtype: str, arch: ModelArch | None = None) -> int:
     """Bytes per element of `dtype`; "auto" means the checkpoint's own dtype."""
     if dtype == "auto":
         return arch.dtype_bytes if arch is not None else 2
-    return _DTYPE_BYTES[dtype]
-
-
-def _linear_shapes(arch: ModelArch) -> list[tuple[int, int]]:
-    """(in_features K, out_features N) of every linear a GPTQ checkpoint quantizes."""
-    d, i = arch.hidden_size, arch.intermediate_size
-    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    per_layer = [(d, q), (d, kv), (d, kv), (q, d), (d, i), (d, i), (i, d)]
-    return per_layer * arch.num_hidden_layers
+    return DTYPE_BYTES[dtype]
 
 
 def weight_bytes(arch: ModelArch, bytes_per_param: int = 2) -> int:
@@ -50,10 +40,10 @@ def gptq_weight_bytes(arch: ModelArch, bits: int = 4, group_size: int = 128) -> 
     group of `group_size` input rows and per output column, an fp16 scale and a packed
     `bits`-bit zero. Embeddings, lm_head and norms stay fp16."""
     linear_params, quantized = 0, 0
-    for k, n in _linear_shapes(arch):
+    for _, k, n in arch.linear_shapes():
         groups = math.ceil(k / group_size) if group_size > 0 else 1
-        linear_params += k * n
-        quantized += k * n * bits // 8 + groups * n * 2 + groups * n * bits // 8
+        linear_params += k * n * arch.num_hidden_layers
+        quantized += (k * n * bits // 8 + groups * n * 2 + groups * n * bits // 8) * arch.num_hidden_layers
     return (arch.num_params() - linear_params) * 2 + quantized
 
 
@@ -117,21 +107,21 @@ class KVPlan:
         rows = [
             ("model", self.model),
             ("parameters", f"{self.num_params / 1e9:.2f} B"),
-            ("weights fp16", fmt_bytes(self.weight_bytes_fp16)),
-            ("weights GPTQ 4-bit (g128)", fmt_bytes(self.weight_bytes_gptq4)),
-            (f"weights loaded ({self.weight_format})", fmt_bytes(self.weight_bytes_loaded)),
+            ("weights fp16", format_bytes(self.weight_bytes_fp16)),
+            ("weights GPTQ 4-bit (g128)", format_bytes(self.weight_bytes_gptq4)),
+            (f"weights loaded ({self.weight_format})", format_bytes(self.weight_bytes_loaded)),
             ("KV bytes per token", f"{self.kv_bytes_per_token:,}"),
             ("block size (tokens)", str(self.block_size)),
         ]
         if gpu:
             rows += [
-                ("GPU memory x utilization", f"{fmt_bytes(self.memory_total or 0)} x {self.gpu_memory_utilization}"),
+                ("GPU memory x utilization", f"{format_bytes(self.memory_total or 0)} x {self.gpu_memory_utilization}"),
                 ("tensor parallel size", str(self.tensor_parallel_size)),
                 ("activation peak" + (" (measured)" if self.activation_measured else " (estimated)"),
-                 fmt_bytes(self.activation_bytes)),
+                 format_bytes(self.activation_bytes)),
             ]
         rows += [
-            ("KV cache" + (" per GPU" if gpu else " (CPU budget)"), fmt_bytes(self.kv_cache_bytes)),
+            ("KV cache" + (" per GPU" if gpu else " (CPU budget)"), format_bytes(self.kv_cache_bytes)),
             ("KV blocks", f"{self.num_blocks:,}"),
             ("tokens that fit", f"{self.num_tokens:,}"),
             (f"max concurrency at {self.max_model_len:,} tokens", f"{self.max_concurrency:.2f}x"),
@@ -163,26 +153,10 @@ class KVPlan:
             hints.append("raise --kv-cache-memory")
         raise CacheCapacityError(
             f"the KV cache holds {fits:,} tokens ({self.num_blocks} blocks of {self.block_size}, "
-            f"{fmt_bytes(self.kv_cache_bytes)}) but one sequence of max_model_len={self.max_model_len:,} "
-            f"needs {self.blocks_per_seq} blocks ({fmt_bytes(self.blocks_per_seq * self.block_bytes)})",
+            f"{format_bytes(self.kv_cache_bytes)}) but one sequence of max_model_len={self.max_model_len:,} "
+            f"needs {self.blocks_per_seq} blocks ({format_bytes(self.blocks_per_seq * self.block_bytes)})",
             hint="; or ".join(hints),
         )
-
-
-def fmt_bytes(num: int) -> str:
-    if abs(num) >= GiB:
-        return f"{num / GiB:.2f} GiB"
-    return f"{num / (1 << 20):.1f} MiB"
-
-
-def resolve_dtype(dtype: str, arch: ModelArch, device: str) -> str:
-    """"auto" is the checkpoint's half dtype on a GPU and float32 on the CPU (CPU half
-    matmuls are slow and the embedded model ships in fp32)."""
-    if dtype != "auto":
-        return dtype
-    if device == "cpu":
-        return "float32"
-    return arch.torch_dtype if arch.torch_dtype in ("float16", "bfloat16") else "float16"
 
 
 def _kv_bytes_per_token_per_rank(arch: ModelArch, nbytes: int, tp: int) -> int:
@@ -195,11 +169,11 @@ def _loaded_weights(arch: ModelArch, dtype: str, device: str) -> tuple[int, str]
     """(bytes, format) of the weights as the engine holds them. On the CPU a GPTQ model is
     dequantized once at load into the compute dtype: the dense size, not the 4-bit one."""
     if not arch.is_gptq:
-        return weight_bytes(arch, _DTYPE_BYTES[dtype]), dtype
+        return weight_bytes(arch, DTYPE_BYTES[dtype]), dtype
     bits, group = arch.quantization.bits, arch.quantization.group_size
     name = f"GPTQ {bits}-bit g{group}"
     if device == "cpu":
-        return weight_bytes(arch, _DTYPE_BYTES[dtype]), f"{name} -> {dtype} at load (CPU)"
+        return weight_bytes(arch, DTYPE_BYTES[dtype]), f"{name} -> {dtype} at load (CPU)"
     return gptq_weight_bytes(arch, bits, group), name
 
 
@@ -232,7 +206,7 @@ def plan_kv(arch: ModelArch, model: str, model_config, cache_config, scheduler_c
     cache_config.kv_cache_memory or DEFAULT_CPU_KV_CACHE_MEMORY.
     """
     dtype = resolve_dtype(model_config.dtype, arch, device)
-    nbytes = _DTYPE_BYTES[dtype]
+    nbytes = DTYPE_BYTES[dtype]
     tp = parallel_config.tensor_parallel_size
     max_model_len = model_config.max_model_len or arch.max_position_embeddings
     weights, weight_format = _loaded_weights(arch, dtype, device)

@@ -21,13 +21,14 @@ from llmctl.engine.admission import AdmissionLimits, check_request
 from llmctl.engine.block_manager import BlockManager
 from llmctl.engine.engine_request import EngineRequest
 from llmctl.engine.faults import engine_dead, is_request_fault, request_error
-from llmctl.engine.kv_budget import KVPlan, plan_kv, resolve_dtype
+from llmctl.engine.kv_budget import KVPlan, plan_kv
 from llmctl.engine.model_runner import ModelRunner, ModelRunnerOutput
 from llmctl.engine.outputs import RequestOutput
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
 from llmctl.engine.sequence import SequenceStatus
 from llmctl.engine.stop import model_eos_token_ids, read_generation_config, sampling_defaults
 from llmctl.errors import ConfigError, InvalidRequestError
+from llmctl.models.arch import resolve_dtype
 from llmctl.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("llmctl.engine")

@@ -24,8 +24,7 @@ def check_load_format(load_format: str) -> str:
 def load_model_and_tokenizer(model_config: ModelConfig, load_format: str, device: torch.device, device_kind: str,
                              progress: Callable[[str], None]):
     """(model, arch, tokenizer or None, display name, model dir or None)."""
-    from llmctl.engine.kv_budget import resolve_dtype
-    from llmctl.models.arch import load_arch
+    from llmctl.models.arch import load_arch, resolve_dtype
     from llmctl.models.loader import load_model, load_tokenizer, resolve_model_path
 
     model = model_config.model

@@ -51,6 +51,14 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [..., L, V] of ids [..., L] -> (log-softmax of the L-1 predictions [..., L-1, V]
+    in fp32, NLL of each next token [..., L-1]). The one NLL of llmctl's scoring."""
+    logprobs = torch.log_softmax(logits[..., :-1, :].float(), dim=-1)
+    target = ids[..., 1:].to(logprobs.device)
+    return logprobs, -logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
 @torch.no_grad()
 def window_nlls(logits_fn: LogitsFn, windows: torch.Tensor, batch_size: int = 1,
                 progress: ProgressFn | None = None) -> torch.Tensor:
@@ -58,10 +66,7 @@ def window_nlls(logits_fn: LogitsFn, windows: torch.Tensor, batch_size: int = 1,
     sums = torch.zeros(windows.shape[0], dtype=torch.float64)
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start:start + batch_size]
-        logits = logits_fn(batch).float()  # [B, L, V]
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        target = batch[:, 1:].to(logprobs.device)
-        nll = -logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # [B, L-1]
+        _, nll = next_token_logprobs(logits_fn(batch), batch)  # [B, L-1]
         sums[start:start + batch.shape[0]] = nll.double().sum(dim=1).cpu()
         if progress is not None:
             progress(min(start + batch_size, windows.shape[0]), windows.shape[0])

@@ -289,9 +289,6 @@ def _seeds(num_rows: int, generators: dict[int, torch.Generator], device: torch.
     return seeds
 
 
-_PROMPT_LOGPROBS_ROWS = 512  # rows per log-softmax: [512, V] fp32 keeps peak memory bounded
-
-
 def compute_prompt_logprobs(
     logits: torch.Tensor,  # [P, V]: row j is the model output at prompt position start + j
     prompt_token_ids: Sequence[int],
@@ -302,14 +299,15 @@ def compute_prompt_logprobs(
 
     Row j predicts prompt token start + j + 1; the row at the last prompt position predicts a
     generated token and is ignored. The entry for position 0 is None (nothing predicts it),
-    so chunks computed at start = 0, c, 2c, ... concatenate to the whole prompt's list.
+    so chunks computed at start = 0, c, 2c, ... concatenate to the whole prompt's list. One
+    log-softmax over all P rows: the caller bounds P (the model runner passes chunks of 512
+    rows, so the fp32 [P, V] peak stays bounded).
     """
     result: list[Logprobs | None] = [None] if start == 0 else []
     num_rows = min(logits.shape[0], len(prompt_token_ids) - 1 - start)
-    for lo in range(0, max(num_rows, 0), _PROMPT_LOGPROBS_ROWS):
-        hi = min(lo + _PROMPT_LOGPROBS_ROWS, num_rows)
-        logprobs = torch.log_softmax(logits[lo:hi].float(), dim=-1)
-        targets = torch.tensor(prompt_token_ids[start + lo + 1 : start + hi + 1], dtype=torch.int64,
-                               device=logits.device)
-        result.extend(gather_logprobs(logprobs, targets, num_logprobs).tolists([num_logprobs] * (hi - lo)))
+    if num_rows <= 0:
+        return result
+    logprobs = torch.log_softmax(logits[:num_rows].float(), dim=-1)
+    targets = torch.tensor(prompt_token_ids[start + 1 : start + num_rows + 1], dtype=torch.int64, device=logits.device)
+    result.extend(gather_logprobs(logprobs, targets, num_logprobs).tolists([num_logprobs] * num_rows))
     return result

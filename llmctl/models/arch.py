@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.config import GPTQConfig, gptq_config_from_json, read_gptq_config
-from llmctl.errors import ModelLoadError
+from llmctl.errors import ConfigError, ModelLoadError
 
 # HF architectures our Llama-family model implements.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -48,22 +49,42 @@ class ModelArch:
 
     @property
     def dtype_bytes(self) -> int:
-        return _DTYPE_BYTES.get(self.torch_dtype, 2)
+        return DTYPE_BYTES.get(self.torch_dtype, 2)
+
+    def linear_shapes(self) -> tuple[tuple[str, int, int], ...]:
+        """(checkpoint name, in_features K, out_features N) of one decoder layer's seven
+        linears: the ones GPTQ quantizes, in the order it quantizes them."""
+        d, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        return (("q_proj", d, q), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", q, d),
+                ("gate_proj", d, i), ("up_proj", d, i), ("down_proj", i, d))
 
     def num_params(self) -> int:
         """Parameter count (embeddings counted once when tied)."""
-        d, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        q = self.num_attention_heads * self.head_dim
-        kv = self.num_key_value_heads * self.head_dim
-        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.attention_bias else 0)
-        mlp = 3 * d * i
-        per_layer = attn + mlp + 2 * d
-        embed = v * d * (1 if self.tie_word_embeddings else 2)
+        d = self.hidden_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        linears = sum(k * n for _, k, n in self.linear_shapes())
+        per_layer = linears + (q + 2 * kv if self.attention_bias else 0) + 2 * d
+        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + embed + d
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """K and V, every layer: 2 x layers x kv_heads x head_dim x bytes."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
+
+
+def resolve_dtype(dtype: str, arch: ModelArch, device_kind: str) -> str:
+    """The one meaning of a dtype setting: "auto" is float32 on the CPU (CPU half matmuls
+    are slow and the embedded model ships in fp32) and the checkpoint's half dtype on a GPU;
+    a name (or fp16/bf16/half/fp32) is that dtype."""
+    name = _DTYPE_ALIASES.get(dtype, dtype)
+    if name == "auto":
+        if device_kind == "cpu":
+            return "float32"
+        return arch.torch_dtype if arch.torch_dtype in ("float16", "bfloat16") else "float16"
+    if name not in DTYPE_BYTES:
+        raise ConfigError(f"dtype: must be auto, float32, float16 or bfloat16, got {dtype!r}")
+    return name
 
 
 def read_config_json(model_dir: Path) -> dict[str, Any]:

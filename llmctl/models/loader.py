@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from llmctl.errors import ConfigError, ModelLoadError
-from llmctl.models.arch import ModelArch, load_arch
+from llmctl.models.arch import load_arch, resolve_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -23,7 +23,6 @@ INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 # Tensors some checkpoints carry that we recompute instead of loading.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
-_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def resolve_model_path(model: str | None, progress: ProgressCallback | None = None) -> Path:
@@ -41,19 +40,6 @@ def resolve_model_path(model: str | None, progress: ProgressCallback | None = No
     if not path.is_dir():
         raise ModelLoadError(f"model path {model} is not a directory", hint="pass a Hugging Face model dir")
     return path
-
-
-def resolve_dtype(dtype: str | torch.dtype, arch: ModelArch) -> torch.dtype:
-    """"auto" is the checkpoint's own dtype."""
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = arch.torch_dtype if dtype == "auto" else dtype
-    name = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}.get(name, name)
-    if name not in _DTYPES:
-        raise ConfigError(f"dtype: must be auto, float32, float16 or bfloat16, got {name!r}")
-    return getattr(torch, name)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -183,8 +169,9 @@ def load_model(model_dir: Path | str, dtype: str | torch.dtype = "auto", device:
     model_dir = Path(model_dir)
     arch = load_arch(model_dir)
     files = weight_files(model_dir)
-    torch_dtype = resolve_dtype(dtype, arch)
-    with torch.device(resolve_device(device)):
+    dev = resolve_device(device)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, resolve_dtype(dtype, arch, dev.type))
+    with torch.device(dev):
         model = LlamaForCausalLM(arch, dtype=torch_dtype)
     load_weights(model, files)
     for module in model.modules():

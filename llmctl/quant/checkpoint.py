@@ -15,12 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from llmctl.config import GPTQ_CONFIG_FILE, GPTQConfig, read_gptq_config
+from llmctl.config import EVAL_FILE, GPTQ_CONFIG_FILE, GPTQConfig, read_gptq_config
 from llmctl.errors import ModelLoadError, QuantizationError
 
 # Files of a HF model dir worth carrying over besides config.json and the weights.
 _COPY_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken", ".py")
-_NEVER_COPY = {"config.json", "quantize_config.json", "model.safetensors.index.json", "llmctl_eval.json"}
+_NEVER_COPY = {"config.json", GPTQ_CONFIG_FILE, "model.safetensors.index.json", EVAL_FILE}
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
 
 

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from llmctl.config import EvalConfig
+from llmctl.eval.perplexity import next_token_logprobs
 
 
 @torch.no_grad()
@@ -24,11 +25,10 @@ def compare_logits(logits_fn_a, logits_fn_b, windows: torch.Tensor,
     count = 0
     for i, window in enumerate(windows):
         ids = window.unsqueeze(0)
-        la = torch.log_softmax(logits_fn_a(ids)[0, :-1].float(), dim=-1)  # [L-1, V]
-        lb = torch.log_softmax(logits_fn_b(ids)[0, :-1].float(), dim=-1)
-        target = window[1:].to(la.device).unsqueeze(-1)
-        nll_a -= la.gather(-1, target).double().sum().item()
-        nll_b -= lb.gather(-1, target).double().sum().item()
+        la, na = next_token_logprobs(logits_fn_a(ids)[0], window)  # [L-1, V], [L-1]
+        lb, nb = next_token_logprobs(logits_fn_b(ids)[0], window)
+        nll_a += na.double().sum().item()
+        nll_b += nb.double().sum().item()
         kl += (la.exp() * (la - lb)).sum(-1).double().sum().item()
         agree += (la.argmax(-1) == lb.argmax(-1)).sum().item()
         count += la.shape[0]

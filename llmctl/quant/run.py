@@ -14,10 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from llmctl.config import EvalConfig, GPTQConfig, QuantConfig
+from llmctl.config import EVAL_FILE, EvalConfig, GPTQConfig, QuantConfig
 from llmctl.errors import QuantizationError
 
-EVAL_FILE = "llmctl_eval.json"
 # (stage, done, total) for loading / calibration / eval; layers report through on_layer.
 StageCallback = Callable[[str, int, int], None]
 
@@ -62,10 +61,7 @@ def validate_request(model_dir: Path, out_dir: Path, config: QuantConfig, overwr
         raise QuantizationError(f"{model_dir} is already GPTQ-quantized", hint="quantize the original 16/32-bit model")
     check_output_dir(out_dir, overwrite, source_dir=model_dir)
     check_dataset(config.dataset)
-    d, i = arch.hidden_size, arch.intermediate_size
-    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    for name, k, n in (("q_proj", d, q), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", q, d),
-                       ("gate_proj", d, i), ("up_proj", d, i), ("down_proj", i, d)):
+    for name, k, n in arch.linear_shapes():
         check_packable(name, k, n, config.gptq.bits, config.gptq.group_size)
     if config.gptq.lm_head:
         raise QuantizationError("lm_head quantization is not supported yet", hint="leave lm_head: false")

@@ -7,9 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmctl.config import read_gptq_config
-
-EVAL_FILE = "llmctl_eval.json"
+from llmctl.config import EVAL_FILE, read_gptq_config
 
 
 @dataclass(frozen=True)
