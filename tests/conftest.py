@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -67,3 +69,25 @@ def sentencepiece_tokenizer():
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _interop_library(name: str) -> ModuleType:
+    """A library of the interop extra. Missing, it fails the test: `pytest -m interop`
+    without the extra must not pass by skipping everything."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        problem = str(err)
+    pytest.fail(f"{name} is not importable ({problem}); install the interop extra: make setup-interop", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def gptqmodel() -> ModuleType:
+    # GPTQModel sizes its CPU thread pool at import; DESIGN.md: two workers on 2 cores.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    return _interop_library("gptqmodel")
+
+
+@pytest.fixture(scope="session")
+def lm_eval() -> ModuleType:
+    return _interop_library("lm_eval")

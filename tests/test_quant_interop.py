@@ -7,7 +7,6 @@ and the logits by far more than half-precision rounding does.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -17,8 +16,6 @@ import torch
 from llmctl.config import GPTQConfig, QuantConfig
 
 pytestmark = pytest.mark.interop
-gptqmodel = pytest.importorskip("gptqmodel")
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +37,7 @@ def _ids() -> torch.Tensor:
     return torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(5))
 
 
-def _gptqmodel_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+def _gptqmodel_logits(gptqmodel, path: Path, ids: torch.Tensor) -> torch.Tensor:
     model = gptqmodel.GPTQModel.load(str(path), device="cpu", backend=gptqmodel.BACKEND.TORCH, dtype=torch.float16)
     with torch.no_grad():
         return model.model(ids).logits.float()
@@ -57,20 +54,20 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(desc_act=True)])
-def test_gptqmodel_loads_what_llmctl_writes(tiny_llama_dir, tmp_path, overrides):
+def test_gptqmodel_loads_what_llmctl_writes(gptqmodel, tiny_llama_dir, tmp_path, overrides):
     from llmctl.quant.run import quantize_checkpoint
 
     out = tmp_path / "llmctl-gptq"
     quantize_checkpoint(tiny_llama_dir, out, QuantConfig(GPTQConfig(group_size=32, **overrides), num_samples=4, seq_len=64),
                         device="cpu", run_eval=False)
     ids = _ids()
-    ours, theirs = _llmctl_logits(out, ids), _gptqmodel_logits(out, ids)
+    ours, theirs = _llmctl_logits(out, ids), _gptqmodel_logits(gptqmodel, out, ids)
     assert _relative_error(theirs, ours) < 5e-3
     # The check discriminates: the unquantized model is much further away.
     assert _relative_error(_llmctl_logits(tiny_llama_dir, ids), ours) > 10 * _relative_error(theirs, ours)
 
 
-def test_llmctl_loads_what_gptqmodel_writes(tiny_llama_dir, tmp_path):
+def test_llmctl_loads_what_gptqmodel_writes(gptqmodel, tiny_llama_dir, tmp_path):
     from llmctl.models.loader import load_tokenizer
     from llmctl.quant.calibration import calibration_batch, load_calibration_texts
 
@@ -81,6 +78,6 @@ def test_llmctl_loads_what_gptqmodel_writes(tiny_llama_dir, tmp_path):
     out = tmp_path / "gptqmodel-gptq"
     model.save(str(out))
     ids = _ids()
-    ours, theirs = _llmctl_logits(out, ids), _gptqmodel_logits(out, ids)
+    ours, theirs = _llmctl_logits(out, ids), _gptqmodel_logits(gptqmodel, out, ids)
     assert _relative_error(theirs, ours) < 5e-3
     assert _relative_error(_llmctl_logits(tiny_llama_dir, ids), ours) > 10 * _relative_error(theirs, ours)

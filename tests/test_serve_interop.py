@@ -20,7 +20,6 @@ import httpx
 import pytest
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
-lm_eval = pytest.importorskip("lm_eval")
 
 NUM_QUESTIONS = 100
 TASK = "llmctl_mmlu100"
@@ -100,7 +99,7 @@ def server(default_model_dir, tmp_path_factory):
     proc.wait(60)
 
 
-def test_local_completions_choose_what_hf_chooses(server, default_model_dir, tmp_path):
+def test_local_completions_choose_what_hf_chooses(lm_eval, server, default_model_dir, tmp_path):
     task_dir = write_mmlu_task(tmp_path)
     served = _evaluate("local-completions", {
         "base_url": server + "/v1/completions", "model": "smol", "tokenizer_backend": "huggingface",
