@@ -1,7 +1,8 @@
 """Triton decode attention over block tables (one new token per sequence), GQA-aware and
 split-K (flash-decoding): program (seq, kv head, split) runs an fp32 online softmax for
 all query heads of its group over one slice of the context, read through the block
-table; a second kernel merges the slices by their log-sum-exp."""
+table; a second kernel merges the slices by their log-sum-exp. With a sliding window
+the slices cover only the window's keys."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ LOG2E = 1.4426950408889634
 # A slice shorter than this costs more to merge than it saves in parallelism.
 MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 32
+# The window of a model without one: wider than any context (and still an int32).
+NO_WINDOW = 1 << 30
 
 
 def dot_in_fp32(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -44,18 +47,25 @@ def decode_config(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: to
     return {"num_splits": num_splits, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
 
+def kernel_window(sliding_window: int | None) -> int:
+    """The kernels' `window` argument: keys a token sees, itself included."""
+    assert sliding_window is None or sliding_window > 0, f"sliding window {sliding_window} must be positive"
+    return NO_WINDOW if sliding_window is None else min(sliding_window, NO_WINDOW)
+
+
 @triton.jit
 def attend_paged_tiles(
-    acc, l_i, m_i, q, q_pos,
+    acc, l_i, m_i, q, q_pos, window,
     k_cache_ptr, v_cache_ptr, table_ptr, kv_head, head_dim, qk_scale, lo, hi,
     stride_cb, stride_cs, stride_ch,
     BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Online-softmax step over keys lo..hi-1 of one sequence, read through its block
-    table. Rows of q see keys up to q_pos; MASKED=False promises every key in range is
-    visible to every row and lo..hi is whole tiles, so the bulk of the context runs
-    without masks. acc [M, D], l_i / m_i [M] (log2 units) are carried in fp32."""
+    table. Rows of q see keys q_pos - window + 1 .. q_pos; MASKED=False promises every
+    key in range is visible to every row and lo..hi is whole tiles, so the bulk of the
+    context runs without masks. acc [M, D], l_i / m_i [M] (log2 units) are carried in
+    fp32; a row that has seen no key yet keeps m_i = -inf, l_i = 0."""
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < head_dim
     for tile in range(lo, hi, BLOCK_N):
@@ -78,8 +88,11 @@ def attend_paged_tiles(
         else:
             s = tl.dot(q, tl.trans(k)) * qk_scale
         if MASKED:
-            s = tl.where((pos[None, :] <= q_pos[:, None]) & pos_mask[None, :], s, float("-inf"))
+            visible = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible & pos_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:  # a row with no visible key so far: exp2(-inf - 0) = 0, not NaN
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -96,7 +109,7 @@ def _paged_decode_kernel(
     # pointers
     out_ptr, part_out_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     # sizes
-    qk_scale, head_dim, tokens_per_split,
+    qk_scale, head_dim, tokens_per_split, window,
     # strides
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
@@ -110,7 +123,8 @@ def _paged_decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    start = split * tokens_per_split
+    # The slices tile the keys the new token sees: the last `window` of the context.
+    start = tl.maximum(seq_len - window, 0) + split * tokens_per_split
     end = tl.minimum(seq_len, start + tokens_per_split)
 
     groups = tl.arange(0, BLOCK_G)
@@ -131,12 +145,12 @@ def _paged_decode_kernel(
     q_pos = tl.zeros([BLOCK_G], tl.int32) + end - 1
     full_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = attend_paged_tiles(
-        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, kv_head, head_dim, qk_scale, start, full_end,
-        stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_D, BLOCK_N, False, DOT_FP32,
+        acc, l_i, m_i, q, q_pos, window, k_cache_ptr, v_cache_ptr, table, kv_head, head_dim, qk_scale,
+        start, full_end, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_D, BLOCK_N, False, DOT_FP32,
     )
     acc, l_i, m_i = attend_paged_tiles(
-        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, kv_head, head_dim, qk_scale, full_end, end,
-        stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_D, BLOCK_N, True, DOT_FP32,
+        acc, l_i, m_i, q, q_pos, window, k_cache_ptr, v_cache_ptr, table, kv_head, head_dim, qk_scale,
+        full_end, end, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_D, BLOCK_N, True, DOT_FP32,
     )
 
     out_mask = head_mask[:, None] & dim_mask[None, :]
@@ -193,6 +207,7 @@ def paged_decode_attention(
     scale: float,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,  # [*q.shape], written in full when given
+    sliding_window: int | None = None,  # keys the new token sees, itself included; None: all
 ) -> torch.Tensor:
     """-> [B, H, Dh] in q's dtype. The new token's K/V must already be in the cache."""
     num_seqs, num_heads, head_dim = q.shape
@@ -205,10 +220,12 @@ def paged_decode_attention(
     assert block_tables.dtype == seq_lens.dtype == torch.int32
     assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {q.dtype}"
-    config = decode_config(num_seqs, num_kv_heads, max_seq_len, q.device)
+    window = kernel_window(sliding_window)
+    max_keys = min(max_seq_len, window)  # keys one token attends to, at most
+    config = decode_config(num_seqs, num_kv_heads, max_keys, q.device)
     num_splits = num_splits or config["num_splits"]
     block_n = config["BLOCK_N"]
-    tokens_per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_keys, 1), num_splits), block_n) * block_n
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
@@ -220,7 +237,7 @@ def paged_decode_attention(
     launch = launch_options(q.device)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, parts, lse, q, k_cache, v_cache, block_tables, seq_lens,
-        scale * LOG2E, head_dim, tokens_per_split,
+        scale * LOG2E, head_dim, tokens_per_split, window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),

@@ -1,7 +1,8 @@
 """Triton prefill attention over block tables: the new tokens of each sequence attend
 causally to its cached prefix (a prefix-cache hit or earlier chunks) and to themselves,
-all read from the paged cache after this step's write. Any query length works, so a
-mixed batch of decodes and prefill chunks runs in one launch.
+all read from the paged cache after this step's write (with a sliding window W, each
+token to the W keys ending at its own). Any query length works, so a mixed batch of
+decodes and prefill chunks runs in one launch.
 
 Program (seq, kv head, q tile) packs BLOCK_Q tokens x the G query heads of one KV head
 into the BLOCK_M rows of its tile (row r = token r // G, head r % G), so each K/V tile
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmctl_kernels.decode_attention import LOG2E, attend_paged_tiles, dot_in_fp32
+from llmctl_kernels.decode_attention import LOG2E, attend_paged_tiles, dot_in_fp32, kernel_window
 
 
 def prefill_config(max_query_len: int, queries_per_kv: int, device: torch.device) -> dict:
@@ -32,7 +33,7 @@ def _paged_prefill_kernel(
     # pointers
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
     # sizes
-    qk_scale, head_dim,
+    qk_scale, head_dim, window,
     # strides
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
     # meta
@@ -67,21 +68,29 @@ def _paged_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    # Keys before the tile's first token are visible to all its rows: whole tiles of
-    # them run unmasked; from there to the tile's last token the causal mask applies.
-    full_end = ((context_len + q_tile * BLOCK_Q) // BLOCK_N) * BLOCK_N
-    kv_end = tl.minimum(seq_len, context_len + (q_tile + 1) * BLOCK_Q)
+    # Keys from the last row's window start to the tile's first token are visible to all
+    # its rows: whole tiles of them run unmasked. Before them (only with a window: keys
+    # the first rows see and the last do not) and after them, the masks apply.
+    first_pos = context_len + q_tile * BLOCK_Q
+    kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
+    kv_start = tl.maximum(first_pos - window + 1, 0)
+    shared_start = tl.maximum(kv_end - window, kv_start)
+    full_end = shared_start + (tl.maximum(first_pos - shared_start, 0) // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = attend_paged_tiles(
-        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, kv_head, head_dim, qk_scale, 0, full_end,
-        stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_D, BLOCK_N, False, DOT_FP32,
+        acc, l_i, m_i, q, q_pos, window, k_cache_ptr, v_cache_ptr, table, kv_head, head_dim, qk_scale,
+        kv_start, shared_start, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_D, BLOCK_N, True, DOT_FP32,
     )
-    # Position 0 is visible to every row, so no row ends with an empty softmax.
     acc, l_i, m_i = attend_paged_tiles(
-        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table, kv_head, head_dim, qk_scale, full_end, kv_end,
-        stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_D, BLOCK_N, True, DOT_FP32,
+        acc, l_i, m_i, q, q_pos, window, k_cache_ptr, v_cache_ptr, table, kv_head, head_dim, qk_scale,
+        shared_start, full_end, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_D, BLOCK_N, False, DOT_FP32,
+    )
+    acc, l_i, m_i = attend_paged_tiles(
+        acc, l_i, m_i, q, q_pos, window, k_cache_ptr, v_cache_ptr, table, kv_head, head_dim, qk_scale,
+        full_end, kv_end, stride_cb, stride_cs, stride_ch, BLOCK_SIZE, BLOCK_D, BLOCK_N, True, DOT_FP32,
     )
 
-    acc = acc / l_i[:, None]
+    # Every real row sees its own key; rows past the query (not stored) may see none.
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_offs = (q_start + q_local).to(tl.int64)[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
     tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty), mask=q_mask)
 
@@ -96,6 +105,7 @@ def paged_prefill_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,  # [*q.shape], written in full when given
+    sliding_window: int | None = None,  # keys a token sees, itself included; None: all
 ) -> torch.Tensor:
     """-> [T, H, Dh] in q's dtype. The new tokens' K/V must already be in the cache."""
     num_tokens, num_heads, head_dim = q.shape
@@ -120,7 +130,7 @@ def paged_prefill_attention(
     grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
     _paged_prefill_kernel[grid](
         out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
-        scale * LOG2E, head_dim,
+        scale * LOG2E, head_dim, kernel_window(sliding_window),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         QUERIES_PER_KV=queries_per_kv, BLOCK_SIZE=block_size, BLOCK_M=config["BLOCK_M"], BLOCK_Q=block_q,

@@ -9,7 +9,7 @@ import torch
 
 from llmctl.config import GPTQConfig
 from llmctl.layers.linear import MergedColumnParallelLinear, RowParallelLinear
-from llmctl.layers.quantization import GPTQLinearMethod
+from llmctl.layers.quantization import GPTQLinearMethod, gpu_dense_fallback_warning
 from llmctl.quant.gptq import HessianAccumulator, gptq_quantize
 from llmctl.quant.packing import format_for, pack_result
 from llmctl_kernels.reference import dequantize_gptq
@@ -26,6 +26,7 @@ def _packed(n: int, k: int, settings: GPTQConfig, seed: int):
 
 
 @pytest.mark.parametrize("bits, sym, desc_act", [(4, True, False), (3, False, True), (8, True, True), (2, False, False)])
+@pytest.mark.filterwarnings("error")  # the CPU path is the design for every width: no warning
 def test_fused_gate_up_loads_shard_by_shard_and_matches_the_dequantized_weights(bits, sym, desc_act):
     settings = GPTQConfig(bits=bits, group_size=32, sym=sym, desc_act=desc_act)
     # Both shards of one fused layer share g_idx: quantize them as one matrix, then split.
@@ -74,3 +75,32 @@ def test_cuda_path_runs_the_triton_kernels_and_matches_the_reference(desc_act):
         torch.testing.assert_close(layer(x).float(), x.float() @ dense, rtol=2e-2, atol=2e-2)
     x = torch.randn(5, 1024, device="cuda")  # fp32 activations: dequantized from the prepared weights
     torch.testing.assert_close(layer(x), x @ dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_only_3_bit_on_a_gpu_warns_that_it_dequantizes_every_forward(bits):
+    message = gpu_dense_fallback_warning(bits, torch.device("cuda", 0))
+    assert (message is not None) == (bits == 3)
+    assert gpu_dense_fallback_warning(bits, "cpu") is None
+    if message:
+        assert "3-bit" in message and "dequantizes" in message
+
+
+@pytest.mark.gpu
+def test_3_bit_on_a_gpu_warns_once_at_load_and_runs_the_dense_path():
+    settings = GPTQConfig(bits=3, group_size=32, sym=False)
+    result, packed = _packed(64, 128, settings, seed=13)
+    method = GPTQLinearMethod(replace(settings, checkpoint_format=format_for(False)))
+    layers = [RowParallelLinear(128, 64, linear_method=method, params_dtype=torch.float16).cuda() for _ in range(2)]
+    for layer in layers:
+        for name, tensor in packed.tensors("x").items():
+            param = getattr(layer, name.split(".")[-1])
+            param.weight_loader(param, tensor.cuda())
+    with pytest.warns(UserWarning, match="3-bit GPTQ weights have no GPU kernel") as record:
+        for layer in layers:
+            layer.process_weights_after_loading()
+    assert len(record) == 1  # one model, one warning
+    assert all(layer.w4a16 is None for layer in layers)
+    x = torch.randn(5, 128, device="cuda", dtype=torch.float16)
+    expected = x.float() @ result.dequantize().t().cuda()
+    torch.testing.assert_close(layers[0](x).float(), expected, rtol=2e-2, atol=2e-2)

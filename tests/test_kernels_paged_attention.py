@@ -121,6 +121,41 @@ def test_prefill_kernel(contexts, queries, heads, head_dim, block_size, dtype):
     _assert_close(out, expected, dtype)
 
 
+@pytest.mark.parametrize("window,num_splits", [(6, 3), (20, 1)])
+def test_decode_kernel_with_sliding_window(window, num_splits):
+    """Slices tile only the window's keys; contexts shorter and longer than the window."""
+    contexts = [0, 40, 5, 23, 70]
+    batch = random_paged_batch(contexts, [1] * len(contexts), 6, 2, 16, 4, torch.float32, DEVICE, seed=_seed())
+    batch["sliding_window"] = window
+    expected = _reference_out(batch)
+    out = torch.full_like(batch["q"], float("nan"))
+    paged_decode_attention(
+        batch["q"], batch["k_cache"], batch["v_cache"], batch["block_tables"], batch["seq_lens"],
+        batch["max_seq_len"], batch["scale"], num_splits=num_splits, out=out, sliding_window=window,
+    )
+    _assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "contexts,queries,heads,dtype,window",
+    [
+        ([0, 0, 0], [1, 13, 40], (6, 2), torch.float32, 5),  # plain prefill; a row tile spans the window
+        ([11, 30, 2], [14, 3, 1], (4, 4), torch.float32, 16),  # chunks after a window's worth of context
+        ([0, 8], [21, 9], (9, 3), torch.float16, 1),  # each token sees only itself
+    ],
+)
+def test_prefill_kernel_with_sliding_window(contexts, queries, heads, dtype, window):
+    batch = random_paged_batch(contexts, queries, *heads, 16, 4, dtype, DEVICE, seed=_seed())
+    batch["sliding_window"] = window
+    expected = _reference_out(batch)
+    out = torch.full_like(batch["q"], float("nan"))
+    paged_prefill_attention(
+        batch["q"], batch["k_cache"], batch["v_cache"], batch["block_tables"], batch["query_start_loc"],
+        batch["seq_lens"], batch["max_query_len"], batch["scale"], out=out, sliding_window=window,
+    )
+    _assert_close(out, expected, dtype)
+
+
 @pytest.mark.parametrize(
     "contexts,queries",
     [([3, 20], [1, 1]), ([0, 6, 2], [10, 1, 5])],
@@ -138,7 +173,8 @@ def test_kernels_on_gpu_match_torch_path(dtype):
     if INTERPRETING:
         pytest.skip("needs CUDA without the interpreter")
     for contexts, queries in ([[0, 0], [300, 77]], [[64, 511, 0], [100, 1, 1]], [[5, 900, 3000], [1, 1, 1]]):
-        batch = random_paged_batch(contexts, queries, 32, 8, 128, 16, dtype, "cuda", seed=_seed())
-        err, same_cache = compare_with_reference(batch)
-        assert same_cache
-        assert err < (2e-2 if dtype == torch.float16 else 6e-2), err
+        for window in (None, 100, 4096):
+            batch = random_paged_batch(contexts, queries, 32, 8, 128, 16, dtype, "cuda", seed=_seed())
+            err, same_cache = compare_with_reference(dict(batch, sliding_window=window))
+            assert same_cache
+            assert err < (2e-2 if dtype == torch.float16 else 6e-2), (window, err)

@@ -20,8 +20,10 @@ from llmctl.layers.paged_attention import AttentionShapeError, paged_attention
 class PagedWorld:
     """Sequences with known full Q/K/V and shuffled blocks in one shared cache."""
 
-    def __init__(self, seq_lens, num_heads, num_kv_heads, head_dim=8, block_size=4, dtype=torch.float32, seed=0):
+    def __init__(self, seq_lens, num_heads, num_kv_heads, head_dim=8, block_size=4, dtype=torch.float32, seed=0,
+                 sliding_window=None):
         self.gen = torch.Generator().manual_seed(seed)
+        self.window = sliding_window
         self.h, self.hkv, self.dh, self.bs, self.dtype = num_heads, num_kv_heads, head_dim, block_size, dtype
         blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
         num_blocks = sum(blocks_per_seq) + 3  # spare blocks that no sequence owns
@@ -74,11 +76,12 @@ class PagedWorld:
         q = torch.cat([self.q[s][a:e] for s, a, e in chunks])
         k = torch.cat([self.k[s][a:e] for s, a, e in chunks])
         v = torch.cat([self.v[s][a:e] for s, a, e in chunks])
-        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.window)
         return out, meta
 
     def expected(self, chunks):
-        """Dense float64 causal attention of the chunks' tokens over contiguous K/V."""
+        """Dense float64 causal attention of the chunks' tokens over contiguous K/V (with a
+        window W: query i sees keys i - W + 1 .. i)."""
         group = self.h // self.hkv
         outs = []
         for s, start, end in chunks:
@@ -86,7 +89,8 @@ class PagedWorld:
             k = self.k[s][:end].double().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, L, Dh]
             v = self.v[s][:end].double().repeat_interleave(group, dim=1).transpose(0, 1)
             scores = q @ k.transpose(1, 2) * self.scale
-            causal = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+            behind = torch.arange(start, end)[:, None] - torch.arange(end)[None, :]  # query - key
+            causal = (behind >= 0) & (behind < (self.window or end))
             probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
             outs.append((probs @ v).transpose(0, 1))
         return torch.cat(outs)
@@ -152,6 +156,29 @@ def test_mixed_batch_of_decodes_and_a_prefill_chunk(block_size):
     world.check([(3, 25, 40)])
 
 
+@pytest.mark.parametrize("window", [1, 5, 8, 13])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_sliding_window_in_prefill_chunks_and_decodes(window, block_size):
+    """Mistral's window: contexts grow well past it through chunks, a prefix hit and decodes."""
+    lens = [30, 26, 9]
+    world = PagedWorld(lens, 6, 2, block_size=block_size, seed=8, sliding_window=window)
+    world.prefill_cache(1, 8)
+    world.check([(0, 0, 11), (1, 8, 20), (2, 0, 3)])
+    world.check([(0, 11, 24), (1, 20, 21), (2, 3, 4)])
+    for step in range(5):
+        world.check([(0, 24 + step, 25 + step), (1, 21 + step, 22 + step), (2, 4 + step, 5 + step)])
+
+
+def test_sliding_window_changes_attention_past_it():
+    """The window is not a no-op: past it, full causal attention gives another answer."""
+    world = PagedWorld([20], 6, 2, seed=9, sliding_window=6)
+    out, _ = world.step([(0, 0, 20)])
+    world.window = None
+    full = world.expected([(0, 0, 20)])
+    assert torch.allclose(out[:6].double(), full[:6], atol=1e-5)
+    assert (out[6:].double() - full[6:]).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_cache(dtype):
     lens = [21, 9]
@@ -160,10 +187,11 @@ def test_half_precision_cache(dtype):
     world.check([(0, 13, 21), (1, 8, 9)], atol=2e-2, rtol=2e-2)
 
 
-def test_attention_layer_with_metadata_matches_dense_causal():
+@pytest.mark.parametrize("window", [None, 5])
+def test_attention_layer_with_metadata_matches_dense_causal(window):
     torch.manual_seed(6)
     heads, kv_heads, head_dim, seq_len, block_size = 9, 3, 16, 13, 4
-    layer = Attention(heads, kv_heads, head_dim, scale=head_dim**-0.5)
+    layer = Attention(heads, kv_heads, head_dim, scale=head_dim**-0.5, sliding_window=window)
     q = torch.randn(seq_len, heads * head_dim)
     k = torch.randn(seq_len, kv_heads * head_dim)
     v = torch.randn(seq_len, kv_heads * head_dim)

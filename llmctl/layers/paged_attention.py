@@ -87,13 +87,15 @@ def paged_attention(
     v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, Dh]
     meta: AttentionMetadata,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Write this step's k/v into the cache at meta.slot_mapping, then return [T, H, Dh]:
-    each new token attends causally to its sequence's cached context and itself."""
+    each new token attends causally to its sequence's cached context and itself (the
+    last `sliding_window` positions of it, itself included, when set)."""
     check_inputs(q, k, v, k_cache, v_cache, meta)
     args = (
         q, k, v, k_cache, v_cache, meta.slot_mapping, meta.block_tables,
-        meta.query_start_loc, meta.seq_lens, meta.max_query_len, meta.max_seq_len, scale,
+        meta.query_start_loc, meta.seq_lens, meta.max_query_len, meta.max_seq_len, scale, sliding_window,
     )
     if use_triton(q):
         from llmctl_kernels.paged_attention import paged_attention_triton

@@ -7,10 +7,13 @@ in `process_weights_after_loading`. On the CPU the weights are dequantized once,
 load, into the compute dtype and the codes are dropped: the model then takes the
 memory of the dense original and runs at its speed (dequantizing every call was 13-25x
 slower; torch's CPU int4 matmul was measured against it, see docs/benchmarks.md).
+A 3-bit checkpoint on a GPU has no kernel: it dequantizes every weight on every call,
+and says so once when it loads.
 """
 
 from __future__ import annotations
 
+import warnings
 from fractions import Fraction
 from typing import Any
 
@@ -28,6 +31,20 @@ def get_linear_method(quant_config: GPTQConfig | None) -> LinearMethodBase:
     return UnquantizedLinearMethod() if quant_config is None else GPTQLinearMethod(quant_config)
 
 
+# Bit widths the Triton kernels take (3-bit codes straddle int32 words).
+KERNEL_BITS = (2, 4, 8)
+
+
+def gpu_dense_fallback_warning(bits: int, device: torch.device | str) -> str | None:
+    """The load-time warning for GPTQ weights on `device` that no kernel takes, else None.
+    On the CPU every width is dequantized once at load by design: no warning there."""
+    if torch.device(device).type != "cuda" or bits in KERNEL_BITS:
+        return None
+    return (f"{bits}-bit GPTQ weights have no GPU kernel: every forward dequantizes each whole weight "
+            f"matrix to a dense copy before its matmul, far slower than the {'/'.join(map(str, KERNEL_BITS))}-bit "
+            "kernels; quantize with --bits 4 to serve at speed")
+
+
 def _pack_factor(bits: int) -> int | Fraction:
     # 3-bit packs 32 codes into 3 words; a Fraction keeps `offset // pack_factor` exact.
     return Fraction(32, 3) if bits == 3 else 32 // bits
@@ -40,6 +57,7 @@ class GPTQLinearMethod(LinearMethodBase):
         self.config = quant_config
         self._max_out_features = 0  # of the layers prepared for the kernels
         self.scratch = None  # SplitKScratch shared by every layer, once allocate_workspace ran
+        self._warned = False  # one warning per model: this method serves all its linears
 
     def create_weights(
         self, layer: nn.Module, input_size: int, output_sizes: list[int], bias: bool, params_dtype: torch.dtype
@@ -78,18 +96,25 @@ class GPTQLinearMethod(LinearMethodBase):
         if layer.qweight.device.type == "cpu":
             self._dequantize_once(layer)
             return
-        if layer.qweight.is_cuda and self.config.bits in (2, 4, 8):
-            from llmctl_kernels.w4a16 import prepare_w4a16_weights
+        if not layer.qweight.is_cuda:
+            return
+        fallback = gpu_dense_fallback_warning(self.config.bits, layer.qweight.device)
+        if fallback is not None:
+            if not self._warned:
+                warnings.warn(fallback, stacklevel=2)
+                self._warned = True
+            return
+        from llmctl_kernels.w4a16 import prepare_w4a16_weights
 
-            layer.w4a16 = prepare_w4a16_weights(
-                layer.qweight.data, layer.qzeros.data, layer.scales.data, layer.g_idx.data,
-                bits=self.config.bits, zero_offset=self.config.zero_offset,
-            )
-            self._max_out_features = max(self._max_out_features, layer.w4a16.out_features)
-            if layer.w4a16.qweight.data_ptr() != layer.qweight.data_ptr():
-                # The kernels read a repacked copy (fragment order, or rows sorted by group):
-                # the checkpoint's codes would only double the weight memory.
-                layer.qweight.data = layer.qweight.data.new_empty(0)
+        layer.w4a16 = prepare_w4a16_weights(
+            layer.qweight.data, layer.qzeros.data, layer.scales.data, layer.g_idx.data,
+            bits=self.config.bits, zero_offset=self.config.zero_offset,
+        )
+        self._max_out_features = max(self._max_out_features, layer.w4a16.out_features)
+        if layer.w4a16.qweight.data_ptr() != layer.qweight.data_ptr():
+            # The kernels read a repacked copy (fragment order, or rows sorted by group):
+            # the checkpoint's codes would only double the weight memory.
+            layer.qweight.data = layer.qweight.data.new_empty(0)
 
     def allocate_workspace(self, max_num_tokens: int, device: torch.device) -> int:
         """The split-K scratch every layer's kernels share (kernels/w4a16/scratch.py); returns its

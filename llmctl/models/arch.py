@@ -38,7 +38,8 @@ class ModelArch:
     tie_word_embeddings: bool
     attention_bias: bool  # qkv bias (Qwen2)
     torch_dtype: str  # as saved: float32 | float16 | bfloat16
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # positions a token attends to, itself included
+    sliding_window_layers: tuple[int, ...] = ()  # the layers that use it (the others attend to all)
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     quantization: GPTQConfig | None = field(default=None, compare=False)  # None: dense weights
@@ -67,6 +68,9 @@ class ModelArch:
         per_layer = linears + (q + 2 * kv if self.attention_bias else 0) + 2 * d
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + embed + d
+
+    def layer_sliding_window(self, layer: int) -> int | None:
+        return self.sliding_window if layer in self.sliding_window_layers else None
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """K and V, every layer: 2 x layers x kv_heads x head_dim x bytes."""
@@ -130,7 +134,7 @@ def arch_from_config(cfg: dict[str, Any], source: str = "config.json") -> ModelA
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float16"),
-            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None,
+            **_sliding_window(cfg, arch, int(cfg["num_hidden_layers"])),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos_ids,
             quantization=(gptq_config_from_json(cfg["quantization_config"], f"{source}: quantization_config")
@@ -138,6 +142,27 @@ def arch_from_config(cfg: dict[str, Any], source: str = "config.json") -> ModelA
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ModelLoadError(f"{source}: missing or invalid field {err}") from err
+
+
+def _sliding_window(cfg: dict[str, Any], arch: str, num_layers: int) -> dict[str, Any]:
+    """As transformers reads it: Mistral windows every layer when `sliding_window` is set;
+    Qwen2 only with `use_sliding_window`, in the layers `layer_types` marks (or else the
+    layers from `max_window_layers` on); Llama never."""
+    window = cfg.get("sliding_window")
+    if arch == "LlamaForCausalLM" or window is None:
+        return {}
+    if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
+        return {}
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding_window {window!r}: must be a positive number of tokens")
+    layers = range(num_layers)
+    if arch == "Qwen2ForCausalLM":
+        types = cfg.get("layer_types")
+        if types:
+            layers = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+        else:
+            layers = range(int(cfg.get("max_window_layers", 28)), num_layers)
+    return {"sliding_window": window, "sliding_window_layers": tuple(layers)}
 
 
 def _rope_scaling_from_parameters(params: dict[str, Any] | None) -> dict[str, Any] | None:

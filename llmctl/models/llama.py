@@ -42,7 +42,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch, linear_method: LinearMethodBase, dtype: torch.dtype, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(
+        self, arch: ModelArch, linear_method: LinearMethodBase, dtype: torch.dtype, rotary_emb: RotaryEmbedding,
+        sliding_window: int | None = None,
+    ) -> None:
         super().__init__()
         h, hkv, dh = arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim
         self.q_size, self.kv_size = h * dh, hkv * dh
@@ -53,7 +56,7 @@ class LlamaAttention(nn.Module):
         o_bias = arch.attention_bias and arch.architecture != "Qwen2ForCausalLM"
         self.o_proj = RowParallelLinear(h * dh, arch.hidden_size, bias=o_bias, linear_method=linear_method, params_dtype=dtype)
         self.rotary_emb = rotary_emb
-        self.attn = Attention(h, hkv, dh, scale=dh**-0.5)
+        self.attn = Attention(h, hkv, dh, scale=dh**-0.5, sliding_window=sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         # positions: [...], hidden: [..., D] -> [..., D]
@@ -63,9 +66,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, linear_method: LinearMethodBase, dtype: torch.dtype, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(
+        self, arch: ModelArch, linear_method: LinearMethodBase, dtype: torch.dtype, rotary_emb: RotaryEmbedding,
+        layer: int,
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(arch, linear_method, dtype, rotary_emb)
+        self.self_attn = LlamaAttention(arch, linear_method, dtype, rotary_emb, arch.layer_sliding_window(layer))
         self.mlp = LlamaMLP(arch, linear_method, dtype)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
@@ -90,7 +96,7 @@ class LlamaModel(nn.Module):
         # One cos/sin table for all layers: at 128k context it is ~130 MB.
         rotary_emb = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, linear_method, dtype, rotary_emb) for _ in range(arch.num_hidden_layers)
+            LlamaDecoderLayer(arch, linear_method, dtype, rotary_emb, i) for i in range(arch.num_hidden_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
