@@ -17,8 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from llmctl.engine.llm_engine import LLMEngine
-from llmctl.sampling_params import SamplingParams
 from llmctl.models.loader import load_model
+from llmctl.sampling_params import SamplingParams
 
 WINDOW = 8
 VOCAB = 320
