@@ -1,5 +1,6 @@
 """Paged attention over a block-table KV cache: the pure-torch path (CPU and fallback),
-the Triton dispatch (cache write, then decode or prefill attention) and a GPU self-check.
+and the Triton dispatch (cache write, then decode or prefill attention). Random batches and
+the GPU self-check are in tests/ (paged_attention_helpers.py, paged_attention_selfcheck.py).
 
 Cache layout, shared by every path (vLLM's, minus its x-packing of K):
 
@@ -17,7 +18,6 @@ with a sliding window W (Mistral), only to the W positions ending at its own.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -183,113 +183,3 @@ def paged_attention_triton(
         sliding_window=sliding_window,
     )
 
-
-def random_paged_batch(
-    context_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
-    block_size: int, dtype: torch.dtype, device: str | torch.device = "cpu", seed: int = 0,
-) -> dict:
-    """Keyword arguments for `paged_attention_*`: shuffled block ids, random cache contents
-    (sequence b had context_lens[b] tokens cached) and query_lens[b] new tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    seq_lens = [c + n for c, n in zip(context_lens, query_lens)]
-    per_seq = [math.ceil(n / block_size) for n in seq_lens]
-    num_blocks = sum(per_seq) + 2
-    ids = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, slots = [], []
-    for seq_len, context_len, n in zip(seq_lens, context_lens, per_seq):
-        blocks, ids = ids[:n], ids[n:]
-        tables.append(blocks + [0] * (max(per_seq) - n))
-        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(context_len, seq_len)]
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
-
-    def ints(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
-
-    num_tokens = sum(query_lens)
-    return dict(
-        q=rand(num_tokens, num_heads, head_dim), k=rand(num_tokens, num_kv_heads, head_dim),
-        v=rand(num_tokens, num_kv_heads, head_dim),
-        k_cache=rand(num_blocks, block_size, num_kv_heads, head_dim),
-        v_cache=rand(num_blocks, block_size, num_kv_heads, head_dim),
-        slot_mapping=ints(slots, torch.int64), block_tables=ints(tables, torch.int32),
-        query_start_loc=ints([0, *itertools.accumulate(query_lens)], torch.int32),
-        seq_lens=ints(seq_lens, torch.int32), max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-        scale=head_dim**-0.5,
-    )
-
-
-def compare_with_reference(batch: dict) -> tuple[float, bool]:
-    """Run both paths on copies of one batch -> (max |triton - torch|, caches equal)."""
-    ref_batch = dict(batch, k_cache=batch["k_cache"].clone(), v_cache=batch["v_cache"].clone())
-    tri_batch = dict(batch, k_cache=batch["k_cache"].clone(), v_cache=batch["v_cache"].clone())
-    expected = paged_attention_reference(**ref_batch).float()
-    actual = paged_attention_triton(**tri_batch).float()
-    same_cache = torch.equal(ref_batch["k_cache"], tri_batch["k_cache"]) and torch.equal(
-        ref_batch["v_cache"], tri_batch["v_cache"]
-    )
-    return (actual - expected).abs().max().item(), same_cache
-
-
-SELFCHECK_CASES = {
-    "prefill": ([0, 0, 0, 0], [1, 77, 300, 1024]),
-    "prefix hit / chunk": ([64, 512, 17], [100, 33, 250]),
-    "decode": ([5, 900, 3000, 0, 63] * 7, [1] * 35),
-    "mixed": ([40, 700, 0, 2047, 16], [1, 1, 129, 1, 64]),
-}
-
-
-def _check_accuracy(device: str) -> bool:
-    ok = True
-    for (heads, kv_heads, head_dim), dtype, (name, (contexts, queries)) in itertools.product(
-        [(32, 8, 128), (9, 3, 64)], [torch.float16, torch.bfloat16], SELFCHECK_CASES.items()
-    ):
-        batch = random_paged_batch(contexts, queries, heads, kv_heads, head_dim, 16, dtype, device)
-        err, same_cache = compare_with_reference(batch)
-        good = same_cache and err < (2e-2 if dtype == torch.float16 else 6e-2)
-        ok &= good
-        print(f"{'ok ' if good else 'BAD'} H={heads} Hkv={kv_heads} Dh={head_dim} {str(dtype):14} {name:18} "
-              f"max|err|={err:.2e} cache_equal={same_cache}")
-    return ok
-
-
-def _time(label: str, batch: dict, work: str) -> None:
-    """`work`: 'kv' (decode: report KV bytes read per second) or 'flops' (prefill)."""
-    import triton.testing
-
-    lens = batch["seq_lens"].tolist()
-    queries = batch["query_start_loc"].diff().tolist()
-    heads, head_dim = batch["q"].shape[1:]
-    kv_heads = batch["k"].shape[1]
-    for name, fn in (("triton", paged_attention_triton), ("torch", paged_attention_reference)):
-        ms = triton.testing.do_bench(lambda: fn(**batch), warmup=25, rep=100)
-        if work == "kv":
-            rate = f"{2 * sum(lens) * kv_heads * head_dim * batch['k_cache'].element_size() / ms / 1e6:8.1f} GB/s KV"
-        else:
-            visible = sum(q * (n - q) + q * (q + 1) / 2 for q, n in zip(queries, lens))
-            rate = f"{4 * heads * head_dim * visible / ms / 1e9:8.1f} TFLOP/s"
-        print(f"  {label:28s} {name:7s} {ms * 1e3:9.1f} us  {rate}")
-
-
-def selfcheck(device: str = "cuda") -> bool:
-    """Triton vs the torch path on `device`, then timings at Llama-3-8B shapes (one layer)."""
-    print(f"device: {torch.cuda.get_device_name(device)}")
-    ok = _check_accuracy(device)
-    print("one layer call (cache write + attention), H=32 Hkv=8 Dh=128 fp16, block 16")
-    for num_seqs in (1, 32, 128):
-        batch = random_paged_batch([1023] * num_seqs, [1] * num_seqs, 32, 8, 128, 16, torch.float16, device)
-        _time(f"decode B={num_seqs} seq 1024", batch, "kv")
-    prefills = (("prefill 1 x 1024", [0], [1024]), ("prefill 4 x (512 cached + 512)", [512] * 4, [512] * 4))
-    for label, contexts, queries in prefills:
-        _time(label, random_paged_batch(contexts, queries, 32, 8, 128, 16, torch.float16, device), "flops")
-    return ok
-
-
-if __name__ == "__main__":
-    import sys
-
-    if not torch.cuda.is_available():
-        print("no CUDA device: the CPU interpreter checks are tests/test_kernels_paged_attention.py")
-        sys.exit(2)
-    sys.exit(0 if selfcheck("cuda") else 1)

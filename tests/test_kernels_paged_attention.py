@@ -22,14 +22,11 @@ DEVICE = "cpu" if INTERPRETING else "cuda"
 
 pytest.importorskip("triton")
 
+from paged_attention_helpers import compare_with_reference, random_paged_batch  # noqa: E402
+
 from llmctl_kernels.cache_write import reshape_and_cache  # noqa: E402
 from llmctl_kernels.decode_attention import paged_decode_attention  # noqa: E402
-from llmctl_kernels.paged_attention import (  # noqa: E402
-    compare_with_reference,
-    paged_attention_reference,
-    random_paged_batch,
-    write_kv_cache_reference,
-)
+from llmctl_kernels.paged_attention import paged_attention_reference, write_kv_cache_reference  # noqa: E402
 from llmctl_kernels.prefill_attention import paged_prefill_attention  # noqa: E402
 
 if INTERPRETING:
