@@ -28,16 +28,12 @@ from llmctl.config import (
 from llmctl.errors import ConfigError
 from llmctl.units import parse_size
 
-# YAML section -> config class. `model.arch` (inline config.json fields) is checked where it
-# is used (`llmctl plan`, random weights), by llmctl.models.arch.
-_SECTIONS: dict[str, type] = {
-    "quantize": QuantConfig,
-    "eval": EvalConfig,
-    "cache": CacheConfig,
-    "scheduler": SchedulerConfig,
-    "parallel": ParallelConfig,
-    "serve": ServeConfig,
-    "bench": BenchConfig,
+# YAML section -> config class; `quantize` holds its GPTQ fields beside the class's own.
+# `model.arch` (inline config.json fields) is checked where it is used (`llmctl plan`, random
+# weights), by llmctl.models.arch.
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "quantize": QuantConfig, "eval": EvalConfig, "cache": CacheConfig,
+    "scheduler": SchedulerConfig, "parallel": ParallelConfig, "serve": ServeConfig, "bench": BenchConfig,
 }
 
 # The quantize section is flat in YAML: GPTQ fields (as quantize_config.json names them)
@@ -136,7 +132,7 @@ def recipe_from_dict(raw: Any, path: Path | None = None) -> Recipe:
     where = str(path) if path else "recipe"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: a recipe is a YAML mapping, got {type(raw).__name__}")
-    known = {"name", "model", *_SECTIONS}
+    known = {"name", *SECTIONS}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}: unknown section {key!r}", hint=f"known sections: {', '.join(sorted(known))}")
@@ -145,14 +141,14 @@ def recipe_from_dict(raw: Any, path: Path | None = None) -> Recipe:
         raise ConfigError(f"{where}: model.arch must be a mapping of config.json fields")
     if "path" in model_raw:
         model_raw["model"] = str(model_raw.pop("path"))
-    sections = {key: _build(cls, raw.get(key), key) for key, cls in _SECTIONS.items() if key != "quantize"}
+    sections = {key: _build(cls, raw.get(key), key) for key, cls in SECTIONS.items() if key not in ("model", "quantize")}
     sections["quant"] = _build_quant(raw.get("quantize"))
     recipe = Recipe(
         name=str(raw.get("name") or (path.stem if path else "recipe")),
         path=path,
         model=_build(ModelConfig, model_raw, "model"),
         explicit=frozenset(f"{key}.{name}" for key, section in [("model", model_raw), *(
-            (key, raw.get(key)) for key in _SECTIONS)] if isinstance(section, dict) for name in section),
+            (key, raw.get(key)) for key in SECTIONS if key != "model")] if isinstance(section, dict) for name in section),
         **sections,
     )
     return recipe

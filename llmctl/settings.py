@@ -25,28 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from llmctl.config import (
-    BenchConfig,
-    CacheConfig,
-    EngineConfig,
-    EvalConfig,
-    GPTQConfig,
-    ModelConfig,
-    ParallelConfig,
-    QuantConfig,
-    SchedulerConfig,
-    ServeConfig,
-)
+from llmctl.config import EngineConfig, GPTQConfig, QuantConfig
 from llmctl.errors import ConfigError
-from llmctl.recipe import QUANTIZE_GPTQ_FIELDS, SIZE_FIELDS, Recipe, load_recipe
+from llmctl.recipe import QUANTIZE_GPTQ_FIELDS, SECTIONS, SIZE_FIELDS, Recipe, load_recipe
 from llmctl.units import parse_size
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
-# Section -> the config class whose fields it holds (quantize: its GPTQ fields beside these).
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig, "quantize": QuantConfig, "eval": EvalConfig, "cache": CacheConfig,
-    "scheduler": SchedulerConfig, "parallel": ParallelConfig, "serve": ServeConfig, "bench": BenchConfig,
-}
 ENGINE_SECTIONS = ("model", "cache", "scheduler", "parallel")
 # What each command's --show-config prints: sections, or single "section.field" names.
 SERVE_SECTIONS = (*ENGINE_SECTIONS, "serve")
@@ -108,25 +92,12 @@ class Settings:
     def engine(self) -> EngineConfig:
         return EngineConfig(**{s: self._build(s) for s in ENGINE_SECTIONS})
 
-    @property
-    def model(self) -> ModelConfig:
-        return self._build("model")
-
-    @property
-    def quant(self) -> QuantConfig:
-        return self._build("quantize")
-
-    @property
-    def eval(self) -> EvalConfig:
-        return self._build("eval")
-
-    @property
-    def serve(self) -> ServeConfig:
-        return self._build("serve")
-
-    @property
-    def bench(self) -> BenchConfig:
-        return self._build("bench")
+    # ModelConfig, QuantConfig, EvalConfig, ServeConfig, BenchConfig: built (and validated) on each access.
+    model = property(lambda self: self._build("model"))
+    quant = property(lambda self: self._build("quantize"))
+    eval = property(lambda self: self._build("eval"))
+    serve = property(lambda self: self._build("serve"))
+    bench = property(lambda self: self._build("bench"))
 
     def rows(self, only: tuple[str, ...] | None = None) -> list[tuple[str, Any, str]]:
         """(name, value, source) for `--show-config`, in section order, for the sections or

@@ -28,9 +28,8 @@ cache:
 
 @pytest.fixture()
 def recipe(tmp_path):
-    path = tmp_path / "small.yaml"
-    path.write_text(RECIPE_TEXT)
-    return str(path)
+    (tmp_path / "small.yaml").write_text(RECIPE_TEXT)
+    return str(tmp_path / "small.yaml")
 
 
 def test_flag_beats_recipe_beats_default(recipe):
