@@ -31,7 +31,7 @@ class ModelConfig:
     # Only with load_format="dummy": random GPTQ 4-bit weights (group 128) instead of dense ones.
     # A real checkpoint's quantization is read from its config.json.
     quantization: str | None = None  # None | gptq
-    enforce_eager: bool = False  # True: never replay CUDA graphs for decode steps
+    enforce_eager: bool = False  # True: never replay CUDA graphs (decode and prefill steps)
     # Inline architecture (config.json fields, a recipe's `model.arch`): plans and random
     # weights (load_format="dummy") of a model whose files are not here.
     arch: dict[str, Any] | None = field(default=None, compare=False)

@@ -4,7 +4,7 @@
     ptx.py         inline PTX templates, rendered with a check that every placeholder is filled
     common.py      Triton pieces every kernel shares
     scratch.py     the split-K policy and its one scratch buffer (`SplitKScratch`)
-    gemv.py, gemm.py             the checkpoint layout's kernels
+    gptq_tiles.py, gemv.py, gemm.py              the checkpoint layout's kernels
     frag_tiles.py, frag_gemv.py, frag_gemm.py   the fragment layout's kernels
     dequant.py     dequantize to a dense weight (the cuBLAS path at large M)
     config.py      `KernelConfig` and the per-GPU tables (tables.json) that dispatch by M

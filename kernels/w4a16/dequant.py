@@ -13,7 +13,7 @@ import triton.language as tl
 
 from llmctl_kernels.w4a16.common import BITS_OF_2_23, scale_and_zero
 from llmctl_kernels.w4a16.frag_tiles import frag_weight_tile, load_frag_words
-from llmctl_kernels.w4a16.gemm import dequant_tile
+from llmctl_kernels.w4a16.gptq_tiles import dequant_tile
 from llmctl_kernels.w4a16.layout import FRAG_K, W4A16Weights
 
 DEQUANT_CONFIG = dict(BLOCK_K=64, BLOCK_N=128, num_warps=4)

@@ -13,10 +13,16 @@ import triton
 import triton.language as tl
 
 from llmctl_kernels.launch import interpreting
-from llmctl_kernels.w4a16.common import BITS_OF_2_23, half_pair, scale_and_zero
+from llmctl_kernels.w4a16.common import BITS_OF_2_23, scale_and_zero
 from llmctl_kernels.w4a16.config import KernelConfig
+from llmctl_kernels.w4a16.gptq_tiles import (
+    codes_as_half,
+    codes_fp32,
+    codes_minus_zero_pairs,
+    dequant_words,
+    load_words,
+)
 from llmctl_kernels.w4a16.layout import W4A16Weights
-from llmctl_kernels.w4a16.ptx import NIBBLES_TO_BF16, NIBBLES_TO_FP16
 from llmctl_kernels.w4a16.scratch import SplitKScratch, finish_split_k, split_k_target
 
 GEMM_CONFIGS = [
@@ -50,121 +56,6 @@ GEMM_CONFIGS = [
         (256, 128, 64, 8, 3, 0), (64, 256, 64, 8, 3, 1), (128, 128, 64, 4, 4, 0),
     )
 ]
-
-
-@triton.jit
-def _load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N,
-                BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
-    """The int32 words behind W[k0:k0+BLOCK_K, offs_n]; k0 and k_end are multiples of 32/BITS."""
-    VALS: tl.constexpr = 32 // BITS
-    if PACKED_LOAD:
-        rows = k0 // VALS + tl.arange(0, BLOCK_K // VALS)
-        w = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :],
-                    mask=(rows * VALS < k_end)[:, None] & n_mask[None, :], other=0, eviction_policy="evict_first")
-    else:
-        # Each word is loaded VALS times; the repeats hit L1 and keep the tile in one layout.
-        ks = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(qweight_ptr + (ks // VALS)[:, None] * N + offs_n[None, :],
-                    mask=(ks < k_end)[:, None] & n_mask[None, :], other=0)
-    return w
-
-
-@triton.jit
-def _unpack_codes(w, BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
-    """The integer codes of `_load_words`' words: [BLOCK_K, BLOCK_N]."""
-    VALS: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    if PACKED_LOAD:
-        # Split each word in registers: [BLOCK_K/VALS, VALS, BLOCK_N] -> [BLOCK_K, BLOCK_N].
-        shifts = tl.arange(0, VALS) * BITS
-        q = tl.reshape((w[:, None, :] >> shifts[None, :, None]) & MASK, [BLOCK_K, w.shape[1]])
-    else:
-        # one word per k (tile starts are multiples of VALS): code k % VALS of it
-        ks = tl.arange(0, BLOCK_K)
-        q = (w >> ((ks % VALS) * BITS)[:, None]) & MASK
-    return q
-
-
-@triton.jit
-def _codes_fp32(w, BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr, big_bits):
-    """The codes of `_load_words`' words as the fp32 2**23 + q: [BLOCK_K, BLOCK_N]."""
-    q = _unpack_codes(w, BITS, BLOCK_K, PACKED_LOAD)
-    return (q | big_bits).to(tl.float32, bitcast=True)  # big_bits: 2**23 (see common.BITS_OF_2_23)
-
-
-@triton.jit
-def _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
-                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-                   HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
-    """The fp32 weight tile W[k0:k0+BLOCK_K, offs_n] from `_load_words`' words: [BLOCK_K, BLOCK_N]."""
-    q = _codes_fp32(w, BITS, BLOCK_K, PACKED_LOAD, big_bits)
-    ks = k0 + tl.arange(0, BLOCK_K)
-    k_mask = ks < k_end
-    if HAS_G_IDX:
-        g = tl.load(g_idx_ptr + ks, mask=k_mask, other=0)[:, None]
-        s_mask = k_mask[:, None] & n_mask[None, :]
-    elif GROUP_SIZE % BLOCK_K == 0:
-        # The whole tile lies in one group (k0 is a multiple of BLOCK_K): one row of scales.
-        g = tl.zeros([1, 1], dtype=tl.int32) + k0 // GROUP_SIZE
-        s_mask = n_mask[None, :]
-    else:
-        g = (ks // GROUP_SIZE)[:, None]
-        s_mask = k_mask[:, None] & n_mask[None, :]
-    s, zm = scale_and_zero(scales_ptr, qzeros_ptr, g, offs_n[None, :], s_mask, N, BITS, ZERO_OFFSET)
-    return (q - zm) * s
-
-
-@triton.jit
-def _codes_minus_zero_pairs(w, z, half_magic: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr,
-                            ASM: tl.constexpr):
-    """The exact q - z of the four-bit words w [BLOCK_K/8, BLOCK_N] (z: fp32 [BLOCK_N]) in DTYPE:
-    [BLOCK_K, BLOCK_N]. Each word's eight codes stay in one thread (joined along a minor dim)."""
-    if ASM:
-        asm: tl.constexpr = NIBBLES_TO_FP16 if DTYPE == tl.float16 else NIBBLES_TO_BF16
-        nz = (-(z + half_magic)).to(DTYPE)
-        h0, h1, h2, h3, h4, h5, h6, h7 = tl.inline_asm_elementwise(
-            asm, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [w, half_pair(nz, nz)[None, :]], dtype=(tl.int16,) * 8,
-            is_pure=True, pack=1)
-    else:
-        h0 = _nibble_minus_zero(w, z, DTYPE, 0)
-        h1 = _nibble_minus_zero(w, z, DTYPE, 1)
-        h2 = _nibble_minus_zero(w, z, DTYPE, 2)
-        h3 = _nibble_minus_zero(w, z, DTYPE, 3)
-        h4 = _nibble_minus_zero(w, z, DTYPE, 4)
-        h5 = _nibble_minus_zero(w, z, DTYPE, 5)
-        h6 = _nibble_minus_zero(w, z, DTYPE, 6)
-        h7 = _nibble_minus_zero(w, z, DTYPE, 7)
-    # Nested joins: the last join is the most minor index, so code j lands at 4*d1 + 2*d2 + d3.
-    even = tl.join(tl.join(h0, h4), tl.join(h2, h6))
-    odd = tl.join(tl.join(h1, h5), tl.join(h3, h7))
-    codes = tl.reshape(tl.join(even, odd), [w.shape[0], w.shape[1], 8])  # [BLOCK_K/8, BLOCK_N, 8]
-    codes = tl.reshape(tl.permute(codes, (0, 2, 1)), [BLOCK_K, w.shape[1]])
-    return codes.to(DTYPE, bitcast=True)
-
-
-@triton.jit
-def _nibble_minus_zero(w, z, DTYPE: tl.constexpr, j: tl.constexpr):
-    """Code j of each word minus z as the bits of a DTYPE number (portable form of the PTX above)."""
-    return (((w >> (4 * j)) & 15).to(tl.float32) - z[None, :]).to(DTYPE).to(tl.int16, bitcast=True)
-
-
-@triton.jit
-def _codes_as_half(w, half_bits, BITS: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr,
-                   DTYPE: tl.constexpr):
-    """The codes of W[k0:k0+BLOCK_K, :] as exact half-precision numbers MAGIC + q: one shift and
-    one AND-OR per code put q in the mantissa of MAGIC (half_bits: 1024.0 in fp16, 128.0 in bf16)."""
-    q = _unpack_codes(w, BITS, BLOCK_K, PACKED_LOAD)
-    return (q | half_bits).to(tl.int16).to(DTYPE, bitcast=True)
-
-
-@triton.jit
-def dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
-                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr,
-                  HAS_G_IDX: tl.constexpr, BLOCK_K: tl.constexpr, PACKED_LOAD: tl.constexpr):
-    """Load and dequantize W[k0:k0+BLOCK_K, offs_n] in fp32."""
-    w = _load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
-    return _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
-                          BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, PACKED_LOAD)
 
 
 @triton.jit
@@ -218,7 +109,7 @@ def _w4a16_gemm_kernel(
     if PREFETCH:
         # Registers hold the next tiles while this one is multiplied.
         a_next = _load_x(x_rows, perm_ptr, k_start, k_end, m_mask, HAS_PERM, BLOCK_K)
-        w_next = _load_words(qweight_ptr, k_start, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
+        w_next = load_words(qweight_ptr, k_start, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
     if ONE_GROUP:
         # Every tile lies in one group. Its row of scales and zeros is loaded a step ahead, into
         # registers: the pipeliner leaves the 16-bit scale load synchronous, and loaded where it is
@@ -230,10 +121,10 @@ def _w4a16_gemm_kernel(
             a = a_next
             w = w_next
             a_next = _load_x(x_rows, perm_ptr, k0 + BLOCK_K, k_end, m_mask, HAS_PERM, BLOCK_K)
-            w_next = _load_words(qweight_ptr, k0 + BLOCK_K, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
+            w_next = load_words(qweight_ptr, k0 + BLOCK_K, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
         else:
             a = _load_x(x_rows, perm_ptr, k0, k_end, m_mask, HAS_PERM, BLOCK_K)
-            w = _load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
+            w = load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
         if ONE_GROUP:
             s = s_next
             zm = zm_next
@@ -245,14 +136,14 @@ def _w4a16_gemm_kernel(
             # applied per column after the dot. zm is 2**23 + z (common.scale_and_zero).
             if PAIRS:
                 # q - z exactly, two codes per instruction: the dot needs no correction
-                qz = _codes_minus_zero_pairs(w, zm - 8388608.0, HALF_MAGIC, BLOCK_K, a.dtype, ASM)
+                qz = codes_minus_zero_pairs(w, zm - 8388608.0, HALF_MAGIC, BLOCK_K, a.dtype, ASM)
                 if SWAP_AB:
                     acc += tl.dot(tl.trans(qz), tl.trans(a)) * s[:, None]
                 else:
                     acc += tl.dot(a, qz) * s[None, :]
             else:
                 # codes MAGIC + q; per column acc += s * (dot - (MAGIC + z) * sum(x))
-                qh = _codes_as_half(w, half_bits, BITS, BLOCK_K, PACKED_LOAD, a.dtype)
+                qh = codes_as_half(w, half_bits, BITS, BLOCK_K, PACKED_LOAD, a.dtype)
                 z = zm - (8388608.0 - HALF_MAGIC)
                 xs = tl.sum(a.to(tl.float32), axis=1)  # [BLOCK_M]
                 if SWAP_AB:
@@ -263,10 +154,10 @@ def _w4a16_gemm_kernel(
                     acc += (d - xs[:, None] * z[None, :]) * s[None, :]
         else:
             if ONE_GROUP:
-                q = _codes_fp32(w, BITS, BLOCK_K, PACKED_LOAD, big_bits)
+                q = codes_fp32(w, BITS, BLOCK_K, PACKED_LOAD, big_bits)
                 b = ((q - zm[None, :]) * s[None, :]).to(a.dtype)
             else:
-                b = _dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
+                b = dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
                                    BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, PACKED_LOAD).to(a.dtype)
             if SWAP_AB:
                 acc = tl.dot(tl.trans(b), tl.trans(a), acc)

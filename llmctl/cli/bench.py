@@ -34,7 +34,7 @@ def throughput(
     quantization: Annotated[Optional[str], typer.Option(
         help="gptq: with --load-format dummy, random GPTQ 4-bit weights (group 128) of the model's shapes.")] = None,
     enforce_eager: Annotated[Optional[bool], typer.Option(
-        help="Never replay CUDA graphs for decode steps (GPU) [off].")] = None,
+        help="Never replay CUDA graphs for decode and prefill steps (GPU) [off].")] = None,
     kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV budget, e.g. 1GiB [CPU: 1GiB].")] = None,
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="Share of GPU memory used [0.9].")] = None,
     enable_prefix_caching: Annotated[Optional[bool], typer.Option(help="Automatic prefix caching [on].")] = None,

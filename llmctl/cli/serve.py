@@ -29,7 +29,7 @@ def serve(
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="Share of GPU memory the engine may take.", rich_help_panel=_ENGINE)] = None,
     kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV-cache budget, e.g. 2GiB (the CPU's budget).", rich_help_panel=_ENGINE)] = None,
     enable_prefix_caching: Annotated[Optional[bool], typer.Option("--enable-prefix-caching/--no-enable-prefix-caching", help="Reuse KV blocks of shared prompt prefixes.", rich_help_panel=_ENGINE)] = None,
-    enforce_eager: Annotated[Optional[bool], typer.Option("--enforce-eager/--no-enforce-eager", help="Never replay CUDA graphs for decode steps (GPU).", rich_help_panel=_ENGINE)] = None,
+    enforce_eager: Annotated[Optional[bool], typer.Option("--enforce-eager/--no-enforce-eager", help="Never replay CUDA graphs for decode and prefill steps (GPU).", rich_help_panel=_ENGINE)] = None,
     load_format: Annotated[str, typer.Option(help="auto, or dummy: random weights of the model's shapes.", rich_help_panel=_ENGINE)] = "auto",
     quantization: Annotated[Optional[str], typer.Option(help="gptq: with --load-format dummy, random GPTQ 4-bit weights.", rich_help_panel=_ENGINE)] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.", rich_help_panel=_SERVER)] = "info",

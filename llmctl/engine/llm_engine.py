@@ -89,16 +89,14 @@ class LLMEngine:
         self.kv_plan = self._plan_kv_cache()
         self.runner.allocate_kv_cache(self.kv_plan.num_blocks)
         if self.device.type == "cuda" and not config.model.enforce_eager:
-            seconds = self.runner.capture_decode_graphs(self.max_model_len, config.scheduler.max_num_seqs)
-            sizes = self.runner.decode_graphs.sizes
-            self.progress("load", {"message": f"CUDA graphs for decode batches {sizes[0]}..{sizes[-1]} "
-                                              f"({len(sizes)} sizes) captured in {seconds:.1f} s"})
-            seconds = self.runner.capture_prefill_graphs(self.max_model_len, config.scheduler.max_num_batched_tokens,
-                                                         config.scheduler.max_num_seqs)
-            graphs = self.runner.prefill_graphs
-            self.progress("load", {"message": f"CUDA graphs for prefill steps of up to {graphs.max_tokens} tokens "
-                                              f"from up to {graphs.max_seqs} sequences ({len(graphs.graphs)} buckets) "
-                                              f"captured in {seconds:.1f} s"})
+            self.runner.capture_graphs(self.max_model_len, config.scheduler.max_num_batched_tokens,
+                                       config.scheduler.max_num_seqs)
+            decode, prefill = self.runner.decode_graphs, self.runner.prefill_graphs
+            self.progress("load", {"message": f"CUDA graphs for decode batches {decode.sizes[0]}..{decode.sizes[-1]} "
+                                              f"({len(decode.sizes)} sizes) captured in {decode.capture_seconds:.1f} s"})
+            self.progress("load", {"message": f"CUDA graphs for prefill steps of up to {prefill.max_tokens} tokens "
+                                              f"from up to {prefill.max_seqs} sequences ({len(prefill.graphs)} "
+                                              f"buckets) captured in {prefill.capture_seconds:.1f} s"})
         if self.device.type == "cuda":
             self.runner.warm_up_sampler()
         self.block_manager = BlockManager(self.kv_plan.num_blocks, config.cache.block_size,

@@ -70,25 +70,18 @@ class ModelRunner:
         self.decode_graphs = None  # DecodeGraphs once captured
         self.prefill_graphs = None  # PrefillGraphs once captured
 
-    def capture_decode_graphs(self, max_model_len: int, max_num_seqs: int) -> float:
-        """Capture decode-step graphs for batch buckets up to max_num_seqs (CUDA, after the
-        KV cache is allocated); returns the seconds it took."""
+    def capture_graphs(self, max_model_len: int, max_num_tokens: int, max_num_seqs: int) -> None:
+        """Capture the decode graphs (batch buckets up to max_num_seqs) and the prefill graphs
+        (token and sequence buckets of a step's budget); CUDA, after the KV cache is allocated.
+        Each object's capture_seconds says how long it took."""
         from llmctl.engine.cuda_graph import DecodeGraphs
-
-        graphs = DecodeGraphs(self.model, self.device, self.block_size, max_model_len, max_num_seqs)
-        graphs.capture()
-        self.decode_graphs = graphs
-        return graphs.capture_seconds
-
-    def capture_prefill_graphs(self, max_model_len: int, max_num_tokens: int, max_num_seqs: int) -> float:
-        """Capture graphs for steps with prefill chunks, by token and sequence buckets (CUDA, after
-        the KV cache is allocated); returns the seconds it took."""
         from llmctl.engine.prefill_graph import PrefillGraphs
 
-        graphs = PrefillGraphs(self.model, self.device, self.block_size, max_model_len, max_num_tokens, max_num_seqs)
-        graphs.capture()
-        self.prefill_graphs = graphs
-        return graphs.capture_seconds
+        self.decode_graphs = DecodeGraphs(self.model, self.device, self.block_size, max_model_len, max_num_seqs)
+        self.decode_graphs.capture()
+        self.prefill_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_model_len, max_num_tokens,
+                                            max_num_seqs)
+        self.prefill_graphs.capture()
 
     def allocate_workspaces(self, max_num_tokens: int) -> int:
         """Let each linear method allocate the buffers its kernels share (the GPTQ kernels'
