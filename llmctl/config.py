@@ -244,11 +244,15 @@ class ServeConfig:
     api_key: str | None = None
     max_request_bytes: int = 4 * 1024 * 1024
     shutdown_grace_s: float = 10.0
+    chat_template: str | None = None  # a Jinja file that replaces the model's chat template
+    request_body_timeout_s: float = 30.0  # a request body must arrive within this (408 after)
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, "port", f"must be in 0..65535, got {self.port}")
         _check(self.api_key is None or bool(self.api_key.strip()), "api_key", "must not be empty (unset it for no key)")
         _check(self.max_request_bytes > 0, "max_request_bytes", "must be positive")
+        _check(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must not be negative")
+        _check(self.request_body_timeout_s > 0, "request_body_timeout_s", "must be positive")
 
 
 @dataclass(frozen=True)

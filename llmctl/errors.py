@@ -58,3 +58,10 @@ class EngineDeadError(LlmctlError):
 
 class RequestFailedError(LlmctlError):
     """The engine failed one request inside a step; the others go on."""
+
+
+class ShuttingDownError(LlmctlError):
+    """The server is stopping: it takes no new request, and one still running past the grace
+    period is ended with this (an OpenAI-style 503, or an error event in a stream)."""
+
+    status_code = 503

@@ -249,7 +249,6 @@ def _post(http, path: str, body, status: int, **kw) -> dict:
     ({"prompt": "x", "top_p": 0}, "top_p"),
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "logprobs": 50}, "logprobs"),
-    ({"prompt": "x", "model": "no-such-model"}, "model"),
     ({"prompt": "hello " * MAX_MODEL_LEN}, "prompt"),
     ({"prompt": "x", "max_tokens": MAX_MODEL_LEN}, "max_tokens"),
     ({"prompt": [[10**9]]}, "prompt"),
@@ -274,23 +273,23 @@ UNKNOWN_MODEL_BODIES = [
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("path, body", UNKNOWN_MODEL_BODIES)
-def test_unknown_model_is_400_before_any_stream(http, server, path, body, stream):
+def test_unknown_model_is_404_before_any_stream(http, server, path, body, stream):
     res = http.post(path, json={**body, "model": "no-such-model", "stream": stream})
-    assert res.status_code == 400 and res.headers["content-type"] == "application/json", res.text
+    assert res.status_code == 404 and res.headers["content-type"] == "application/json", res.text
     body = res.json()
     assert body["object"] == "error" and set(body["error"]) == {"message", "type", "param", "code"}
     err = body["error"]
-    assert (err["type"], err["param"], err["code"]) == ("BadRequestError", "model", 400)
+    assert (err["type"], err["param"], err["code"]) == ("not_found_error", "model", 404)
     assert "`no-such-model` does not exist" in err["message"] and server["model"] in err["message"]
 
 
 @pytest.mark.parametrize("path, body", UNKNOWN_MODEL_BODIES)
-def test_openai_client_raises_bad_request_for_unknown_model(client, path, body):
+def test_openai_client_raises_not_found_for_unknown_model(client, path, body):
     create = client.completions.create if path == "/v1/completions" else client.chat.completions.create
     for stream in (False, True):
-        with pytest.raises(openai.BadRequestError) as err:
+        with pytest.raises(openai.NotFoundError) as err:
             create(model="no-such-model", stream=stream, **body)
-        assert err.value.status_code == 400 and err.value.body["param"] == "model"
+        assert err.value.status_code == 404 and err.value.body["param"] == "model"
 
 
 @pytest.mark.parametrize("path, body", UNKNOWN_MODEL_BODIES)

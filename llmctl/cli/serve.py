@@ -20,6 +20,7 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer KEY` on /v1 (or set LLMCTL_API_KEY).", rich_help_panel=_SERVER)] = None,
     max_request_bytes: Annotated[Optional[int], typer.Option(help="Largest request body accepted (413 past it).", rich_help_panel=_SERVER)] = None,
     shutdown_grace_s: Annotated[Optional[float], typer.Option(help="Seconds in-flight requests get to finish on SIGTERM/SIGINT.", rich_help_panel=_SERVER)] = None,
+    chat_template: Annotated[Optional[str], typer.Option(help="A Jinja chat template file that replaces the model's.", rich_help_panel=_SERVER)] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | float16 | bfloat16.", rich_help_panel=_ENGINE)] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel=_ENGINE)] = None,
     max_model_len: Annotated[Optional[int], typer.Option(help="Context length (default: the model's).", rich_help_panel=_ENGINE)] = None,
@@ -45,7 +46,7 @@ def serve(
     settings = resolve(model, {
         "serve.host": host, "serve.port": port, "serve.served_model_name": served_model_name,
         "serve.api_key": resolve_api_key(api_key), "serve.max_request_bytes": max_request_bytes,
-        "serve.shutdown_grace_s": shutdown_grace_s, "model.dtype": dtype, "model.device": device,
+        "serve.shutdown_grace_s": shutdown_grace_s, "serve.chat_template": chat_template, "model.dtype": dtype, "model.device": device,
         "model.max_model_len": max_model_len, "model.enforce_eager": enforce_eager,
         "scheduler.max_num_seqs": max_num_seqs, "scheduler.max_num_batched_tokens": max_num_batched_tokens,
         "cache.block_size": block_size, "cache.gpu_memory_utilization": gpu_memory_utilization,

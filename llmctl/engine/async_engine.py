@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from llmctl.engine.outputs import RequestOutput
-from llmctl.errors import EngineDeadError, LlmctlError, RequestFailedError
+from llmctl.errors import EngineDeadError, LlmctlError, RequestFailedError, ShuttingDownError
 from llmctl.sampling_params import SamplingParams
 
 logger = logging.getLogger("llmctl.engine")
@@ -64,15 +64,18 @@ class AsyncEngine:
     """Async access to an `LLMEngine` (anything with add_request/step/abort_request/
     has_unfinished_requests/get_stats) stepped by one background thread."""
 
-    def __init__(self, engine: Any, max_num_unfinished: int | None = None, step_hook: StepHook | None = None) -> None:
+    def __init__(self, engine: Any, max_num_unfinished: int | None = None, step_hook: StepHook | None = None,
+                 abort_hook: Callable[[str], None] | None = None) -> None:
         self.engine = engine
         self.max_num_unfinished = max_num_unfinished
         self.step_hook = step_hook
+        self.abort_hook = abort_hook  # told, on the engine thread, of each request aborted unfinished
         self._cv = threading.Condition()
         self._commands: list[tuple] = []
         self._streams: dict[str, _Stream] = {}  # only the event loop thread mutates it
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._draining = False
         self.dead_error: BaseException | None = None
         # Called on the engine thread when the engine dies (the server then stops and exits non-zero).
         self.on_dead: Callable[[BaseException], None] | None = None
@@ -87,6 +90,20 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="llmctl-engine", daemon=True)
         self._thread.start()
 
+    def begin_drain(self, grace_s: float) -> None:
+        """(Event loop.) Take no new request; end those still running after grace_s with
+        ShuttingDownError, which their handlers answer as a 503 or a stream's error event."""
+        if self._draining:
+            return
+        self._draining = True
+        asyncio.get_running_loop().call_later(grace_s, self._expire_streams)
+
+    def _expire_streams(self) -> None:
+        for request_id, stream in list(self._streams.items()):
+            stream.put(ShuttingDownError("the server shut down before this request finished",
+                                         hint="retry it on another replica or after the restart"))
+            self.abort(request_id)
+
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         """Abort what is left, stop the thread. Handlers still waiting get a 503."""
         with self._cv:
@@ -95,7 +112,7 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, timeout_s)
         for stream in list(self._streams.values()):
-            stream.put(EngineDeadError("the server is shutting down"))
+            stream.put(ShuttingDownError("the server is shutting down"))
         self._streams.clear()
 
     @property
@@ -110,8 +127,10 @@ class AsyncEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None, final_only: bool = False) -> _Stream:
-        if self.dead_error is not None or self._stopping:
+        if self.dead_error is not None:
             raise EngineDeadError("the engine is not running", hint=self.dead_reason())
+        if self._stopping or self._draining:
+            raise ShuttingDownError("the server is shutting down and takes no new request")
         if self.max_num_unfinished is not None and len(self._streams) >= self.max_num_unfinished:
             raise QueueFullError(f"the server is at its limit of {self.max_num_unfinished} requests in flight",
                                  hint="retry later, or raise --max-num-seqs / scheduler.max_waiting")
@@ -213,7 +232,7 @@ class AsyncEngine:
 
     def _apply(self, cmd: tuple) -> None:
         if cmd[0] == "abort":
-            self.engine.abort_request(cmd[1])
+            self._abort_in_engine(cmd[1])
             return
         _, request_id, prompt_token_ids, params, arrival_time = cmd
         try:
@@ -237,9 +256,17 @@ class AsyncEngine:
         get_stats = getattr(self.engine, "get_stats", None)
         return get_stats() if get_stats is not None else {}
 
+    def _abort_in_engine(self, request_id: str) -> None:
+        aborted = self.engine.abort_request(request_id)
+        if self.abort_hook is not None and aborted:
+            try:
+                self.abort_hook(request_id)
+            except Exception:  # metrics must never take serving down
+                logger.exception("abort hook failed")
+
     def _abort_all(self) -> None:
         for request_id in list(self._streams):
             try:
-                self.engine.abort_request(request_id)
+                self._abort_in_engine(request_id)
             except Exception:
                 logger.exception("abort of %s failed during shutdown", request_id)

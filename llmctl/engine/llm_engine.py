@@ -167,11 +167,16 @@ class LLMEngine:
         """SamplingParams() with the model's generation_config.json defaults (as vLLM's LLM)."""
         return SamplingParams(**self.generation_defaults)
 
-    def abort_request(self, request_id: str | list[str]) -> None:
-        """Stop the request(s) now and free their KV blocks; no further output is produced."""
+    def abort_request(self, request_id: str | list[str]) -> list[str]:
+        """Stop the request(s) now and free their KV blocks; no further output is produced.
+        Returns the ids that were still unfinished (what a metric counts as aborted)."""
+        aborted = []
         for rid in [request_id] if isinstance(request_id, str) else request_id:
+            if rid in self._requests:
+                aborted.append(rid)
             self.scheduler.abort(rid)
             self._drop(rid)
+        return aborted
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -17,9 +18,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from llmctl import __version__
 from llmctl.config import ServeConfig
 from llmctl.errors import EngineDeadError, InvalidRequestError
+from llmctl.serve.chat_template import check_text
 from llmctl.serve.errors import error_response, install_error_handlers
 from llmctl.serve.metrics import ServerMetrics
-from llmctl.serve.middleware import GuardMiddleware
+from llmctl.serve.openapi import install_openapi
+from llmctl.serve.middleware import GuardMiddleware, RequestIdMiddleware
 from llmctl.serve.openai_serving_chat import OpenAIServingChat, apply_chat_template
 from llmctl.serve.openai_serving_completion import OpenAIServingCompletion
 from llmctl.serve.protocol import (
@@ -44,6 +47,7 @@ def create_app(ctx: ServingContext, metrics: ServerMetrics, config: ServeConfig,
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         ctx.engine.start()
+        metrics.record_step(ctx.engine.stats, [])  # KV gauges hold the real numbers from the start
         try:
             yield
         finally:
@@ -55,7 +59,10 @@ def create_app(ctx: ServingContext, metrics: ServerMetrics, config: ServeConfig,
     install_error_handlers(app)
     _add_openai_routes(app, ctx)
     _add_utility_routes(app, ctx, metrics)
-    app.add_middleware(GuardMiddleware, api_key=config.api_key, max_request_bytes=config.max_request_bytes)
+    install_openapi(app, ctx.max_num_seqs, ctx.max_model_len)
+    app.add_middleware(GuardMiddleware, api_key=config.api_key, max_request_bytes=config.max_request_bytes,
+                       body_timeout_s=config.request_body_timeout_s)
+    app.add_middleware(RequestIdMiddleware)  # outermost: guard errors carry the id too
     return app
 
 
@@ -99,9 +106,9 @@ def _add_utility_routes(app: FastAPI, ctx: ServingContext, metrics: ServerMetric
         if (req.prompt is None) == (req.messages is None):
             raise InvalidRequestError("prompt: give exactly one of prompt and messages")
         if req.messages is not None:
-            ids = apply_chat_template(ctx, req.messages, req.add_generation_prompt)
+            ids = await apply_chat_template(ctx, req.messages, req.add_generation_prompt)
         else:
-            ids = ctx.encode(req.prompt, req.add_special_tokens)
+            ids = await ctx.run_tokenizer(ctx.encode, check_text(req.prompt, "prompt"), req.add_special_tokens)
         strs = [ctx.token_text(t) for t in ids] if req.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=ctx.max_model_len, tokens=ids, token_strs=strs)
 
@@ -114,11 +121,27 @@ def _add_utility_routes(app: FastAPI, ctx: ServingContext, metrics: ServerMetric
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, which would end the
-    process with a signal status; a server told to stop that stopped cleanly exits 0."""
+    process with a signal status; a server told to stop that stopped cleanly exits 0.
+
+    On shutdown the engine drains first (`AsyncEngine.begin_drain`): no new request, and after
+    the grace period each one still running ends with a 503 or a stream error event and
+    [DONE]. uvicorn's own deadline comes a few seconds later, so it has nothing left to cancel."""
+
+    drain: Callable[[], None] | None = None
 
     def handle_exit(self, sig, frame) -> None:
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
+
+    async def shutdown(self, sockets=None) -> None:
+        if self.drain is not None:
+            self.drain()
+        await super().shutdown(sockets)
+
+
+# Seconds uvicorn waits past the grace period before it cancels handlers (which would cut
+# their responses): time for each to send its 503 or its stream's error event.
+_CANCEL_MARGIN_S = 5.0
 
 
 def run_server(app: FastAPI, config: ServeConfig, log_level: str = "info", sock=None) -> None:
@@ -128,10 +151,12 @@ def run_server(app: FastAPI, config: ServeConfig, log_level: str = "info", sock=
     If the engine dies, stop too and raise EngineDeadError, so the process exits non-zero and a
     supervisor restarts it."""
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
-                               timeout_graceful_shutdown=config.shutdown_grace_s, access_log=False)
+                               timeout_graceful_shutdown=config.shutdown_grace_s + _CANCEL_MARGIN_S,
+                               access_log=False)
     server = _Server(uv_config)
     engine = app.state.ctx.engine
     engine.on_dead = lambda err: setattr(server, "should_exit", True)  # uvicorn polls it
+    server.drain = lambda: engine.begin_drain(config.shutdown_grace_s)
     server.run(sockets=[sock] if sock is not None else None)
     if engine.dead_error is not None:
         raise EngineDeadError(engine.dead_reason() or "the engine died")

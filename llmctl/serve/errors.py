@@ -14,19 +14,24 @@ from llmctl.serve.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("llmctl.serve")
 
-# vLLM names the error type after the openai client's exception class for the status.
+# OpenAI's `type` strings, which clients branch on (the openai client picks its exception
+# class by status; others read the type).
 _TYPES = {
-    400: "BadRequestError",
-    401: "AuthenticationError",
-    403: "PermissionDeniedError",
-    404: "NotFoundError",
-    405: "MethodNotAllowedError",
-    413: "RequestTooLargeError",
-    422: "UnprocessableEntityError",
-    500: "InternalServerError",
-    501: "NotImplementedError",
-    503: "ServiceUnavailableError",
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "client_disconnected",
 }
+
+
+def error_type(status_code: int) -> str:
+    return _TYPES.get(status_code, "server_error" if status_code >= 500 else "invalid_request_error")
 
 
 class ServiceUnavailableError(LlmctlError):
@@ -36,7 +41,9 @@ class ServiceUnavailableError(LlmctlError):
 
 
 class ModelNotFoundError(InvalidRequestError):
-    """The request names a model this server does not serve."""
+    """The request names a model this server does not serve (404, as OpenAI and vLLM)."""
+
+    status_code = 404
 
 
 class AuthenticationError(LlmctlError):
@@ -48,12 +55,22 @@ class RequestTooLargeError(LlmctlError):
 
 
 def error_body(message: str, status_code: int, param: str | None = None) -> dict:
-    err = ErrorInfo(message=message, type=_TYPES.get(status_code, "Error"), param=param, code=status_code)
+    err = ErrorInfo(message=message, type=error_type(status_code), param=param, code=status_code)
     return ErrorResponse(error=err).model_dump()
 
 
-def error_response(message: str, status_code: int, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, status_code, param), status_code=status_code)
+def error_response(message: str, status_code: int, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status_code, param), status_code=status_code, headers=headers)
+
+
+def internal_error_message(request_id: str | None) -> str:
+    """What a client learns of an unexpected exception: nothing internal, an id to quote."""
+    return f"internal server error (request id {request_id or 'unknown'}); the server log has the details"
+
+
+def log_internal_error(err: BaseException, request_id: str | None) -> None:
+    logger.error("internal error in request %s", request_id or "unknown", exc_info=err)
 
 
 def param_of(err: Exception) -> str | None:
@@ -68,7 +85,8 @@ def llmctl_error_response(err: LlmctlError) -> JSONResponse:
 
 
 def _is_type_tag(part: object) -> bool:
-    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict"))
+    return isinstance(part, str) and ("[" in part or part.startswith(("constrained-", "function-"))
+                                      or part in ("str", "int", "float", "bool", "list", "dict"))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -94,9 +112,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return error_response(str(err.detail), err.status_code)
+        return error_response(str(err.detail), err.status_code, headers=getattr(err, "headers", None))  # 405: Allow
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, err: Exception) -> JSONResponse:
-        logger.exception("internal error while serving a request")
-        return error_response(f"internal error: {type(err).__name__}: {err}", 500)
+    async def _internal(request: Request, err: Exception) -> JSONResponse:
+        request_id = request.scope.get("state", {}).get("request_id")
+        log_internal_error(err, request_id)
+        return error_response(internal_error_message(request_id), 500)

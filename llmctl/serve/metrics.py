@@ -93,9 +93,16 @@ class ServerMetrics:
         for out in outputs:
             self._record_output(out, now)
 
-    def forget(self, request_id: str) -> None:
-        """An aborted request leaves no trace in the per-request state."""
+    def record_abort(self, request_id: str) -> None:
+        """The abort hook (engine thread): count the request as finished by "abort" and keep no
+        per-request state for it."""
         self._times.pop(request_id, None)
+        self.request_success.labels(self.model_name, "abort").inc()
+
+    @property
+    def num_tracked_requests(self) -> int:
+        """Requests with per-request state (in flight); 0 at idle."""
+        return len(self._times)
 
     def _record_stats(self, stats: Any) -> None:
         m = self.model_name

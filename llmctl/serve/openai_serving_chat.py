@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from llmctl.engine.outputs import CompletionOutput, Logprobs, RequestOutput
 from llmctl.errors import InvalidRequestError
+from llmctl.serve.chat_template import render_chat
 from llmctl.serve.protocol import (
     ChatCompletionLogProb,
     ChatCompletionLogProbs,
@@ -30,39 +31,18 @@ from llmctl.serve.serving_common import (
     ServingContext,
     check_unsupported,
     include_usage,
+    request_id_of,
     sse,
     sse_error,
     unless_disconnected,
 )
 
 
-def message_dicts(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as chat templates expect them; content parts joined to one text."""
-    out = []
-    for i, m in enumerate(messages):
-        content = m.content
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if part.get("type") != "text":
-                    raise InvalidRequestError(f"messages.{i}.content: only text parts are supported, got {part.get('type')!r}")
-                parts.append(str(part.get("text", "")))
-            content = "".join(parts)
-        out.append({"role": m.role, "content": content or ""})
-    return out
-
-
-def apply_chat_template(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                        continue_final_message: bool = False, extra: dict | None = None) -> list[int]:
-    if not messages:
-        raise InvalidRequestError("messages: must not be empty")
-    if getattr(ctx.tokenizer, "chat_template", None) is None:
-        raise InvalidRequestError("messages: this model has no chat template; use /v1/completions")
-    text = ctx.tokenizer.apply_chat_template(
-        message_dicts(messages), tokenize=False, add_generation_prompt=add_generation_prompt and not continue_final_message,
-        continue_final_message=continue_final_message, **(extra or {}))
-    # The template already wrote any BOS, so do not add special tokens again (as vLLM).
-    return ctx.encode(text, add_special_tokens=False)
+async def apply_chat_template(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                              continue_final_message: bool = False, extra: dict | None = None) -> list[int]:
+    """Prompt token ids of a conversation, rendered and tokenized on the tokenizer's thread."""
+    return await ctx.run_tokenizer(render_chat, ctx.tokenizer, messages, add_generation_prompt,
+                                   continue_final_message, extra, ctx.chat_template, ctx.max_model_len)
 
 
 def chat_logprobs(ctx: ServingContext, token_ids: list[int], logprobs: list[Logprobs | None], num_top: int
@@ -90,7 +70,7 @@ class OpenAIServingChat:
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequestError("top_logprobs: requires logprobs to be true")
         check_unsupported(req)
-        ids = apply_chat_template(ctx, req.messages, req.add_generation_prompt, req.continue_final_message,
+        ids = await apply_chat_template(ctx, req.messages, req.add_generation_prompt, req.continue_final_message,
                                   req.chat_template_kwargs)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = ctx.admit(ids, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, param="messages")
@@ -98,7 +78,8 @@ class OpenAIServingChat:
         arrival = time.time()
         generator = ctx.engine.generate(request_id, ids, params, arrival, final_only=not req.stream)
         if req.stream:
-            return StreamingResponse(self._stream(req, ids, generator, request_id, int(arrival), model),
+            return StreamingResponse(self._stream(req, ids, generator, request_id, int(arrival), model,
+                                                  request_id_of(raw_request)),
                                      media_type="text/event-stream")
         final = await unless_disconnected(raw_request, self._last(generator))
         return self._response(req, ids, final, request_id, int(arrival), model)
@@ -126,7 +107,7 @@ class OpenAIServingChat:
         return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
 
     async def _stream(self, req: ChatCompletionRequest, ids: list[int], generator: AsyncIterator[RequestOutput],
-                      request_id: str, created: int, model: str) -> AsyncIterator[str]:
+                      request_id: str, created: int, model: str, log_id: str | None = None) -> AsyncIterator[str]:
         def chunk(choice: ChatCompletionResponseStreamChoice) -> str:
             return sse(ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=[choice]))
 
@@ -154,5 +135,5 @@ class OpenAIServingChat:
                 yield sse(ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
                                                        usage=usage))
         except Exception as err:
-            yield sse_error(err)
+            yield sse_error(err, log_id)
         yield "data: [DONE]\n\n"

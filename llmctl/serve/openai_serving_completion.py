@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from llmctl.engine.admission import check_num_prompts
 from llmctl.engine.outputs import CompletionOutput, Logprobs, RequestOutput
 from llmctl.errors import InvalidRequestError
+from llmctl.serve.chat_template import check_text
 from llmctl.serve.protocol import (
     CompletionLogProbs,
     CompletionRequest,
@@ -27,6 +28,7 @@ from llmctl.serve.serving_common import (
     check_unsupported,
     include_usage,
     merge_streams,
+    request_id_of,
     sse,
     sse_error,
     unless_disconnected,
@@ -48,7 +50,7 @@ def _prompts(ctx: ServingContext, req: CompletionRequest) -> list[Prompt]:
     prompts = []
     for item in raw:
         if isinstance(item, str):
-            prompts.append((item, ctx.encode(item, req.add_special_tokens)))
+            prompts.append((item, ctx.encode(check_text(item, "prompt"), req.add_special_tokens)))
         else:
             ctx.check_token_ids(item)
             prompts.append((ctx.decode(item, skip_special_tokens=False), list(item)))
@@ -101,7 +103,7 @@ class OpenAIServingCompletion:
         if req.suffix:
             raise InvalidRequestError("suffix: is not supported")
         check_unsupported(req)
-        prompts = _prompts(ctx, req)
+        prompts = await ctx.run_tokenizer(_prompts, ctx, req)
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else req.prompt_logprobs
         params = [ctx.admit(ids, req, req.max_tokens, req.logprobs, prompt_logprobs) for _, ids in prompts]
         request_id = random_id("cmpl")
@@ -118,7 +120,7 @@ class OpenAIServingCompletion:
             raise
         created = int(arrival)
         if req.stream:
-            body = self._stream(req, prompts, generators, request_id, created, model)
+            body = self._stream(req, prompts, generators, request_id, created, model, request_id_of(raw_request))
             return StreamingResponse(body, media_type="text/event-stream")
         finals = await unless_disconnected(raw_request, self._collect(generators))
         return self._response(req, prompts, finals, request_id, created, model)
@@ -145,7 +147,7 @@ class OpenAIServingCompletion:
         return CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage)
 
     async def _stream(self, req: CompletionRequest, prompts: list[Prompt], generators: list,
-                      request_id: str, created: int, model: str) -> AsyncIterator[str]:
+                      request_id: str, created: int, model: str, log_id: str | None = None) -> AsyncIterator[str]:
         sent_text: dict[int, int] = {}  # choice index -> characters sent
         sent_tokens: dict[int, int] = {}
         num_generated = 0
@@ -164,7 +166,7 @@ class OpenAIServingCompletion:
                                   total_tokens=num_prompt + num_generated)
                 yield sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[], usage=usage))
         except Exception as err:
-            yield sse_error(err)
+            yield sse_error(err, log_id)
         yield "data: [DONE]\n\n"
 
     def _chunk(self, req: CompletionRequest, prompt: Prompt, out: RequestOutput, c: CompletionOutput, idx: int,

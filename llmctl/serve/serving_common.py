@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -16,7 +17,13 @@ from llmctl.engine.admission import AdmissionLimits, check_context, check_reques
 from llmctl.engine.async_engine import AsyncEngine
 from llmctl.errors import InvalidRequestError, LlmctlError
 from llmctl.sampling_params import SamplingParams
-from llmctl.serve.errors import ModelNotFoundError, error_body, param_of
+from llmctl.serve.errors import (
+    ModelNotFoundError,
+    error_body,
+    internal_error_message,
+    log_internal_error,
+    param_of,
+)
 from llmctl.serve.protocol import SamplingFields
 
 T = TypeVar("T")
@@ -40,6 +47,11 @@ class ServingContext:
     vocab_size: int
     max_num_seqs: int = 256
     generation_defaults: dict[str, Any] = field(default_factory=dict)  # from generation_config.json
+    chat_template: str | None = None  # the operator's (--chat-template), else the tokenizer's
+    # Templating and tokenization run here, one at a time, never on the event loop (a fast
+    # tokenizer is not safe to call from several threads at once).
+    _tokenizer_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmctl-tokenizer"))
     _token_text: dict[int, str] = field(default_factory=dict)
 
     @property
@@ -66,6 +78,9 @@ class ServingContext:
             text = self.tokenizer.decode([token_id], skip_special_tokens=False)
             self._token_text[token_id] = text
         return text
+
+    async def run_tokenizer(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
 
     @property
     def limits(self) -> AdmissionLimits:
@@ -152,11 +167,18 @@ def sse(data: BaseModel | dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-def sse_error(err: BaseException) -> str:
-    """Errors after the stream began travel in the stream, as vLLM sends them."""
+def sse_error(err: BaseException, request_id: str | None = None) -> str:
+    """Errors after the stream began travel in the stream, as vLLM sends them; an unexpected
+    one says only the request id, and its traceback goes to the log."""
     if isinstance(err, LlmctlError):
         return sse(error_body(str(err), err.status_code, param_of(err)))
-    return sse(error_body(f"internal error: {type(err).__name__}: {err}", 500))
+    log_internal_error(err, request_id)
+    return sse(error_body(internal_error_message(request_id), 500))
+
+
+def request_id_of(request: Request) -> str | None:
+    """The id RequestIdMiddleware gave the HTTP request (the server log's name for it)."""
+    return request.scope.get("state", {}).get("request_id")
 
 
 async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
