@@ -22,6 +22,7 @@ MAX_MODEL_LEN = 256
 MAX_NUM_SEQS = 4
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 GUARD = "conversations must start with a user or system message"
+BODY_TIMEOUT_S = 2.0
 
 
 def _free_port() -> int:
@@ -44,7 +45,7 @@ def server(default_model_dir, tmp_path_factory):
     template = tmp_path_factory.mktemp("template") / "chat.jinja"
     template.write_text("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('" + GUARD + "') }}{% endif %}"
                         + engine.tokenizer.chat_template)
-    config = ServeConfig(port=_free_port(), chat_template=str(template))
+    config = ServeConfig(port=_free_port(), chat_template=str(template), request_body_timeout_s=BODY_TIMEOUT_S)
     app = build_app(engine, config)
     uv = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -191,9 +192,45 @@ def test_openai_type_strings_and_allow_header(http, method, path, status, kind):
         assert res.headers["allow"] == "POST"
 
 
+def test_a_half_sent_body_times_out_with_408(server, http):
+    port = int(server["url"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"prompt\": \"Hi")
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply
+    assert json.loads(body)["error"]["code"] == 408
+    assert http.get("/health").status_code == 200
+
+
 def test_unknown_model_is_404(http):
     err = _error(http.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"}), 404)
     assert err["type"] == "not_found_error" and err["param"] == "model"
+
+
+def test_openapi_documents_the_error_bodies_and_the_limits(http):
+    schema = http.get("/openapi.json").json()
+    schemas = schema["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and "ErrorResponse" in schemas
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert "422" not in responses
+        for code in ("400", "401", "404", "413", "503"):
+            assert responses[code]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    completion = schemas["CompletionRequest"]["properties"]
+    assert completion["n"]["maximum"] == MAX_NUM_SEQS and completion["n"]["minimum"] == 1
+    assert any(b.get("maximum") == MAX_MODEL_LEN - 1 for b in completion["max_tokens"]["anyOf"])
+    assert any(b.get("maxItems") == 64 for b in completion["stop"]["anyOf"])
+    assert any(b.get("maxLength") == 1024 for b in completion["stop"]["anyOf"])
+    assert schemas["ChatCompletionRequest"]["properties"]["top_logprobs"]["anyOf"][0]["maximum"] == 20
+    assert "content" not in schema["paths"]["/health"]["get"]["responses"]["200"]
+    assert list(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
 
 
 # --- item 7: logit_bias, tools, response_format ---------------------------------------------
@@ -267,9 +304,9 @@ def _json_values():
     scalars = (st.none() | st.booleans() | st.integers(-3, 8) | st.sampled_from([2**31, 2**64, -(2**63), 49152, 10**9])
                | st.floats(-3, 3, allow_nan=False) | st.sampled_from([1e300, -1e-300, 101.0])
                | st.text(max_size=12) | st.sampled_from(["", "\n", "<|im_end|>", "a" * 2000]))
-    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+    return st.recursive(scalars, lambda inner: st.lists(inner, min_size=1, max_size=4)
                         | st.dictionaries(st.text(max_size=6) | st.sampled_from(["5", "49151", "-1"]), inner,
-                                          max_size=3), max_leaves=8)
+                                          min_size=1, max_size=3), max_leaves=8)
 
 
 def _plausible_fields():
@@ -327,9 +364,16 @@ def test_fuzz_requests_never_get_a_5xx_and_the_server_lives(http, server):
     from hypothesis import HealthCheck, given, seed, settings
     from hypothesis import strategies as st
 
-    from llmctl.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                       CompletionResponse, DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
-                                       TokenizeResponse)
+    from llmctl.serve.protocol import (
+        ChatCompletionRequest,
+        ChatCompletionResponse,
+        CompletionRequest,
+        CompletionResponse,
+        DetokenizeRequest,
+        DetokenizeResponse,
+        TokenizeRequest,
+        TokenizeResponse,
+    )
 
     print(f"fuzz seed: {FUZZ_SEED} (LLMCTL_FUZZ_SEED={FUZZ_SEED} reproduces it)")
     good_messages = st.lists(st.fixed_dictionaries({"role": st.just("user"), "content": st.text(max_size=20)}),

@@ -21,10 +21,10 @@ from llmctl.errors import EngineDeadError, InvalidRequestError
 from llmctl.serve.chat_template import check_text
 from llmctl.serve.errors import error_response, install_error_handlers
 from llmctl.serve.metrics import ServerMetrics
-from llmctl.serve.openapi import install_openapi
 from llmctl.serve.middleware import GuardMiddleware, RequestIdMiddleware
 from llmctl.serve.openai_serving_chat import OpenAIServingChat, apply_chat_template
 from llmctl.serve.openai_serving_completion import OpenAIServingCompletion
+from llmctl.serve.openapi import install_openapi
 from llmctl.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,

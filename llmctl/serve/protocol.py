@@ -46,7 +46,7 @@ class SamplingFields(OpenAIBaseModel):
     model: str | None = None
     n: int = Field(default=1, ge=1, description="at most the server's max_num_seqs")
     seed: int | None = Field(default=None, ge=0, lt=2**64)
-    stop: StopString | list[StopString] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
