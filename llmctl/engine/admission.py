@@ -50,6 +50,12 @@ def check_token_ids(token_ids: Sequence[object], vocab_size: int, param: str = "
             raise InvalidRequestError(f"{param}: token id {t} is outside the vocabulary [0, {vocab_size})")
 
 
+def check_n(n: int, max_num_seqs: int) -> None:
+    """The n samples of a request must fit in one batch."""
+    if n > max_num_seqs:
+        raise InvalidRequestError(f"n: {n} samples exceed max_num_seqs ({max_num_seqs})")
+
+
 def check_num_prompts(num_prompts: int) -> None:
     if num_prompts == 0:
         raise InvalidRequestError("prompt: must not be empty")
@@ -60,8 +66,7 @@ def check_num_prompts(num_prompts: int) -> None:
 
 def check_params(params: SamplingParams, limits: AdmissionLimits) -> None:
     """The limits of one request's sampling parameters that depend on the engine (or are sizes)."""
-    if params.n > limits.max_num_seqs:
-        raise InvalidRequestError(f"n: {params.n} samples exceed max_num_seqs ({limits.max_num_seqs})")
+    check_n(params.n, limits.max_num_seqs)
     if len(params.stop) > MAX_STOP_STRINGS:
         raise InvalidRequestError(f"stop: {len(params.stop)} stop strings, more than {MAX_STOP_STRINGS}")
     longest = max((len(s) for s in params.stop), default=0)

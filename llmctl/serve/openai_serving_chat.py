@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from llmctl.engine.admission import check_n
 from llmctl.engine.outputs import CompletionOutput, Logprobs, RequestOutput
 from llmctl.errors import InvalidRequestError
 from llmctl.serve.chat_template import render_chat
@@ -70,6 +71,7 @@ class OpenAIServingChat:
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequestError("top_logprobs: requires logprobs to be true")
         check_unsupported(req)
+        check_n(req.n, ctx.max_num_seqs)  # before the template renders anything
         ids = await apply_chat_template(ctx, req.messages, req.add_generation_prompt, req.continue_final_message,
                                   req.chat_template_kwargs)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from llmctl.engine.admission import check_num_prompts
+from llmctl.engine.admission import check_n, check_num_prompts
 from llmctl.engine.outputs import CompletionOutput, Logprobs, RequestOutput
 from llmctl.errors import InvalidRequestError
 from llmctl.serve.chat_template import check_text
@@ -103,6 +103,7 @@ class OpenAIServingCompletion:
         if req.suffix:
             raise InvalidRequestError("suffix: is not supported")
         check_unsupported(req)
+        check_n(req.n, ctx.max_num_seqs)  # before any prompt is tokenized
         prompts = await ctx.run_tokenizer(_prompts, ctx, req)
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else req.prompt_logprobs
         params = [ctx.admit(ids, req, req.max_tokens, req.logprobs, prompt_logprobs) for _, ids in prompts]
