@@ -89,5 +89,11 @@ def gptqmodel() -> ModuleType:
 
 
 @pytest.fixture(scope="session")
+def optimum() -> ModuleType:
+    # transformers loads GPTQ checkpoints through optimum (and GPTQModel's kernels).
+    return _interop_library("optimum")
+
+
+@pytest.fixture(scope="session")
 def lm_eval() -> ModuleType:
     return _interop_library("lm_eval")

@@ -1,4 +1,5 @@
-"""Interop with GPTQModel 7.6.0 (the `interop` extra), both ways, on a shrunk random Llama.
+"""Interop with GPTQModel 7.6.0 (the `interop` extra), both ways, and with transformers'
+GPTQ loader (optimum over GPTQModel), on a shrunk random Llama.
 
 GPTQModel's CPU kernel runs in fp16/bf16 only, so logits are compared by relative
 error: a wrong bit layout or zero offset moves weights by whole quantization steps
@@ -79,5 +80,27 @@ def test_llmctl_loads_what_gptqmodel_writes(gptqmodel, tiny_llama_dir, tmp_path)
     model.save(str(out))
     ids = _ids()
     ours, theirs = _llmctl_logits(out, ids), _gptqmodel_logits(gptqmodel, out, ids)
+    assert _relative_error(theirs, ours) < 5e-3
+    assert _relative_error(_llmctl_logits(tiny_llama_dir, ids), ours) > 10 * _relative_error(theirs, ours)
+
+
+def test_transformers_loads_what_llmctl_writes(gptqmodel, optimum, tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from transformers import GPTQConfig as HFGPTQConfig
+
+    from llmctl.quant.run import quantize_checkpoint
+
+    out = tmp_path / "llmctl-gptq"
+    quantize_checkpoint(tiny_llama_dir, out, QuantConfig(GPTQConfig(group_size=32), num_samples=4, seq_len=64),
+                        device="cpu", run_eval=False)
+    # transformers reads config.json's quantization_config; backend="torch" picks GPTQModel's
+    # plain dequantizing kernel (its CPU default, TorchAtenLinear, adds ~1e-2 of its own error).
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16, device_map="cpu",
+                                                 quantization_config=HFGPTQConfig(bits=4, backend="torch"))
+    assert type(model.model.layers[0].self_attn.q_proj).__module__.startswith("gptqmodel")
+    ids = _ids()
+    with torch.no_grad():
+        theirs = model(ids).logits.float()
+    ours = _llmctl_logits(out, ids)
     assert _relative_error(theirs, ours) < 5e-3
     assert _relative_error(_llmctl_logits(tiny_llama_dir, ids), ours) > 10 * _relative_error(theirs, ours)
