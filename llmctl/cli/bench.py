@@ -8,41 +8,58 @@ from typing import Annotated, Optional
 import typer
 
 from llmctl.cli import bench_serve
+from llmctl.cli.common import examples
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 
 
+_W = "Workload"
+_E = "Engine"
+_OUT = "Output"
+THROUGHPUT_EXAMPLES = (
+    "llmctl bench throughput --num-prompts 64 --input-len 128 --output-len 128",
+    "llmctl bench throughput --model smollm2-gptq --baseline default",
+    "llmctl bench throughput --model recipes/llama3-8b.yaml --load-format dummy",
+)
+SERVE_EXAMPLES = (
+    "llmctl bench serve --base-url http://127.0.0.1:8000 --num-prompts 64",
+    "llmctl bench serve --max-concurrency 16 --dataset corpus --output-json s.json",
+)
+KERNELS_EXAMPLES = (
+    "llmctl bench kernels",
+    "llmctl bench kernels --batch-sizes 1,16,256 --group-size 64",
+)
+
+
 @app.command("throughput", help="Offline, in-process throughput (like `vllm bench throughput`). With a recipe as "
-                                  "--model, its model, cache, scheduler and bench settings are the defaults.")
+                                  "--model, its model, cache, scheduler and bench settings are the defaults.",
+             epilog=examples(*THROUGHPUT_EXAMPLES))
 def throughput(
-    model: Annotated[str, typer.Option(help="'default', a local HF model dir, or a recipe YAML.")] = "default",
-    num_prompts: Annotated[Optional[int], typer.Option(help="Requests in the workload [64].")] = None,
-    input_len: Annotated[Optional[int], typer.Option(help="Prompt tokens per request [128].")] = None,
-    output_len: Annotated[Optional[int], typer.Option(help="Generated tokens per sample, EOS ignored [128].")] = None,
-    n: Annotated[Optional[int], typer.Option(help="Samples per request [1].")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="random (token ids) or corpus (embedded Wikipedia) [random].")] = None,
-    backend: Annotated[str, typer.Option(help="llmctl | hf | hf-sequential | all, or a comma-separated list")] = "llmctl",
-    baseline: Annotated[Optional[str], typer.Option(help="A second model through llmctl, same settings and prompts "
-                                                         "(e.g. a checkpoint's original).")] = None,
-    max_num_seqs: Annotated[Optional[int], typer.Option(help="Engine: sequences per step [128].")] = None,
-    max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="Engine: tokens per step [2048].")] = None,
-    max_model_len: Annotated[Optional[int], typer.Option(help="Engine: longest sequence [the model's].")] = None,
-    hf_batch_size: Annotated[int, typer.Option(help="Prompts per transformers generate call (--backend hf).")] = 64,
-    dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | float16 | bfloat16 [auto].")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda [auto].")] = None,
-    load_format: Annotated[str, typer.Option(help="auto, or dummy (random weights of the model's shapes).")] = "auto",
-    quantization: Annotated[Optional[str], typer.Option(
-        help="gptq: with --load-format dummy, random GPTQ 4-bit weights (group 128) of the model's shapes.")] = None,
-    enforce_eager: Annotated[Optional[bool], typer.Option(
-        help="Never replay CUDA graphs for decode and prefill steps (GPU) [off].")] = None,
-    kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV budget, e.g. 1GiB [CPU: 1GiB].")] = None,
-    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="Share of GPU memory used [0.9].")] = None,
-    enable_prefix_caching: Annotated[Optional[bool], typer.Option(help="Automatic prefix caching [on].")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the prompts and of dummy weights [0].")] = None,
-    output_json: Annotated[Optional[Path], typer.Option(help="Write results, machine and commit here.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
-    show_config: Annotated[bool, typer.Option("--show-config", help="Print every setting and where it came "
-                                                                      "from (flag, recipe, default), then exit.")] = False,
+    model: Annotated[str, typer.Option(help="'default', a model dir or a recipe YAML.")] = "default",
+    baseline: Annotated[Optional[str], typer.Option(help="A second model, same prompts, same run.")] = None,
+    backend: Annotated[str, typer.Option(help="llmctl, hf, hf-sequential, all, or a list.")] = "llmctl",
+    num_prompts: Annotated[Optional[int], typer.Option(help="Requests. \\[default: 64]", rich_help_panel=_W)] = None,
+    input_len: Annotated[Optional[int], typer.Option(help="Prompt tokens. \\[default: 128]", rich_help_panel=_W)] = None,
+    output_len: Annotated[Optional[int], typer.Option(help="Output tokens, EOS ignored. \\[default: 128]", rich_help_panel=_W)] = None,
+    n: Annotated[Optional[int], typer.Option(help="Samples per request. \\[default: 1]", rich_help_panel=_W)] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="random or corpus. \\[default: random]", rich_help_panel=_W)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of prompts and dummy weights. \\[default: 0]", rich_help_panel=_W)] = None,
+    max_num_seqs: Annotated[Optional[int], typer.Option(help="Sequences per step. \\[default: 128]", rich_help_panel=_E)] = None,
+    max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="Tokens per step. \\[default: 2048]", rich_help_panel=_E)] = None,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Longest sequence. \\[default: the model's]", rich_help_panel=_E)] = None,
+    hf_batch_size: Annotated[int, typer.Option(help="Prompts per hf generate call.", rich_help_panel=_E)] = 64,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, float32, float16, bfloat16. \\[default: auto]", rich_help_panel=_E)] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda. \\[default: auto]", rich_help_panel=_E)] = None,
+    load_format: Annotated[str, typer.Option(help="auto, or dummy (random weights).", rich_help_panel=_E)] = "auto",
+    quantization: Annotated[Optional[str], typer.Option(help="gptq: dummy weights in 4-bit.", rich_help_panel=_E)] = None,
+    enforce_eager: Annotated[Optional[bool], typer.Option(help="No CUDA graphs (decode, prefill). \\[default: off]", rich_help_panel=_E)] = None,
+    kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV budget. \\[default: CPU: 1GiB]", rich_help_panel=_E)] = None,
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="GPU memory share. \\[default: 0.9]", rich_help_panel=_E)] = None,
+    enable_prefix_caching: Annotated[Optional[bool], typer.Option(help="Prefix caching. \\[default: on]", rich_help_panel=_E)] = None,
+    output_json: Annotated[Optional[Path], typer.Option(help="Write results, machine, commit.", rich_help_panel=_OUT)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON, not the table.", rich_help_panel=_OUT)] = False,
+    show_config: Annotated[bool, typer.Option("--show-config", help="Print each setting and its source; exit.",
+                                              rich_help_panel=_OUT)] = False,
 ) -> None:
     from llmctl.bench.throughput import BACKENDS
     from llmctl.cli.bench_throughput import run_throughput_command, throughput_settings
@@ -71,14 +88,15 @@ def throughput(
     run_throughput_command(config, bench, backends, hf_batch_size, load_format, output_json, as_json, baseline)
 
 
-app.add_typer(bench_serve.app, name="serve", help="Load any OpenAI-compatible server with streaming requests; report "
+app.add_typer(bench_serve.app, name="serve", epilog=examples(*SERVE_EXAMPLES), help="Load any OpenAI-compatible server with streaming requests; report "
                                                   "`vllm bench serve` metrics (TTFT, TPOT, ITL, E2EL, goodput). "
                                                   "`sweep`: rates, concurrencies or an SLO search.")
 
 
-@app.command("kernels", help="W4A16 kernels against cuBLAS fp16 on Llama-3-8B layer shapes (GPU).")
+@app.command("kernels", help="W4A16 kernels against cuBLAS fp16 on Llama-3-8B layer shapes (GPU).",
+             epilog=examples(*KERNELS_EXAMPLES))
 def kernels(
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated M values.")] = "1,2,4,8,16,32,64,128,256,1024,4096",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated M values.", show_default="1,2,4,...,1024,4096")] = "1,2,4,8,16,32,64,128,256,1024,4096",
     group_size: Annotated[int, typer.Option(help="GPTQ group size: -1, 32, 64 or 128.")] = 128,
     act_order: Annotated[bool, typer.Option(help="Also time act-order (permuted K) weights.")] = True,
     reps: Annotated[int, typer.Option(help="CUDA-graph replays per timing (the median is kept).")] = 20,

@@ -14,12 +14,12 @@ from llmctl.errors import LlmctlError
 _T, _W, _L, _M, _O = "Target", "Workload", "Load", "Metrics", "Output"
 
 BaseUrl = Annotated[Optional[list[str]], typer.Option(
-    help="Server root; twice or more for an A/B run (default: local 8000).", rich_help_panel=_T)]
+    help="Server root; twice or more for an A/B run. \\[default: local 8000]", rich_help_panel=_T)]
 Endpoint = Annotated[str, typer.Option(help="/v1/completions or /v1/chat/completions.", rich_help_panel=_T)]
-Model = Annotated[Optional[str], typer.Option(help="Model name to send (default: first listed).", rich_help_panel=_T)]
+Model = Annotated[Optional[str], typer.Option(help="Model name to send. \\[default: first listed]", rich_help_panel=_T)]
 ApiKey = Annotated[Optional[str], typer.Option(envvar="LLMCTL_API_KEY", help="Bearer key.", rich_help_panel=_T)]
 Tokenizer = Annotated[Optional[str], typer.Option(
-    help="Local tokenizer dir (default: server /tokenize).", rich_help_panel=_T)]
+    help="Local tokenizer dir. \\[default: server /tokenize]", rich_help_panel=_T)]
 Dataset = Annotated[str, typer.Option(help="random, corpus (chat-like lengths) or a JSONL file.", rich_help_panel=_W)]
 NumPrompts = Annotated[int, typer.Option(help="Requests to measure.", rich_help_panel=_W)]
 InputLen = Annotated[int, typer.Option("--random-input-len", "--input-len", help="Prompt tokens (exact).",
@@ -116,7 +116,14 @@ def serve_bench(
 _S = "Sweep"
 
 
-@app.command("sweep", help="Rates, concurrencies or an SLO search; one table and one JSON.")
+SWEEP_EXAMPLES = (
+    "llmctl bench serve sweep --request-rates 1,2,4,8",
+    "llmctl bench serve sweep --concurrencies 1,4,16 --output-json sweep.json",
+)
+
+
+@app.command("sweep", help="Rates, concurrencies or an SLO search; one table and one JSON.",
+             epilog="[bold]Examples[/bold]\n\n" + "\n\n".join(f"  {e}" for e in SWEEP_EXAMPLES))
 def sweep(
     base_url: BaseUrl = None, endpoint: Endpoint = "/v1/completions", model: Model = None, api_key: ApiKey = None,
     tokenizer: Tokenizer = None, dataset: Dataset = "random", num_prompts: NumPrompts = 64, input_len: InputLen = 128,

@@ -12,8 +12,27 @@ import typer
 
 from llmctl import __version__
 from llmctl.cli import bench, evaluate, models, plan, quantize, serve
+from llmctl.cli.common import examples
 from llmctl.errors import LlmctlError
 
+
+def _keep_option_names_whole() -> None:
+    """Typer's option tables leave every column wrappable, so at 80 columns rich shrinks the
+    widest ones first, which are the option names (`--max-num-batched-t…`). Names and types
+    never wrap here; the help text wraps instead."""
+    from rich.table import Table
+    from typer import rich_utils
+
+    class _OptionsTable(Table):
+        def add_row(self, *cells, **kwargs) -> None:
+            super().add_row(*cells, **kwargs)
+            for column in self.columns[:-1]:
+                column.no_wrap = True
+
+    rich_utils.Table = _OptionsTable
+
+
+_keep_option_names_whole()
 app = typer.Typer(
     name="llmctl",
     help="From open LLM weights to a measured production server: quantize, eval, serve, bench.",
@@ -22,12 +41,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-app.command("quantize", help="GPTQ-compress a model to 2/3/4/8 bits into a standard GPTQ checkpoint.")(quantize.quantize)
+app.command("quantize", help="GPTQ-compress a model to 2/3/4/8 bits into a standard GPTQ checkpoint.",
+            epilog=examples(*quantize.EXAMPLES))(quantize.quantize)
 app.command("eval", help="Not built yet. Will check a quantized model against its original (quantize already writes llmctl_eval.json).")(evaluate.evaluate)
-app.command("serve", help="Run an OpenAI-compatible HTTP server on llmctl's engine.")(serve.serve)
+app.command("serve", help="Run an OpenAI-compatible HTTP server on llmctl's engine.",
+            epilog=examples(*serve.EXAMPLES))(serve.serve)
 app.add_typer(bench.app, name="bench", help="Measure throughput, serving latency and kernels.")
-app.command("models", help="Show the embedded default model and its cache, or inspect a local model dir.")(models.models)
-app.command("plan", help="Plan KV-cache memory and concurrency for a model before loading any weights.")(plan.plan)
+app.command("models", help="Show the embedded default model and its cache, or inspect a local model dir.",
+            epilog=examples(*models.EXAMPLES))(models.models)
+app.command("plan", help="Plan KV-cache memory and concurrency for a model before loading any weights.",
+            epilog=examples(*plan.EXAMPLES))(plan.plan)
 
 
 def _version_callback(value: bool) -> None:

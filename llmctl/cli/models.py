@@ -13,6 +13,12 @@ import typer
 
 from llmctl.units import format_bytes
 
+EXAMPLES = (
+    "llmctl models",
+    "llmctl models ./smollm2-gptq --json",
+    "llmctl models --convert",
+)
+
 
 def models(
     model: Annotated[Optional[str], typer.Argument(metavar="[MODEL]", help="A local Hugging Face model dir; omit (or 'default') for the embedded model.")] = None,

@@ -57,6 +57,13 @@ def resolve_plan_target(settings):
     return Path(model.model).name, load_arch(Path(model.model))
 
 
+EXAMPLES = (
+    "llmctl plan recipes/llama3-8b.yaml --gpu-memory 80GiB",
+    "llmctl plan recipes/llama3-8b.yaml --gpu-memory 24GB -tp 2",
+    "llmctl plan default --device cpu --kv-cache-memory 512MiB",
+)
+
+
 def plan(
     model_or_recipe: Annotated[str, typer.Argument(metavar="MODEL_OR_RECIPE",
                                                    help="'default', a local HF model dir, or a recipe YAML.")] = "default",

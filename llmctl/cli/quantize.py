@@ -9,28 +9,34 @@ import typer
 
 _GPTQ = "GPTQ"
 _CALIB = "Calibration"
+_OUT = "Output"
+EXAMPLES = (
+    "llmctl quantize default -o smollm2-gptq",
+    "llmctl quantize ./Llama-3-8B -o llama3-gptq --recipe recipes/llama3-8b.yaml",
+    "llmctl quantize default -o q --num-samples 8 --seq-len 256 --no-eval",
+)
 
 
 def quantize(
-    model: Annotated[Optional[str], typer.Argument(help="Model dir (HF layout, safetensors) or `default`.")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Where to write the GPTQ checkpoint dir.")] = None,
-    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Recipe YAML: its quantize/eval sections give the defaults.")] = None,
-    bits: Annotated[Optional[int], typer.Option(help="2, 3, 4 or 8 (default 4).", rich_help_panel=_GPTQ)] = None,
-    group_size: Annotated[Optional[int], typer.Option(help="Columns per scale/zero; -1 = one group (default 128).", rich_help_panel=_GPTQ)] = None,
-    desc_act: Annotated[Optional[bool], typer.Option("--desc-act/--no-desc-act", help="Act-order: quantize columns by decreasing activation energy (stores g_idx).", rich_help_panel=_GPTQ)] = None,
-    sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="Symmetric grid (format gptq) or asymmetric (format gptq_v2).", rich_help_panel=_GPTQ)] = None,
-    damp_percent: Annotated[Optional[float], typer.Option(help="Hessian dampening, a fraction of its mean diagonal (default 0.01).", rich_help_panel=_GPTQ)] = None,
-    static_groups: Annotated[Optional[bool], typer.Option("--static-groups/--no-static-groups", help="Fix group grids before GPTQ (with act-order).", rich_help_panel=_GPTQ)] = None,
-    true_sequential: Annotated[Optional[bool], typer.Option("--true-sequential/--no-true-sequential", help="Quantize qkv, o, gate_up, down in turn, re-running the layer between.", rich_help_panel=_GPTQ)] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Calibration text: a .txt/.json/.jsonl/.parquet/.csv file (default: the embedded corpus, training split).", rich_help_panel=_CALIB)] = None,
-    num_samples: Annotated[Optional[int], typer.Option(help="Calibration sequences (default 128).", rich_help_panel=_CALIB)] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per calibration sequence (default 2048, capped by the model).", rich_help_panel=_CALIB)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling calibration text.", rich_help_panel=_CALIB)] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N: where each layer is quantized (default auto).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output dir.")] = False,
-    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the held-out perplexity check after quantizing.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
-    show_config: Annotated[bool, typer.Option("--show-config", help="Print every setting and where it came from (flag, recipe, default), then exit.")] = False,
+    model: Annotated[Optional[str], typer.Argument(help="Model dir (HF layout) or `default`.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="New checkpoint dir.", rich_help_panel=_OUT)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing checkpoint dir.", rich_help_panel=_OUT)] = False,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the held-out accuracy check.", rich_help_panel=_OUT)] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.", rich_help_panel=_OUT)] = False,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Recipe YAML giving the defaults \\[default: the default model's own].")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="2, 3, 4 or 8. \\[default: 4]", rich_help_panel=_GPTQ)] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="Columns per scale; -1: one group. \\[default: 128]", rich_help_panel=_GPTQ)] = None,
+    desc_act: Annotated[Optional[bool], typer.Option("--desc-act/--no-desc-act", help="Act-order (stores g_idx).", rich_help_panel=_GPTQ)] = None,
+    sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="Symmetric grid (gptq) or not (gptq_v2).", rich_help_panel=_GPTQ)] = None,
+    damp_percent: Annotated[Optional[float], typer.Option(help="Hessian dampening. \\[default: 0.01]", rich_help_panel=_GPTQ)] = None,
+    static_groups: Annotated[Optional[bool], typer.Option("--static-groups/--no-static-groups", help="Fix group grids first.", rich_help_panel=_GPTQ)] = None,
+    true_sequential: Annotated[Optional[bool], typer.Option("--true-sequential/--no-true-sequential", help="Sub-layers in turn.", rich_help_panel=_GPTQ)] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Local .txt/.json/.jsonl/.parquet/.csv file or dir. \\[default: embedded corpus]", rich_help_panel=_CALIB)] = None,
+    num_samples: Annotated[Optional[int], typer.Option(help="Calibration sequences. \\[default: 128]", rich_help_panel=_CALIB)] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence. \\[default: 2048]", rich_help_panel=_CALIB)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the text sample. \\[default: 0]", rich_help_panel=_CALIB)] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N. \\[default: auto]")] = None,
+    show_config: Annotated[bool, typer.Option("--show-config", help="Print each setting and its source; exit.")] = False,
 ) -> None:
     from llmctl.errors import ConfigError
     from llmctl.settings import QUANTIZE_SECTIONS, print_settings, resolve

@@ -8,33 +8,40 @@ from typing import Annotated, Optional
 import typer
 
 _ENGINE = "Engine"
+_SWITCH = "Engine switches"
 _SERVER = "Server"
+_TEST = "Testing"
+EXAMPLES = (
+    "llmctl serve",
+    "llmctl serve smollm2-gptq --port 8001 --api-key \"$KEY\"",
+    "llmctl serve recipes/llama3-8b.yaml --max-num-seqs 64",
+)
 
 
 def serve(
-    model: Annotated[Optional[str], typer.Argument(help="Model dir, GPTQ checkpoint, recipe YAML or `default`.")] = None,
+    model: Annotated[Optional[str], typer.Argument(help="Model dir, GPTQ checkpoint, recipe or `default`.")] = None,
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="Recipe YAML (model, cache, scheduler, serve).")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1: local only).", rich_help_panel=_SERVER)] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).", rich_help_panel=_SERVER)] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind. \\[default: 127.0.0.1]", rich_help_panel=_SERVER)] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port, checked before loading. \\[default: 8000]", rich_help_panel=_SERVER)] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="The model name clients send.", rich_help_panel=_SERVER)] = None,
-    api_key: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer KEY` on /v1 (or set LLMCTL_API_KEY).", rich_help_panel=_SERVER)] = None,
-    max_request_bytes: Annotated[Optional[int], typer.Option(help="Largest request body accepted (413 past it).", rich_help_panel=_SERVER)] = None,
-    shutdown_grace_s: Annotated[Optional[float], typer.Option(help="Seconds in-flight requests get to finish on SIGTERM/SIGINT.", rich_help_panel=_SERVER)] = None,
-    chat_template: Annotated[Optional[str], typer.Option(help="A Jinja chat template file that replaces the model's.", rich_help_panel=_SERVER)] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto | float32 | float16 | bfloat16.", rich_help_panel=_ENGINE)] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N.", rich_help_panel=_ENGINE)] = None,
-    max_model_len: Annotated[Optional[int], typer.Option(help="Context length (default: the model's).", rich_help_panel=_ENGINE)] = None,
-    max_num_seqs: Annotated[Optional[int], typer.Option(help="Most sequences in one batch.", rich_help_panel=_ENGINE)] = None,
-    max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="Most tokens in one step.", rich_help_panel=_ENGINE)] = None,
-    block_size: Annotated[Optional[int], typer.Option(help="KV-cache block size in tokens.", rich_help_panel=_ENGINE)] = None,
-    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="Share of GPU memory the engine may take.", rich_help_panel=_ENGINE)] = None,
-    kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV-cache budget, e.g. 2GiB (the CPU's budget).", rich_help_panel=_ENGINE)] = None,
-    enable_prefix_caching: Annotated[Optional[bool], typer.Option("--enable-prefix-caching/--no-enable-prefix-caching", help="Reuse KV blocks of shared prompt prefixes.", rich_help_panel=_ENGINE)] = None,
-    enforce_eager: Annotated[Optional[bool], typer.Option("--enforce-eager/--no-enforce-eager", help="Never replay CUDA graphs for decode and prefill steps (GPU).", rich_help_panel=_ENGINE)] = None,
-    load_format: Annotated[str, typer.Option(help="auto, or dummy: random weights of the model's shapes.", rich_help_panel=_ENGINE)] = "auto",
-    quantization: Annotated[Optional[str], typer.Option(help="gptq: with --load-format dummy, random GPTQ 4-bit weights.", rich_help_panel=_ENGINE)] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="Require this bearer key on /v1 (or LLMCTL_API_KEY).", rich_help_panel=_SERVER)] = None,
+    max_request_bytes: Annotated[Optional[int], typer.Option(help="Largest body; 413 past it. \\[default: 4194304]", rich_help_panel=_SERVER)] = None,
+    shutdown_grace_s: Annotated[Optional[float], typer.Option(help="Seconds to finish on SIGTERM. \\[default: 10]", rich_help_panel=_SERVER)] = None,
+    chat_template: Annotated[Optional[str], typer.Option(help="Jinja chat template file to use instead.", rich_help_panel=_SERVER)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, float32, float16, bfloat16. \\[default: auto]", rich_help_panel=_ENGINE)] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N. \\[default: auto]", rich_help_panel=_ENGINE)] = None,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Context length. \\[default: the model's]", rich_help_panel=_ENGINE)] = None,
+    max_num_seqs: Annotated[Optional[int], typer.Option(help="Sequences per step. \\[default: 128]", rich_help_panel=_ENGINE)] = None,
+    max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="Tokens per step. \\[default: 2048]", rich_help_panel=_ENGINE)] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="Tokens per KV block. \\[default: 16]", rich_help_panel=_ENGINE)] = None,
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="GPU memory share. \\[default: 0.9]", rich_help_panel=_ENGINE)] = None,
+    kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV budget, e.g. 2GiB. \\[default: CPU: 1GiB]", rich_help_panel=_ENGINE)] = None,
+    enable_prefix_caching: Annotated[Optional[bool], typer.Option("--enable-prefix-caching/--no-enable-prefix-caching", help="Share prompt prefixes' KV.", rich_help_panel=_SWITCH)] = None,
+    enforce_eager: Annotated[Optional[bool], typer.Option("--enforce-eager/--no-enforce-eager", help="No CUDA graphs (decode, prefill).", rich_help_panel=_SWITCH)] = None,
+    load_format: Annotated[str, typer.Option(help="auto, or dummy (random weights).", rich_help_panel=_TEST)] = "auto",
+    quantization: Annotated[Optional[str], typer.Option(help="gptq: dummy weights in 4-bit.", rich_help_panel=_TEST)] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.", rich_help_panel=_SERVER)] = "info",
-    show_config: Annotated[bool, typer.Option("--show-config", help="Print every setting and where it came from (flag, recipe, default), then exit.")] = False,
+    show_config: Annotated[bool, typer.Option("--show-config", help="Print each setting and its source; exit.")] = False,
 ) -> None:
     from llmctl.engine.loading import check_load_format
     from llmctl.errors import ConfigError
