@@ -16,6 +16,17 @@ Flags are keyed "section.field" with the recipe's section names (`model`, `quant
 `eval`, `cache`, `scheduler`, `parallel`, `serve`, `bench`); None means "not given".
 GPTQ fields sit directly in `quantize` (`quantize.bits`), as in the recipe. The model
 argument is `model.model`. Configs are validated once, when built.
+
+A new command follows the same three steps; for `llmctl eval`, say:
+
+    settings = resolve(model, {"eval.num_windows": num_windows, "model.dtype": dtype}, recipe=recipe)
+    if show_config:
+        print_settings(settings, EVAL_SECTIONS)   # model, cache, scheduler, parallel, eval
+        return
+    run(settings.engine, settings.eval)           # frozen EngineConfig and EvalConfig
+
+(`LLMEngine.from_engine_args(model, **engine_args)` resolves vLLM-style keyword arguments the
+same way, through `engine_flags`.)
 """
 
 from __future__ import annotations
