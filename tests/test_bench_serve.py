@@ -32,7 +32,7 @@ def _cfg(url: str, **kw) -> ServeBenchConfig:
     return ServeBenchConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("process,burstiness", [("poisson", 1.0), ("gamma", 0.25), ("constant", 1.0)])
+@pytest.mark.parametrize("process,burstiness", [("poisson", 1.0), ("gamma", 0.1), ("constant", 1.0)])
 def test_arrival_process_produces_its_distribution(server, process, burstiness):
     """The gaps between the real send times follow the process: a two-sample KS test
     against 100,000 draws of the intended distribution passes, and the one against an
@@ -134,6 +134,17 @@ def test_warmup_excluded_and_metrics_equal_a_hand_computation(server, tmp_path):
     assert s["request_throughput"] == pytest.approx(6 / duration)
     assert s["total_output_tokens"] == sum(r["output_len"] for r in counted) == 24
     assert len(csv_path.read_text().splitlines()) == 1 + 8
+
+
+def test_soak_repeats_the_workload_for_the_duration(server):
+    """--duration with --max-concurrency: clients stay busy, cycling over a workload of two
+    prompts, some hang up on purpose; nothing fails."""
+    report = benchmark(_cfg(server, num_prompts=2, input_len=8, output_len=4, max_concurrency=2, duration_s=4.0,
+                            disconnect_fraction=0.3, seed=4))
+    recs = report["requests"]
+    assert len(recs) > 2 and report["failed"] == 0, report["errors"]
+    assert report["completed"] + report["disconnected"] == len(recs) and report["completed"] > 0
+    assert max(r["send_time"] for r in recs) < 4.0  # nothing is sent after the duration
 
 
 def test_report_json_is_strict_json(server, tmp_path):
