@@ -259,3 +259,20 @@ def test_serve_dummy_gptq_weights_of_a_recipe(tmp_path):
     assert report["completed"] == 3, report["errors"]
     assert all(r["prompt_len"] == r["expected_prompt_len"] == 30 for r in report["requests"])
     assert all(r["output_len"] == 6 and len(r["itl"]) == 5 for r in report["requests"])
+
+
+def test_slo_search_bisects_below_the_capacity(server, tmp_path):
+    """With limits every request meets, each probe passes: after the capacity run, two
+    bisection steps end at 3/4 of the measured capacity, printed as the best rate."""
+    out = tmp_path / "search.json"
+    proc = run_cli("bench", "serve", "sweep", "--base-url", server, "--api-key", API_KEY, "--num-prompts", "4",
+                   "--input-len", "8", "--output-len", "2", "--slo", "ttft:600000", "--slo", "tpot:600000",
+                   "--search-steps", "2", "--output-json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    capacity, *probes = report["rows"]
+    assert capacity["point"] == "capacity" and len(probes) == 2
+    c = capacity["request_throughput"]
+    assert [p["request_rate"] for p in probes] == pytest.approx([c / 2, 3 * c / 4])
+    assert report["best"][server]["request_rate"] == pytest.approx(3 * c / 4)
+    assert "highest rate meeting" in proc.stdout

@@ -32,7 +32,7 @@ def points_table(report: dict, title: str):
     legend = "; ".join(f"{k} = {u}" for u, k in names.items())
     table = Table(title=title, caption=legend, title_justify="left", caption_justify="left")
     for head in ("point", "", *(c[1] for c in _COLUMNS)):
-        table.add_column(head, justify="left" if head in ("point", "") else "right")
+        table.add_column(head, justify="left" if head in ("point", "") else "right", no_wrap=head == "point")
     for row in report["rows"]:
         point = row["point"] + (" (stopped)" if row.get("stopped_early") else "")
         table.add_row(point, names[row["base_url"]], *(_cell(row.get(k), f) for k, _, f in _COLUMNS))
