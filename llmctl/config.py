@@ -78,6 +78,17 @@ class SchedulerConfig:
         _check(self.max_waiting > 0, "max_waiting", "must be positive")
 
 
+def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
+    """KV heads each tensor-parallel rank holds: its share, or one replica when there are fewer
+    KV heads than ranks (vLLM's rule; a rank's KV cache holds only these)."""
+    return max(1, num_kv_heads // tp_size)
+
+
+def vocab_rows_per_rank(vocab_size: int, tp_size: int) -> int:
+    """Rows of the embedding and the LM head per tensor-parallel rank: equal pieces, the last padded."""
+    return -(-vocab_size // tp_size)
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1

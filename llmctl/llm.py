@@ -110,5 +110,6 @@ class LLM:
         for layer in engine.runner.attn_layers:
             layer.k_cache = layer.v_cache = torch.empty(0)
         engine.model = engine.runner.model = None
+        engine.shutdown()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -63,8 +63,8 @@ def test_tensor_parallel_on_a_model_that_fits_is_wasteful():
     plan = _plan(tp=2, activation=1 * GiB)
     assert plan.tp_verdict == "wasteful"
     assert plan.kv_bytes_per_token_rank == 65_536
-    # Each rank keeps half the weights and half the KV heads.
-    assert plan.kv_cache_bytes == int(80 * GiB * 0.9) - 8_030_261_248 - 1 * GiB
+    # Each rank keeps half the weights (norms whole) and half the KV heads.
+    assert plan.kv_cache_bytes == int(80 * GiB * 0.9) - 8_030_527_488 - 1 * GiB
 
 
 def test_tensor_parallel_needed_when_weights_do_not_fit():

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from llmctl.config import GPTQConfig
 from llmctl.errors import ConfigError, ModelLoadError
+from llmctl.layers.tensor_parallel import TensorParallel
 from llmctl.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -30,7 +31,7 @@ def test_column_parallel_ranks_concatenate_to_the_full_output() -> None:
     w, b, x = _rand(24, 16), _rand(24), _rand(5, 16)
     outs = []
     for rank in range(2):
-        layer = ColumnParallelLinear(16, 24, bias=True, tp_size=2, tp_rank=rank)
+        layer = ColumnParallelLinear(16, 24, bias=True, tp=TensorParallel(rank, 2))
         layer.weight_loader(layer.weight, w)
         layer.weight_loader(layer.bias, b)
         outs.append(layer(x))
@@ -41,7 +42,7 @@ def test_row_parallel_ranks_sum_to_the_full_output() -> None:
     w, x = _rand(12, 32), _rand(5, 32)
     partial = []
     for rank in range(2):
-        layer = RowParallelLinear(32, 12, tp_size=2, tp_rank=rank)
+        layer = RowParallelLinear(32, 12, tp=TensorParallel(rank, 2))
         layer.weight_loader(layer.weight, w)
         # The all-reduce needs a process group; the per-rank product is what it would sum.
         partial.append(layer.linear_method.apply(layer, x[:, rank * 16:(rank + 1) * 16]))
@@ -51,7 +52,7 @@ def test_row_parallel_ranks_sum_to_the_full_output() -> None:
 def test_qkv_shards_land_in_their_slices_per_rank() -> None:
     wq, wk, wv = _rand(32, 16), _rand(16, 16), _rand(16, 17)[:, :16]
     for rank in range(2):
-        layer = QKVParallelLinear(16, head_dim=4, num_heads=8, num_kv_heads=4, tp_size=2, tp_rank=rank)
+        layer = QKVParallelLinear(16, head_dim=4, num_heads=8, num_kv_heads=4, tp=TensorParallel(rank, 2))
         for shard_id, w in zip("qkv", (wq, wk, wv)):
             layer.weight_loader(layer.weight, w, shard_id)
         expected = torch.cat([wq.chunk(2)[rank], wk.chunk(2)[rank], wv.chunk(2)[rank]])

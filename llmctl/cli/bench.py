@@ -56,6 +56,7 @@ def throughput(
     kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV budget. \\[default: CPU: 1GiB]", rich_help_panel=_E)] = None,
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="GPU memory share. \\[default: 0.9]", rich_help_panel=_E)] = None,
     enable_prefix_caching: Annotated[Optional[bool], typer.Option(help="Prefix caching. \\[default: on]", rich_help_panel=_E)] = None,
+    tensor_parallel_size: Annotated[Optional[int], typer.Option("--tensor-parallel-size", "-tp", help="GPUs the model spans. \\[default: 1]", rich_help_panel=_E)] = None,
     output_json: Annotated[Optional[Path], typer.Option(help="Write results, machine, commit.", rich_help_panel=_OUT)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON, not the table.", rich_help_panel=_OUT)] = False,
     show_config: Annotated[bool, typer.Option("--show-config", help="Print each setting and its source; exit.",
@@ -78,7 +79,7 @@ def throughput(
         seed=seed, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len, dtype=dtype, device=device, kv_cache_memory=kv_cache_memory,
         gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
-        quantization=quantization, enforce_eager=enforce_eager)
+        quantization=quantization, enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size)
     if show_config:
         from llmctl.settings import BENCH_SECTIONS, print_settings
 

@@ -15,7 +15,7 @@ def throughput_settings(model: str, **options):
                 "dataset": "bench", "max_num_seqs": "scheduler", "max_num_batched_tokens": "scheduler",
                 "max_model_len": "model", "dtype": "model", "device": "model", "quantization": "model",
                 "enforce_eager": "model", "kv_cache_memory": "cache", "gpu_memory_utilization": "cache",
-                "enable_prefix_caching": "cache"}
+                "enable_prefix_caching": "cache", "tensor_parallel_size": "parallel"}
     flags = {f"{sections[k]}.{k}": v for k, v in options.items() if k != "seed"}
     flags.update({"model.seed": options.get("seed"), "bench.seed": options.get("seed")})
     return resolve(model, flags)

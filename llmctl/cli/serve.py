@@ -38,6 +38,7 @@ def serve(
     kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV budget, e.g. 2GiB. \\[default: CPU: 1GiB]", rich_help_panel=_ENGINE)] = None,
     enable_prefix_caching: Annotated[Optional[bool], typer.Option("--enable-prefix-caching/--no-enable-prefix-caching", help="Share prompt prefixes' KV.", rich_help_panel=_SWITCH)] = None,
     enforce_eager: Annotated[Optional[bool], typer.Option("--enforce-eager/--no-enforce-eager", help="No CUDA graphs (decode, prefill).", rich_help_panel=_SWITCH)] = None,
+    tensor_parallel_size: Annotated[Optional[int], typer.Option("--tensor-parallel-size", "-tp", help="GPUs the model spans. \\[default: 1]", rich_help_panel=_ENGINE)] = None,
     load_format: Annotated[str, typer.Option(help="auto, or dummy (random weights).", rich_help_panel=_TEST)] = "auto",
     quantization: Annotated[Optional[str], typer.Option(help="gptq: dummy weights in 4-bit.", rich_help_panel=_TEST)] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.", rich_help_panel=_SERVER)] = "info",
@@ -58,7 +59,7 @@ def serve(
         "scheduler.max_num_seqs": max_num_seqs, "scheduler.max_num_batched_tokens": max_num_batched_tokens,
         "cache.block_size": block_size, "cache.gpu_memory_utilization": gpu_memory_utilization,
         "cache.kv_cache_memory": kv_cache_memory, "cache.enable_prefix_caching": enable_prefix_caching,
-        "model.quantization": quantization,
+        "model.quantization": quantization, "parallel.tensor_parallel_size": tensor_parallel_size,
     }, recipe=recipe)
     if show_config:
         print_settings(settings, SERVE_SECTIONS)
@@ -85,6 +86,12 @@ def resolve_api_key(flag: str | None) -> str | None:
 
 def _run(engine_config, serve_config, model_arg: str | None, log_level: str, load_format: str = "auto") -> None:
     from rich.console import Console
+
+    if int(os.environ.get("RANK", "0")) > 0 and engine_config.parallel.tensor_parallel_size > 1:
+        from llmctl.engine.llm_engine import LLMEngine
+
+        LLMEngine(engine_config, load_format=load_format)  # a worker rank started by torchrun: runs rank 0's steps, never returns
+        return
 
     from llmctl.serve.listen import bind_socket
 
@@ -128,4 +135,7 @@ def _load_and_serve(console, sock, engine_config, serve_config, model_arg, log_l
     if serve_config.host not in ("127.0.0.1", "localhost", "::1") and not serve_config.api_key:
         console.print(f"WARNING: bound to {serve_config.host} with no --api-key: anyone who reaches this port can use it",
                       style="bold red", markup=False)
-    run_server(app, serve_config, log_level=log_level, sock=sock)
+    try:
+        run_server(app, serve_config, log_level=log_level, sock=sock)
+    finally:
+        engine.shutdown()  # the other tensor-parallel ranks stop with this one

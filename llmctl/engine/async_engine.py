@@ -80,6 +80,9 @@ class AsyncEngine:
         # Called on the engine thread when the engine dies (the server then stops and exits non-zero).
         self.on_dead: Callable[[BaseException], None] | None = None
         self.stats: Any = None
+        on_fatal = getattr(engine, "on_fatal", None)
+        if on_fatal is not None:  # e.g. a tensor-parallel rank died
+            on_fatal(self._fatal)
 
     # --- life cycle --------------------------------------------------------------
 
@@ -186,6 +189,16 @@ class AsyncEngine:
             self._commands.append(cmd)
             self._cv.notify()
 
+    def _fatal(self, err: BaseException) -> None:
+        """The engine became unusable outside a step (called from a monitor thread): /health
+        turns 503 and the server stops now, even if the engine thread is stuck in a collective;
+        an idle loop wakes and dies on the error."""
+        if self.dead_error is None:
+            self.dead_error = err
+        self._command(("fail", err))
+        if self.on_dead is not None:
+            self.on_dead(err)
+
     def dead_reason(self) -> str | None:
         if self.dead_error is None:
             return None
@@ -231,6 +244,8 @@ class AsyncEngine:
         return True
 
     def _apply(self, cmd: tuple) -> None:
+        if cmd[0] == "fail":  # the engine is unusable: the loop dies as if a step had failed
+            raise cmd[1]
         if cmd[0] == "abort":
             self._abort_in_engine(cmd[1])
             return

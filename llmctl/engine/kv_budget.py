@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from llmctl.config import kv_heads_per_rank, vocab_rows_per_rank
 from llmctl.errors import CacheCapacityError
 from llmctl.models.arch import DTYPE_BYTES, ModelArch, resolve_dtype
 from llmctl.units import format_bytes
@@ -70,6 +71,7 @@ class KVPlan:
     weight_bytes_gptq4: int
     weight_bytes_loaded: int  # what this run loads (total, all ranks)
     weight_format: str  # how they are held: "float16", "GPTQ 4-bit g64", "GPTQ 4-bit g64 -> float32 (CPU)"
+    weight_bytes_rank: int  # the parameters one rank holds (its shard; replicas and padding counted)
     kv_bytes_per_token: int  # whole model, all ranks
     kv_bytes_per_token_rank: int  # what one GPU stores per token
     block_size: int
@@ -87,6 +89,11 @@ class KVPlan:
     @property
     def block_bytes(self) -> int:
         return self.block_size * self.kv_bytes_per_token_rank
+
+    @property
+    def kv_cache_bytes_allocated(self) -> int:
+        """What each rank's KV cache tensor takes: whole blocks of the budget."""
+        return self.num_blocks * self.block_bytes
 
     @property
     def num_tokens(self) -> int:
@@ -110,6 +117,7 @@ class KVPlan:
             ("weights fp16", format_bytes(self.weight_bytes_fp16)),
             ("weights GPTQ 4-bit (g128)", format_bytes(self.weight_bytes_gptq4)),
             (f"weights loaded ({self.weight_format})", format_bytes(self.weight_bytes_loaded)),
+            *([("weights per rank", format_bytes(self.weight_bytes_rank))] if self.tensor_parallel_size > 1 else []),
             ("KV bytes per token", f"{self.kv_bytes_per_token:,}"),
             ("block size (tokens)", str(self.block_size)),
         ]
@@ -122,7 +130,9 @@ class KVPlan:
             ]
         rows += [
             ("KV cache" + (" per GPU" if gpu else " (CPU budget)"), format_bytes(self.kv_cache_bytes)),
-            ("KV blocks", f"{self.num_blocks:,}"),
+            ("KV blocks" + (" per rank" if self.tensor_parallel_size > 1 else ""), f"{self.num_blocks:,}"),
+            *([("KV cache allocated per rank", format_bytes(self.kv_cache_bytes_allocated))]
+              if self.tensor_parallel_size > 1 else []),
             ("tokens that fit", f"{self.num_tokens:,}"),
             (f"max concurrency at {self.max_model_len:,} tokens", f"{self.max_concurrency:.2f}x"),
         ]
@@ -137,6 +147,7 @@ class KVPlan:
     def to_dict(self) -> dict:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out.update(block_bytes=self.block_bytes, num_tokens=self.num_tokens,
+                   kv_cache_bytes_allocated=self.kv_cache_bytes_allocated,
                    max_concurrency=self.max_concurrency)
         return out
 
@@ -161,8 +172,42 @@ class KVPlan:
 
 def _kv_bytes_per_token_per_rank(arch: ModelArch, nbytes: int, tp: int) -> int:
     # Past tp == num_kv_heads each rank keeps a replica of one KV head (as vLLM does).
-    heads = max(1, math.ceil(arch.num_key_value_heads / tp))
+    heads = kv_heads_per_rank(arch.num_key_value_heads, tp)
     return 2 * arch.num_hidden_layers * heads * arch.head_dim * nbytes
+
+
+def _gptq_linear_bytes(k: int, n: int, k_full: int, bits: int, gs: int, desc_act: bool) -> int:
+    """One rank's GPTQ tensors of a [k, n] shard of a linear whose whole K is k_full (the
+    rules of GPTQLinearMethod.create_weights: act-order or one group keeps groups whole)."""
+    if k != k_full and (desc_act or gs <= 0):
+        groups = -(-k_full // gs) if gs > 0 else 1
+    else:
+        groups = k // gs if gs > 0 else 1
+    return k * bits // 32 * n * 4 + groups * n * bits // 32 * 4 + groups * n * 2 + k * 4
+
+
+def rank_weight_bytes(arch: ModelArch, nbytes: int, tp: int = 1, dequantized: bool = False) -> int:
+    """The parameter bytes one tensor-parallel rank allocates (what `load_model` gives it):
+    column-parallel qkv (KV heads replicated past their count) and gate_up, row-parallel o
+    and down, vocabulary rows padded to equal shares, norms on every rank. GPTQ linears are
+    counted as the checkpoint stores them (on CUDA the kernels' repacking may differ), or as
+    the dense weights the CPU dequantizes them into (`dequantized`)."""
+    d, i, dh, layers = arch.hidden_size, arch.intermediate_size, arch.head_dim, arch.num_hidden_layers
+    q_heads, kv_heads = arch.num_attention_heads // tp, kv_heads_per_rank(arch.num_key_value_heads, tp)
+    vocab = vocab_rows_per_rank(arch.vocab_size, tp) * d * (1 if arch.tie_word_embeddings else 2)
+    qkv_n = (q_heads + 2 * kv_heads) * dh
+    biases = qkv_n if arch.attention_bias else 0
+    if arch.attention_bias and arch.architecture != "Qwen2ForCausalLM" and tp == 1:
+        biases += d  # o_proj's bias (refused at tp > 1)
+    # (K this rank, N this rank, K whole) of qkv, o, gate_up, down
+    linears = [(d, qkv_n, d), (q_heads * dh, d, arch.num_attention_heads * dh), (d, 2 * i // tp, d), (i // tp, d, i)]
+    if arch.is_gptq and not dequantized:
+        q = arch.quantization
+        per_layer = sum(_gptq_linear_bytes(k, n, kf, q.bits, q.group_size, q.desc_act) for k, n, kf in linears)
+        per_layer += (2 * d + biases) * nbytes
+    else:
+        per_layer = (sum(k * n for k, n, _ in linears) + 2 * d + biases) * nbytes
+    return layers * per_layer + (vocab + d) * nbytes
 
 
 def _loaded_weights(arch: ModelArch, dtype: str, device: str) -> tuple[int, str]:
@@ -188,11 +233,12 @@ def _tp_verdict(usable: int, weights: int, activation: int, seq_kv: int, tp: int
         return "needed", "weights do not fit even on 64 GPUs"
     if tp < min_tp:
         return "needed", f"weights + one sequence need --tensor-parallel-size {min_tp}"
+    cost = "every step pays two all-reduces per layer (after attention and after the MLP)"
     if tp > 1 and weights <= usable / 2:
-        return "wasteful", (f"fits on one GPU with room (weights {weights / usable:.0%} of it): "
+        return "wasteful", (f"fits on one GPU with room (weights {weights / usable:.0%} of it) and {cost}: "
                             f"run {tp} replicas of --tensor-parallel-size 1 instead")
     if tp > 1:
-        return "justified", f"one GPU would leave too little room for the KV cache (min {min_tp})"
+        return "justified", f"one GPU would leave too little room for the KV cache (min {min_tp}); {cost}"
     return "fits", "one GPU is enough"
 
 
@@ -221,7 +267,9 @@ def plan_kv(arch: ModelArch, model: str, model_config, cache_config, scheduler_c
         if gpu_memory is None:
             raise ValueError("plan_kv: gpu_memory is required for device='gpu'")
         usable = int(gpu_memory * cache_config.gpu_memory_utilization)
-        per_rank_weights = measured_weight_bytes if measured_weight_bytes is not None else math.ceil(weights / tp)
+        per_rank_weights = measured_weight_bytes
+        if per_rank_weights is None:
+            per_rank_weights = weights if tp == 1 else rank_weight_bytes(arch, nbytes, tp)
         budget = cache_config.kv_cache_memory or max(0, usable - per_rank_weights - activation)
         seq_kv = math.ceil(max_model_len / cache_config.block_size) * cache_config.block_size * kv_rank * tp
         verdict, advice = _tp_verdict(usable, weights, activation, seq_kv, tp)
@@ -231,7 +279,8 @@ def plan_kv(arch: ModelArch, model: str, model_config, cache_config, scheduler_c
     return KVPlan(
         model=model, dtype=dtype, device=device, num_params=arch.num_params(),
         weight_bytes_fp16=weight_bytes(arch, 2), weight_bytes_gptq4=gptq_weight_bytes(arch, 4, 128),
-        weight_bytes_loaded=weights, weight_format=weight_format, kv_bytes_per_token=arch.kv_bytes_per_token(nbytes),
+        weight_bytes_loaded=weights, weight_format=weight_format,
+        weight_bytes_rank=rank_weight_bytes(arch, nbytes, tp, dequantized=device == "cpu"), kv_bytes_per_token=arch.kv_bytes_per_token(nbytes),
         kv_bytes_per_token_rank=kv_rank,
         block_size=cache_config.block_size, tensor_parallel_size=tp,
         memory_total=gpu_memory if device == "gpu" else None,

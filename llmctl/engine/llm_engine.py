@@ -27,6 +27,7 @@ from llmctl.engine.outputs import RequestOutput
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
 from llmctl.engine.sequence import SequenceStatus
 from llmctl.engine.stop import model_eos_token_ids, read_generation_config, sampling_defaults
+from llmctl.engine.step_batch import StepBatch, build_step_batch
 from llmctl.errors import ConfigError, InvalidRequestError
 from llmctl.models.arch import resolve_dtype
 from llmctl.sampling_params import RequestOutputKind, SamplingParams
@@ -59,7 +60,7 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, load_format: str = "auto", progress: ProgressCallback | None = None) -> None:
-        from llmctl.engine.loading import check_load_format, load_model_and_tokenizer
+        from llmctl.engine.loading import check_load_format
         from llmctl.models.loader import resolve_device
 
         self.config = config
@@ -68,9 +69,32 @@ class LLMEngine:
         self.device = resolve_device(config.model.device)
         self.device_kind = "gpu" if self.device.type == "cuda" else "cpu"
         torch.manual_seed(config.model.seed)
-        self.progress("load", {"message": f"loading {config.model.model} ({load_format}) on {self.device}"})
+        self.tp_runtime = None  # rank 0's handle on the other ranks (tensor_parallel_size > 1)
+        try:
+            self._start(config, self.load_format)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig, load_format: str) -> None:
+        from llmctl.engine.loading import load_model_and_tokenizer
+
+        tp = channel = None
+        if config.parallel.tensor_parallel_size > 1:
+            from llmctl.engine.distributed import device_for_rank, share_cpu_threads
+            from llmctl.engine.worker_group import TensorParallelRuntime
+
+            self.tp_runtime = TensorParallelRuntime(config, load_format)  # spawns ranks 1..N-1
+            tp, self.device = self.tp_runtime.tp, device_for_rank(self.device, 0)
+            if self.device.type == "cpu":
+                share_cpu_threads(tp.size)
+        where = f"{self.device}" + (f" (rank 0 of {tp.size})" if tp else "")
+        self.progress("load", {"message": f"loading {config.model.model} ({load_format}) on {where}"})
         self.model, self.arch, self.tokenizer, self.model_name, self.model_dir = load_model_and_tokenizer(
-            config.model, load_format, self.device, self.device_kind, lambda msg: self.progress("load", {"message": msg}))
+            config.model, load_format, self.device, self.device_kind, lambda msg: self.progress("load", {"message": msg}),
+            tp=tp)
+        if self.tp_runtime is not None:
+            channel = self.tp_runtime.join(self.device)
         self.dtype = getattr(torch, resolve_dtype(config.model.dtype, self.arch, self.device_kind))
         self.max_model_len = config.model.max_model_len or self.arch.max_position_embeddings
         if self.max_model_len > self.arch.max_position_embeddings:
@@ -84,7 +108,7 @@ class LLMEngine:
             self.progress("load", {"message": "default sampling from generation_config.json: " + ", ".join(
                 f"{k}={v}" for k, v in self.generation_defaults.items())})
         self.runner = ModelRunner(self.model, self.arch, self.device, self.dtype, config.cache.block_size,
-                                  self.eos_token_ids)
+                                  self.eos_token_ids, channel)
         self.runner.allocate_workspaces(config.scheduler.max_num_batched_tokens)  # counted in the KV plan below
         self.kv_plan = self._plan_kv_cache()
         self.runner.allocate_kv_cache(self.kv_plan.num_blocks)
@@ -112,6 +136,18 @@ class LLMEngine:
         self._kv_waste_steps = 0
         self.progress("ready", {"message": f"engine ready: {self.kv_plan.num_blocks} KV blocks"})
 
+    def on_fatal(self, callback: Callable[[BaseException], None]) -> None:
+        """`callback(error)` when the engine becomes unusable outside a step (a tensor-parallel
+        rank died); called from a monitor thread."""
+        if self.tp_runtime is not None:
+            self.tp_runtime.on_death(callback)
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (a no-op at tensor_parallel_size 1). Idempotent."""
+        runtime, self.tp_runtime = self.tp_runtime, None
+        if runtime is not None:
+            runtime.shutdown()
+
     @classmethod
     def from_engine_args(cls, model: str = "default", load_format: str = "auto",
                          progress: ProgressCallback | None = None, **engine_args) -> "LLMEngine":
@@ -132,6 +168,8 @@ class LLMEngine:
                                                               cfg.scheduler.max_num_seqs)
             free, gpu_memory = torch.cuda.mem_get_info(self.device)
             measured_used = gpu_memory - free  # weights, CUDA context and anyone else's memory
+            if self.runner.channel is not None:  # plan for the fullest rank
+                activation, measured_used = self.runner.channel.all_reduce_max([activation, measured_used])
         plan = plan_kv(self.arch, self.model_name, cfg.model, cfg.cache, cfg.scheduler, cfg.parallel,
                        device=self.device_kind, gpu_memory=gpu_memory, measured_weight_bytes=measured_used,
                        measured_activation_bytes=activation)
@@ -240,7 +278,7 @@ class LLMEngine:
         its sequences run again one by one (their K/V writes are the same again) and only the
         requests that fail alone fail; any other error kills the engine."""
         try:
-            return self.runner.execute(out, generators, prompt_lp_from), {}
+            return self._run_batch(build_step_batch(out, generators, prompt_lp_from)), {}
         except Exception as err:
             if not is_request_fault(err):
                 raise engine_dead(err) from err
@@ -249,18 +287,16 @@ class LLMEngine:
         entries = out.scheduled
         merged = ModelRunnerOutput([None] * len(entries), [None] * len(entries), {})
         failures: dict[str, BaseException] = {}
-        try:
-            self.runner.copy_blocks(out.blocks_to_copy)
-        except Exception as err:
-            raise engine_dead(err) from err
         for i, e in enumerate(entries):
             seq = e.seq
             if seq.request_id in failures:
                 continue
-            single = SchedulerOutput([e], [], e.num_new_tokens)
+            # The step's copy-on-write runs with the first sequence, on every rank.
+            single = SchedulerOutput([e], out.blocks_to_copy if i == 0 else [], e.num_new_tokens)
             try:
-                r = self.runner.execute(single, {k: v for k, v in generators.items() if k == seq.seq_id},
-                                        {k: v for k, v in prompt_lp_from.items() if k == seq.seq_id})
+                r = self._run_batch(build_step_batch(
+                    single, {k: v for k, v in generators.items() if k == seq.seq_id},
+                    {k: v for k, v in prompt_lp_from.items() if k == seq.seq_id}))
             except Exception as err:
                 if not is_request_fault(err):
                     raise engine_dead(err) from err
@@ -296,6 +332,18 @@ class LLMEngine:
                 assert first >= e.start_pos, (first, e.start_pos)
                 prompt_lp_from[e.seq.seq_id] = first
         return generators, prompt_lp_from
+
+    def _run_batch(self, batch: StepBatch) -> ModelRunnerOutput:
+        """The runner's step; under tensor parallelism a rank that died (before or during the
+        step) is an EngineDeadError naming it, whatever error the collective raised."""
+        if self.tp_runtime is None:
+            return self.runner.execute(batch)
+        self.tp_runtime.check_ranks()
+        try:
+            return self.runner.execute(batch)
+        except Exception as err:
+            self.tp_runtime.check_ranks(err)
+            raise
 
     def _record_schedule(self, out: SchedulerOutput, now: float) -> None:
         self._num_steps += 1

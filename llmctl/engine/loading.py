@@ -22,8 +22,9 @@ def check_load_format(load_format: str) -> str:
 
 
 def load_model_and_tokenizer(model_config: ModelConfig, load_format: str, device: torch.device, device_kind: str,
-                             progress: Callable[[str], None]):
-    """(model, arch, tokenizer or None, display name, model dir or None)."""
+                             progress: Callable[[str], None], tp=None, with_tokenizer: bool = True):
+    """(model, arch, tokenizer or None, display name, model dir or None); `tp` (a
+    TensorParallel) loads this rank's shard only."""
     from llmctl.models.arch import load_arch, resolve_dtype
     from llmctl.models.loader import load_model, load_tokenizer, resolve_model_path
 
@@ -35,8 +36,8 @@ def load_model_and_tokenizer(model_config: ModelConfig, load_format: str, device
         arch = with_quantization(arch, model_config.quantization)
         dtype = getattr(torch, resolve_dtype(model_config.dtype, arch, device_kind))
         progress(f"random weights of {arch.num_params() / 1e9:.2f} B parameters ({dtype}) on {device}")
-        module = load_dummy_model(arch, dtype, device, model_config.seed)
-        tokenizer = _maybe_tokenizer(model_dir)
+        module = load_dummy_model(arch, dtype, device, model_config.seed, tp)
+        tokenizer = _maybe_tokenizer(model_dir) if with_tokenizer else None
         return module, arch, tokenizer, _display_name(model, model_dir), model_dir
     model_dir = resolve_model_path(model, progress)
     arch = load_arch(model_dir)
@@ -45,8 +46,9 @@ def load_model_and_tokenizer(model_config: ModelConfig, load_format: str, device
                           hint="quantize it with `llmctl quantize`, or use --load-format dummy for random GPTQ weights")
     dtype = resolve_dtype(model_config.dtype, arch, device_kind)
     progress(f"loading weights from {model_dir} ({dtype})")
-    module = load_model(model_dir, dtype, str(device))
-    return module, arch, load_tokenizer(model_dir), _display_name(model, model_dir), model_dir
+    module = load_model(model_dir, dtype, str(device), tp)
+    tokenizer = load_tokenizer(model_dir) if with_tokenizer else None
+    return module, arch, tokenizer, _display_name(model, model_dir), model_dir
 
 
 def _maybe_tokenizer(model_dir: Path | None):

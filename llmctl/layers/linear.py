@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from llmctl.errors import ConfigError, ModelLoadError
+from llmctl.layers.tensor_parallel import TensorParallel, kv_heads_per_rank
 
 
 def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
@@ -98,7 +99,10 @@ class UnquantizedLinearMethod(LinearMethodBase):
 
 
 class LinearBase(nn.Module):
-    """x [..., input_size] -> y [..., output_size], weights made by a linear method."""
+    """x [..., input_size] -> y [..., output_size], weights made by a linear method.
+
+    `prefix` is the layer's name in the model (model.layers.3.mlp.down_proj): errors name it.
+    """
 
     def __init__(
         self,
@@ -109,19 +113,24 @@ class LinearBase(nn.Module):
         params_dtype: torch.dtype | None,
         input_shards: int = 1,
         output_shards: int = 1,
-        tp_rank: int = 0,
+        tp: TensorParallel | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
-        for name, size, shards in [("input_size", input_size, input_shards)] + [
-            ("output_size", s, output_shards) for s in output_sizes
+        self.prefix = prefix
+        self.tp = tp or TensorParallel()
+        for name, size, shards in [("in_features", input_size, input_shards)] + [
+            ("out_features", s, output_shards) for s in output_sizes
         ]:
             if size % shards:
-                raise ConfigError(f"{name}: {size} is not divisible by tensor_parallel_size {shards}")
+                raise ConfigError(f"{prefix or type(self).__name__}: {name} {size} is not divisible by "
+                                  f"tensor_parallel_size {shards}")
         self.input_size = input_size
         self.output_size = sum(output_sizes)
-        self.tp_rank = tp_rank
-        self.tp_size = max(input_shards, output_shards)
+        self.tp_rank = self.tp.rank
+        self.tp_size = self.tp.size
         self.input_size_per_partition = input_size // input_shards
+        self.input_offset = self.tp_rank * self.input_size_per_partition if input_shards > 1 else 0
         self.output_sizes_per_partition = [s // output_shards for s in output_sizes]
         self.linear_method = linear_method or UnquantizedLinearMethod()
         self.linear_method.create_weights(
@@ -148,43 +157,57 @@ class LinearBase(nn.Module):
         return f"in={self.input_size}, out={self.output_size}, method={type(self.linear_method).__name__}"
 
 
-def _narrow_for_rank(loaded: torch.Tensor, dim: int | None, size: int, tp_size: int, rank: int) -> torch.Tensor:
-    """This rank's slice of a full checkpoint tensor along a sharded dim."""
-    if dim is None or tp_size == 1:
+def as_tensor(loaded: Any) -> torch.Tensor:
+    """A checkpoint tensor, read now if the loader handed a lazy slice of a file."""
+    materialize = getattr(loaded, "materialize", None)
+    return materialize() if materialize is not None else loaded
+
+
+def narrow_shard(loaded: Any, dim: int | None, size: int, num_shards: int, index: int) -> Any:
+    """Piece `index` of `num_shards` equal pieces of a full checkpoint tensor along `dim`."""
+    if dim is None or num_shards == 1:
         return loaded
-    if loaded.shape[dim] != size * tp_size:
-        raise ModelLoadError(f"dim {dim} of shape {tuple(loaded.shape)} is not {size} x tensor_parallel_size {tp_size}")
-    return loaded.narrow(dim, rank * size, size)
+    if loaded.shape[dim] != size * num_shards:
+        raise ModelLoadError(f"dim {dim} of shape {tuple(loaded.shape)} is not {size} x {num_shards} shards")
+    return loaded.narrow(dim, index * size, size)
 
 
-def copy_checked(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
+def copy_checked(target: torch.Tensor, source: Any, what: str) -> None:
     if tuple(target.shape) != tuple(source.shape):
         raise ModelLoadError(f"{what}: shape {tuple(source.shape)} does not match the expected {tuple(target.shape)}")
-    target.copy_(source)
+    target.copy_(as_tensor(source))
 
 
 class ReplicatedLinear(LinearBase):
     """Every rank holds the whole weight."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 linear_method: LinearMethodBase | None = None, params_dtype: torch.dtype | None = None) -> None:
-        super().__init__(input_size, [output_size], bias, linear_method, params_dtype)
+                 linear_method: LinearMethodBase | None = None, params_dtype: torch.dtype | None = None,
+                 prefix: str = "") -> None:
+        super().__init__(input_size, [output_size], bias, linear_method, params_dtype, prefix=prefix)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None) -> None:
         copy_checked(param.data, loaded_weight, "weight")
 
 
 class ColumnParallelLinear(LinearBase):
-    """Split along the output dim (N): rank r holds rows r*N/tp:(r+1)*N/tp of y."""
+    """Split along the output dim (N): rank r holds rows r*N/tp:(r+1)*N/tp of y (of each
+    fused piece); the output stays split, for the row-parallel layer after it."""
 
     def __init__(self, input_size: int, output_sizes: list[int] | int, bias: bool = False,
                  linear_method: LinearMethodBase | None = None, params_dtype: torch.dtype | None = None,
-                 tp_size: int = 1, tp_rank: int = 0) -> None:
+                 tp: TensorParallel | None = None, prefix: str = "") -> None:
         sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
-        super().__init__(input_size, sizes, bias, linear_method, params_dtype, output_shards=tp_size, tp_rank=tp_rank)
+        shards = tp.size if tp is not None else 1
+        super().__init__(input_size, sizes, bias, linear_method, params_dtype, output_shards=shards, tp=tp,
+                         prefix=prefix)
 
     def _shard_index(self, shard_id: int | str) -> int:
         return int(shard_id)
+
+    def _rank_piece(self, shard_id: int | str | None) -> tuple[int, int]:
+        """(number of pieces the checkpoint tensor splits into, the piece this rank holds)."""
+        return self.tp_size, self.tp_rank
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None) -> None:
         output_dim = getattr(param, "output_dim", None)
@@ -199,11 +222,13 @@ class ColumnParallelLinear(LinearBase):
             if getattr(param, "packed_dim", None) == output_dim:
                 offset, size = offset // param.pack_factor, size // param.pack_factor
             target = target.narrow(output_dim, offset, size)
-        loaded = _narrow_for_rank(loaded_weight, output_dim, target.shape[output_dim], self.tp_size, self.tp_rank)
+        num_pieces, piece = self._rank_piece(shard_id)
+        loaded = narrow_shard(loaded_weight, output_dim, target.shape[output_dim], num_pieces, piece)
         copy_checked(target, loaded, f"shard {shard_id!r}" if shard_id is not None else "weight")
 
     def _load_unsharded(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None) -> None:
         # e.g. g_idx [K]: one copy serves all fused shards, so they have to agree.
+        loaded_weight = as_tensor(loaded_weight)
         seen = getattr(param, "_loaded_shards", None)
         if seen:
             if tuple(param.data.shape) != tuple(loaded_weight.shape) or not torch.equal(param.data, loaded_weight.to(param.dtype)):
@@ -219,56 +244,68 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
                  linear_method: LinearMethodBase | None = None, params_dtype: torch.dtype | None = None,
-                 tp_size: int = 1, tp_rank: int = 0) -> None:
-        super().__init__(input_size, output_sizes, bias, linear_method, params_dtype, tp_size, tp_rank)
+                 tp: TensorParallel | None = None, prefix: str = "") -> None:
+        super().__init__(input_size, output_sizes, bias, linear_method, params_dtype, tp, prefix)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections fused along N; shard ids "q", "k", "v".
 
-    With tensor parallelism each rank holds num_heads/tp query heads and
-    num_kv_heads/tp KV heads (KV heads are not replicated yet: tp must divide them).
+    Each rank holds num_heads/tp query heads by whole heads. KV heads split likewise when
+    tp divides them; with fewer KV heads than ranks, tp/num_kv_heads consecutive ranks share
+    one KV head, each holding a replica (their query heads are exactly that head's group).
     """
 
     _SHARD_IDS = {"q": 0, "k": 1, "v": 2}
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
                  linear_method: LinearMethodBase | None = None, params_dtype: torch.dtype | None = None,
-                 tp_size: int = 1, tp_rank: int = 0) -> None:
-        if num_heads % tp_size or num_kv_heads % tp_size:
-            raise ConfigError(f"tensor_parallel_size {tp_size} must divide heads ({num_heads}) and KV heads ({num_kv_heads})")
+                 tp: TensorParallel | None = None, prefix: str = "") -> None:
+        tp_size = tp.size if tp is not None else 1
+        if num_heads % tp_size or (num_kv_heads % tp_size and tp_size % num_kv_heads):
+            raise ConfigError(f"{prefix or 'qkv_proj'}: tensor_parallel_size {tp_size} must divide the attention "
+                              f"heads ({num_heads}) and divide or be a multiple of the KV heads ({num_kv_heads})")
         self.head_dim = head_dim
         self.num_heads = num_heads // tp_size
-        self.num_kv_heads = num_kv_heads // tp_size
-        sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-        super().__init__(hidden_size, sizes, bias, linear_method, params_dtype, tp_size, tp_rank)
+        self.num_kv_heads = kv_heads_per_rank(num_kv_heads, tp_size)
+        self._total_kv_heads = num_kv_heads
+        kv = self.num_kv_heads * tp_size * head_dim  # counts each replica, so it divides by tp
+        super().__init__(hidden_size, [num_heads * head_dim, kv, kv], bias, linear_method, params_dtype, tp, prefix)
 
     def _shard_index(self, shard_id: int | str) -> int:
         if shard_id not in self._SHARD_IDS:
             raise ModelLoadError(f"QKV shard id must be 'q', 'k' or 'v', got {shard_id!r}")
         return self._SHARD_IDS[shard_id]
 
+    def _rank_piece(self, shard_id: int | str | None) -> tuple[int, int]:
+        if shard_id == "q" or self._total_kv_heads >= self.tp_size:
+            return self.tp_size, self.tp_rank
+        return self._total_kv_heads, self.tp_rank // (self.tp_size // self._total_kv_heads)
+
 
 class RowParallelLinear(LinearBase):
-    """Split along the input dim (K): rank r multiplies its slice of x; partial sums are reduced."""
+    """Split along the input dim (K): rank r multiplies its slice of x; the partial sums are
+    all-reduced, so every rank gets the whole y."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
                  linear_method: LinearMethodBase | None = None, params_dtype: torch.dtype | None = None,
-                 tp_size: int = 1, tp_rank: int = 0) -> None:
+                 tp: TensorParallel | None = None, prefix: str = "") -> None:
+        tp_size = tp.size if tp is not None else 1
         if bias and tp_size > 1:
             # The bias must be added once, after the reduction; not needed by any model we run.
-            raise ConfigError("RowParallelLinear: bias with tensor_parallel_size > 1 is not supported")
-        super().__init__(input_size, [output_size], bias, linear_method, params_dtype, input_shards=tp_size, tp_rank=tp_rank)
+            raise ConfigError(f"{prefix or 'RowParallelLinear'}: bias with tensor_parallel_size > 1 is not supported")
+        super().__init__(input_size, [output_size], bias, linear_method, params_dtype, input_shards=tp_size, tp=tp,
+                         prefix=prefix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., K/tp] -> [..., N]
         y = self.linear_method.apply(self, x)
         if self.tp_size > 1:
-            torch.distributed.all_reduce(y)
+            self.tp.all_reduce(y)
         return y
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | str | None = None) -> None:
         input_dim = getattr(param, "input_dim", None)
         size = param.data.shape[input_dim] if input_dim is not None else 0
-        loaded = _narrow_for_rank(loaded_weight, input_dim, size, self.tp_size, self.tp_rank)
+        loaded = narrow_shard(loaded_weight, input_dim, size, self.tp_size, self.tp_rank)
         copy_checked(param.data, loaded, "weight")

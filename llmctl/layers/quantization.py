@@ -66,12 +66,27 @@ class GPTQLinearMethod(LinearMethodBase):
         factor = _pack_factor(bits)
         out_size = sum(output_sizes)
         group_size = gs if gs > 0 else input_size
-        if input_size % group_size:
-            raise ModelLoadError(f"group_size {gs} does not divide in_features {input_size}")
+        full_input = getattr(layer, "input_size", input_size)
+        layer_name = getattr(layer, "prefix", "") or "linear"
+        row_split = input_size != full_input
+        if input_size % group_size and not (row_split and self.config.desc_act):
+            raise ModelLoadError(f"{layer_name}: group_size {gs} does not divide in_features {input_size}"
+                                 + (f" ({full_input} split across ranks)" if row_split else ""))
         if (bits == 3 and input_size % 32) or input_size * bits % 32 or out_size * bits % 32:
-            raise ModelLoadError(f"a {out_size}x{input_size} linear cannot hold {bits}-bit packed weights")
+            raise ModelLoadError(f"{layer_name}: a {out_size}x{input_size} linear (this rank's shard) cannot hold "
+                                 f"{bits}-bit packed weights")
         num_groups = input_size // group_size
         layer.compute_dtype = params_dtype
+        # Under a row split (K cut across ranks) the groups split with K, except with act-order
+        # (g_idx jumps between groups) or one group for all of K: then every rank keeps the
+        # scales and zeros whole, as vLLM does. g_idx always indexes the groups this rank holds.
+        groups_dim: int | None = 0
+        layer.gptq_group_offset = 0
+        if row_split:
+            if self.config.desc_act or gs <= 0:
+                groups_dim, num_groups = None, -(-full_input // gs) if gs > 0 else 1
+            else:
+                layer.gptq_group_offset = layer.input_offset // group_size
 
         def param(shape: tuple[int, ...], dtype: torch.dtype, attrs: dict[str, Any], name: str) -> None:
             p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
@@ -81,11 +96,14 @@ class GPTQLinearMethod(LinearMethodBase):
         param((input_size * bits // 32, out_size), torch.int32,
               {"input_dim": 0, "output_dim": 1, "packed_dim": 0, "pack_factor": factor}, "qweight")
         param((num_groups, out_size * bits // 32), torch.int32,
-              {"input_dim": 0, "output_dim": 1, "packed_dim": 1, "pack_factor": factor}, "qzeros")
-        param((num_groups, out_size), torch.float16, {"input_dim": 0, "output_dim": 1}, "scales")
+              {"input_dim": groups_dim, "output_dim": 1, "packed_dim": 1, "pack_factor": factor}, "qzeros")
+        param((num_groups, out_size), torch.float16, {"input_dim": groups_dim, "output_dim": 1}, "scales")
         param((input_size,), torch.int32, {"input_dim": 0, "output_dim": None, "ignore_missing": True}, "g_idx")
-        # Checkpoints written without act-order may omit g_idx; groups are then in order.
-        layer.g_idx.data.copy_(torch.arange(input_size, dtype=torch.int32) // group_size)
+        # Checkpoints written without act-order may omit g_idx; groups are then in order. Like a
+        # checkpoint's, it counts groups of the whole K; process_weights_after_loading rebases it.
+        first = getattr(layer, "input_offset", 0)
+        g_idx = torch.arange(first, first + input_size, dtype=torch.int32) // group_size if gs > 0 else 0
+        layer.g_idx.data.copy_(g_idx)
         if bias:
             create_bias(layer, out_size, params_dtype)
 
@@ -93,6 +111,7 @@ class GPTQLinearMethod(LinearMethodBase):
         if getattr(layer, "w4a16", None) is not None or getattr(layer, "dense_weight", None) is not None:
             return  # prepared already (the checkpoint's codes may be gone)
         layer.w4a16 = layer.dense_weight = None
+        self._rebase_groups(layer)
         if layer.qweight.device.type == "cpu":
             self._dequantize_once(layer)
             return
@@ -126,6 +145,18 @@ class GPTQLinearMethod(LinearMethodBase):
 
         self.scratch = SplitKScratch(device, SPLIT_K_MAX_M, self._max_out_features)
         return self.scratch.num_bytes
+
+    @staticmethod
+    def _rebase_groups(layer: nn.Module) -> None:
+        """g_idx of a row shard whose groups were split: global group numbers -> this rank's."""
+        offset = getattr(layer, "gptq_group_offset", 0)
+        if offset:
+            layer.g_idx.data -= offset
+        g_idx, num_groups = layer.g_idx.data, layer.scales.shape[0]
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= num_groups):
+            raise ModelLoadError(
+                f"{getattr(layer, 'prefix', '') or 'a GPTQ linear'}: g_idx points outside the {num_groups} groups "
+                f"this rank holds", hint="a checkpoint without desc_act must keep its groups in input order")
 
     def _dequantize_once(self, layer: nn.Module) -> None:
         weight = dequantize_gptq(layer.qweight.data, layer.qzeros.data, layer.scales.data.to(torch.float32),

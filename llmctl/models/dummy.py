@@ -54,16 +54,19 @@ def with_quantization(arch: ModelArch, quantization: str | None) -> ModelArch:
 
 
 @torch.inference_mode()
-def load_dummy_model(arch: ModelArch, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> LlamaForCausalLM:
+def load_dummy_model(arch: ModelArch, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+                     tp=None) -> LlamaForCausalLM:
     """The model built on `device` with N(0, 0.02) matrices, unit norms and zero biases
     (values that keep fp16 activations finite through any depth). For a GPTQ `arch`, the
-    linears get random 4-bit codes and zero points with scales that give the same spread."""
+    linears get random 4-bit codes and zero points with scales that give the same spread.
+    Under tensor parallelism (`tp`) each rank draws its own shard (seed + rank): the model is
+    not the one tensor_parallel_size 1 would draw, only its shapes are."""
     from llmctl.models.llama import LlamaForCausalLM
 
     with torch.device(device):
-        model = LlamaForCausalLM(arch, dtype=dtype)
+        model = LlamaForCausalLM(arch, dtype=dtype, tp=tp)
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator.manual_seed(seed + (tp.rank if tp is not None else 0))
     for name, param in model.named_parameters():
         if name.endswith("g_idx"):
             continue  # groups in order, as create_weights set them

@@ -25,15 +25,19 @@ from llmctl.layers.linear import (
 )
 from llmctl.layers.quantization import get_linear_method
 from llmctl.layers.rotary import RotaryEmbedding
+from llmctl.layers.tensor_parallel import TensorParallel
 from llmctl.models.arch import ModelArch
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ModelArch, linear_method: LinearMethodBase, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArch, linear_method: LinearMethodBase, dtype: torch.dtype,
+                 tp: TensorParallel, prefix: str) -> None:
         super().__init__()
         d, i = arch.hidden_size, arch.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(d, [i, i], linear_method=linear_method, params_dtype=dtype)
-        self.down_proj = RowParallelLinear(i, d, linear_method=linear_method, params_dtype=dtype)
+        self.gate_up_proj = MergedColumnParallelLinear(d, [i, i], linear_method=linear_method, params_dtype=dtype,
+                                                       tp=tp, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(i, d, linear_method=linear_method, params_dtype=dtype, tp=tp,
+                                           prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,19 +46,20 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(
-        self, arch: ModelArch, linear_method: LinearMethodBase, dtype: torch.dtype, rotary_emb: RotaryEmbedding,
-        sliding_window: int | None = None,
-    ) -> None:
+    def __init__(self, arch: ModelArch, linear_method: LinearMethodBase, dtype: torch.dtype, rotary_emb: RotaryEmbedding,
+                 tp: TensorParallel, prefix: str, sliding_window: int | None = None) -> None:
         super().__init__()
         h, hkv, dh = arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim
-        self.q_size, self.kv_size = h * dh, hkv * dh
         self.qkv_proj = QKVParallelLinear(
-            arch.hidden_size, dh, h, hkv, bias=arch.attention_bias, linear_method=linear_method, params_dtype=dtype
+            arch.hidden_size, dh, h, hkv, bias=arch.attention_bias, linear_method=linear_method, params_dtype=dtype,
+            tp=tp, prefix=f"{prefix}.qkv_proj",
         )
+        h, hkv = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's heads
+        self.q_size, self.kv_size = h * dh, hkv * dh
         # Llama's attention_bias covers o_proj too; Qwen2 biases only q, k and v.
         o_bias = arch.attention_bias and arch.architecture != "Qwen2ForCausalLM"
-        self.o_proj = RowParallelLinear(h * dh, arch.hidden_size, bias=o_bias, linear_method=linear_method, params_dtype=dtype)
+        self.o_proj = RowParallelLinear(arch.num_attention_heads * dh, arch.hidden_size, bias=o_bias,
+                                        linear_method=linear_method, params_dtype=dtype, tp=tp, prefix=f"{prefix}.o_proj")
         self.rotary_emb = rotary_emb
         self.attn = Attention(h, hkv, dh, scale=dh**-0.5, sliding_window=sliding_window)
 
@@ -66,13 +71,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(
-        self, arch: ModelArch, linear_method: LinearMethodBase, dtype: torch.dtype, rotary_emb: RotaryEmbedding,
-        layer: int,
-    ) -> None:
+    def __init__(self, arch: ModelArch, linear_method: LinearMethodBase, dtype: torch.dtype, rotary_emb: RotaryEmbedding,
+                 tp: TensorParallel, layer: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(arch, linear_method, dtype, rotary_emb, arch.layer_sliding_window(layer))
-        self.mlp = LlamaMLP(arch, linear_method, dtype)
+        prefix = f"model.layers.{layer}"
+        self.self_attn = LlamaAttention(arch, linear_method, dtype, rotary_emb, tp, f"{prefix}.self_attn",
+                                        arch.layer_sliding_window(layer))
+        self.mlp = LlamaMLP(arch, linear_method, dtype, tp, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
@@ -90,13 +95,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArch, linear_method: LinearMethodBase, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArch, linear_method: LinearMethodBase, dtype: torch.dtype, tp: TensorParallel) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, dtype)
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, dtype, tp)
         # One cos/sin table for all layers: at 128k context it is ~130 MB.
         rotary_emb = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, linear_method, dtype, rotary_emb, i) for i in range(arch.num_hidden_layers)
+            LlamaDecoderLayer(arch, linear_method, dtype, rotary_emb, tp, i) for i in range(arch.num_hidden_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
@@ -121,12 +126,13 @@ class LlamaForCausalLM(nn.Module):
         ("gate_up_proj", "up_proj", 1),
     )
 
-    def __init__(self, arch: ModelArch, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, arch: ModelArch, dtype: torch.dtype = torch.float32, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.arch = arch
         self.dtype = dtype
-        self.model = LlamaModel(arch, get_linear_method(arch.quantization), dtype)
-        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, dtype)
+        self.tp = tp or TensorParallel()
+        self.model = LlamaModel(arch, get_linear_method(arch.quantization), dtype, self.tp)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, dtype, self.tp)
         if arch.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 
@@ -134,9 +140,10 @@ class LlamaForCausalLM(nn.Module):
         # input_ids, positions: [B, S] (dense, no cache) or [T] (engine step, metadata set) -> [..., D]
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [..., D] -> [..., V] float32
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        # hidden: [..., D] -> [..., V] float32 (tp > 1: [R, D] -> [R, V] gathered on rank 0; see ParallelLMHead)
+        logits = self.lm_head(hidden)
+        return None if logits is None else logits.float()
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from llmctl.models.arch import load_arch, resolve_dtype
 if TYPE_CHECKING:
     import torch
 
+    from llmctl.layers.tensor_parallel import TensorParallel
     from llmctl.models.default import ProgressCallback
     from llmctl.models.llama import LlamaForCausalLM
 
@@ -73,15 +74,44 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise ModelLoadError(f"{model_dir} has no weight files (*.safetensors)")
 
 
-def iterate_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """(tensor name, CPU tensor, file) for every tensor of every file."""
+class CheckpointSlice:
+    """A tensor of an open safetensors file, read only when `materialize` is called and then
+    only the part `narrow` kept: a tensor-parallel rank reads its shard, never the whole."""
+
+    def __init__(self, source: Any, shape: tuple[int, ...], index: tuple[slice, ...] | None = None) -> None:
+        self._source = source  # safetensors' lazy slice (get_slice)
+        self.shape = shape
+        self._index = index or tuple(slice(0, n) for n in shape)
+
+    def narrow(self, dim: int, start: int, length: int) -> CheckpointSlice:
+        if not 0 <= start <= start + length <= self.shape[dim]:
+            raise ModelLoadError(f"rows {start}..{start + length} of dim {dim} are outside shape {self.shape}")
+        index = list(self._index)
+        index[dim] = slice(index[dim].start + start, index[dim].start + start + length)
+        shape = list(self.shape)
+        shape[dim] = length
+        return CheckpointSlice(self._source, tuple(shape), tuple(index))
+
+    def materialize(self) -> torch.Tensor:
+        if not self.shape:
+            return self._source[:]
+        return self._source[self._index]
+
+
+def iterate_weights(files: list[Path], lazy: bool = False) -> Iterator[tuple[str, Any, Path]]:
+    """(tensor name, CPU tensor, file) for every tensor of every file; with `lazy`, a
+    `CheckpointSlice` instead of the tensor (valid while the iteration is on that file)."""
     from safetensors import SafetensorError, safe_open
 
     for path in files:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name), path
+                    if lazy:
+                        source = f.get_slice(name)
+                        yield name, CheckpointSlice(source, tuple(source.get_shape())), path
+                    else:
+                        yield name, f.get_tensor(name), path
         except SafetensorError as err:
             raise ModelLoadError(
                 f"{path} is not a readable safetensors file ({err})", hint="the file may be truncated or corrupt"
@@ -109,7 +139,7 @@ def load_weights(model: LlamaForCausalLM, files: list[Path]) -> None:
     expected = _expected_tensors(model)
     loaded: set[str] = set()
     unexpected: list[str] = []
-    for name, tensor, path in iterate_weights(files):
+    for name, tensor, path in iterate_weights(files, lazy=True):
         if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and model.arch.tie_word_embeddings):
             continue
         if name not in expected:
@@ -160,8 +190,10 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def load_model(model_dir: Path | str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LlamaForCausalLM:
-    """Build our model for a local HF dir and load its safetensors weights (dense or GPTQ)."""
+def load_model(model_dir: Path | str, dtype: str | torch.dtype = "auto", device: str = "cpu",
+               tp: TensorParallel | None = None) -> LlamaForCausalLM:
+    """Build our model for a local HF dir and load its safetensors weights (dense or GPTQ);
+    under tensor parallelism, this rank's shard of them (read from the files alone)."""
     import torch
 
     from llmctl.models.llama import LlamaForCausalLM
@@ -172,7 +204,7 @@ def load_model(model_dir: Path | str, dtype: str | torch.dtype = "auto", device:
     dev = resolve_device(device)
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, resolve_dtype(dtype, arch, dev.type))
     with torch.device(dev):
-        model = LlamaForCausalLM(arch, dtype=torch_dtype)
+        model = LlamaForCausalLM(arch, dtype=torch_dtype, tp=tp)
     load_weights(model, files)
     for module in model.modules():
         hook = getattr(module, "process_weights_after_loading", None)
