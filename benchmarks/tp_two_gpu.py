@@ -49,7 +49,7 @@ def case_write_checkpoint(out: str, quant: bool) -> dict:
 
     from llmctl.recipe import load_recipe
 
-    arch = load_recipe(RECIPE_8B).arch_config
+    arch = load_recipe(RECIPE_8B).model.arch
     cfg = {**arch, "num_hidden_layers": 4, "torch_dtype": "float16"}
     g = torch.Generator().manual_seed(0)
     d, inter, dh = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
@@ -139,11 +139,11 @@ def case_decode(model: str, tp: int, quant: bool, batches: list[int]) -> dict:
 
 def case_throughput(tp: int) -> dict:
     from llmctl.bench.throughput import run_throughput
-    from llmctl.cli.bench_throughput import throughput_configs
+    from llmctl.cli.bench_throughput import throughput_settings
 
-    config, bench = throughput_configs(RECIPE_8B, num_prompts=1000, input_len=1024, output_len=128, dtype="float16",
-                                       tensor_parallel_size=tp)
-    report = run_throughput(config, bench, ("llmctl",), 64, load_format="dummy")
+    settings = throughput_settings(RECIPE_8B, num_prompts=1000, input_len=1024, output_len=128, dtype="float16",
+                                   tensor_parallel_size=tp)
+    report = run_throughput(settings.engine, settings.bench, ("llmctl",), 64, load_format="dummy")
     return report["results"][0]
 
 

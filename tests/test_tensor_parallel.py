@@ -18,7 +18,9 @@ from safetensors.torch import load_file, save_file
 from llmctl.engine.distributed import Rendezvous
 from llmctl.errors import ConfigError, ModelLoadError
 from llmctl.layers.tensor_parallel import TensorParallel
-from llmctl.models.loader import load_model
+from llmctl.models.arch import load_arch
+from llmctl.models.llama import LlamaForCausalLM
+from llmctl.models.loader import load_model, load_weights, weight_files
 
 RANK_SCRIPT = Path(__file__).with_name("tp_rank_logits.py")
 LINEARS = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "o_proj": "o", "gate_proj": "i", "up_proj": "i", "down_proj": "d"}
@@ -139,9 +141,14 @@ def test_tp2_logits_equal_tp1_dense_and_gptq(tmp_path: Path) -> None:
 
 
 def test_shards_hold_their_slice_only(tmp_path: Path) -> None:
-    """KV heads replicate past their count, the vocabulary pads, act-order keeps groups whole."""
+    """KV heads replicate past their count, the vocabulary pads, act-order keeps groups whole
+    (what each rank reads, before the CPU dequantizes its GPTQ shard)."""
     model_dir = write_model(tmp_path / "m", "mistral", (False, 32, True))  # 1 KV head
-    shards = [load_model(model_dir, "float32", "cpu", tp=TensorParallel(r, 2)) for r in range(2)]
+    shards = []
+    for rank in range(2):
+        model = LlamaForCausalLM(load_arch(model_dir), dtype=torch.float32, tp=TensorParallel(rank, 2))
+        load_weights(model, weight_files(model_dir))
+        shards.append(model)
     full = load_file(model_dir / "model.safetensors")
     for rank, model in enumerate(shards):
         attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
