@@ -192,8 +192,8 @@ def case_allreduce(batches: list[int]) -> dict:
 
 
 def case_fault() -> dict:
-    from llmctl.sampling_params import SamplingParams
     from llmctl.engine.distributed import TensorParallelError
+    from llmctl.sampling_params import SamplingParams
 
     llm = _llm(RECIPE_8B, 2, load_format="dummy", max_model_len=1024)
     procs = list(llm.engine.tp_runtime.workers.procs.values())

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from llmctl.config import GPTQConfig
 from llmctl.errors import ConfigError, ModelLoadError
-from llmctl.layers.tensor_parallel import TensorParallel
 from llmctl.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -18,6 +17,7 @@ from llmctl.layers.linear import (
     UnquantizedLinearMethod,
 )
 from llmctl.layers.quantization import get_linear_method
+from llmctl.layers.tensor_parallel import TensorParallel
 
 GPTQ_CONFIG = GPTQConfig.from_dict({"quant_method": "gptq", "bits": 4, "group_size": 16, "desc_act": True, "sym": True,
                                     "checkpoint_format": "gptq"})

@@ -20,9 +20,9 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
+from llmctl.engine.distributed import TensorParallelError
 from llmctl.llm import LLM
 from llmctl.sampling_params import SamplingParams
-from llmctl.engine.distributed import TensorParallelError
 
 BLOCKS = 24  # of 16 tokens: 8 prompts of ~30 tokens growing by 24 do not all fit -> preemption
 KV_BYTES_PER_BLOCK_TP3 = 2 * 30 * 1 * 64 * 4 * 16  # layers x KV heads per rank x head_dim x fp32 x block

@@ -26,8 +26,8 @@ from llmctl.engine.model_runner import ModelRunner, ModelRunnerOutput
 from llmctl.engine.outputs import RequestOutput
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
 from llmctl.engine.sequence import SequenceStatus
-from llmctl.engine.stop import model_eos_token_ids, read_generation_config, sampling_defaults
 from llmctl.engine.step_batch import StepBatch, build_step_batch
+from llmctl.engine.stop import model_eos_token_ids, read_generation_config, sampling_defaults
 from llmctl.errors import ConfigError, InvalidRequestError
 from llmctl.models.arch import resolve_dtype
 from llmctl.sampling_params import RequestOutputKind, SamplingParams

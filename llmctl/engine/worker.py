@@ -75,11 +75,11 @@ def _start_worker(rank: int, config: Any, load_format: str, rendezvous: Rendezvo
     import torch
 
     from llmctl.engine.distributed import device_for_rank, init_group, join_timeout_s, share_cpu_threads
-    from llmctl.models.arch import resolve_dtype
     from llmctl.engine.loading import load_model_and_tokenizer
-    from llmctl.models.loader import resolve_device
     from llmctl.engine.model_runner import ModelRunner
     from llmctl.layers.tensor_parallel import TensorParallel
+    from llmctl.models.arch import resolve_dtype
+    from llmctl.models.loader import resolve_device
 
     tp = TensorParallel(rank, rendezvous.world_size)
     device = device_for_rank(resolve_device(config.model.device), rank)
