@@ -161,3 +161,25 @@ def test_dummy_gptq_weights_load_as_a_gptq_model_and_bench_through_the_cli(tiny_
     res = CliRunner().invoke(app, ["bench", "throughput", "--model", tiny_recipe, "--load-format", "dummy",
                                    "--quantization", "gptq", "--backend", "all"])
     assert res.exit_code != 0 and "dense" in str(res.exception)
+
+
+def test_third_party_progress_bars_only_with_llmctl_debug(default_model_dir):
+    import os
+    import subprocess
+    import sys
+
+    def run(debug: bool) -> str:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        for name in ("LLMCTL_DEBUG", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS",
+                     "TRANSFORMERS_VERBOSITY"):
+            env.pop(name, None)  # an in-process CLI test may have set them here
+        if debug:
+            env["LLMCTL_DEBUG"] = "1"
+        res = subprocess.run([sys.executable, "-m", "llmctl", "bench", "throughput", "--model", str(default_model_dir),
+                              "--backend", "hf", "--num-prompts", "1", "--input-len", "4", "--output-len", "2"],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr
+        return res.stderr
+
+    assert "it/s]" not in run(debug=False)
+    assert "Loading weights" in run(debug=True)  # transformers' own bar, kept for debugging

@@ -211,6 +211,20 @@ def test_quick_eval_writes_llmctl_eval_json(tiny_llama_dir, tmp_path):
     assert report["num_tokens"] == 2 * 63 and report["ppl_quantized"] > 1 and report["ppl_original"] > 1
     assert 0 <= report["top1_agreement"] <= 1 and report["kl_divergence"] >= 0
     assert isinstance(report["passed"], bool)
+    # the summary's time is the whole run, the check included, with its stages
+    assert list(summary.stage_seconds) == ["load", "calibration", "gptq", "write", "check"]
+    assert summary.seconds >= sum(summary.stage_seconds.values()) - 0.05
+    assert summary.seconds > report["quantize_seconds"]
+
+
+def test_the_default_model_picks_its_recipe():
+    result = _cli("default", "-o", "unused", "--show-config")
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "group_size" in line)
+    assert "64" in row and "recipe" in row
+    result = _cli("default", "-o", "unused", "--show-config", "--group-size", "32")
+    row = next(line for line in result.output.splitlines() if "group_size" in line)
+    assert "32" in row and "flag" in row
 
 
 def _cli(*args: str):

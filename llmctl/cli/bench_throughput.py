@@ -24,7 +24,8 @@ def throughput_settings(model: str, **options):
 def run_throughput_command(config, bench, backends: tuple[str, ...], hf_batch_size: int, load_format: str,
                            output_json: Path | None, as_json: bool, baseline: str | None = None) -> None:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     from llmctl.bench.throughput import run_throughput
     from llmctl.cli.plan import print_plan
@@ -32,6 +33,7 @@ def run_throughput_command(config, bench, backends: tuple[str, ...], hf_batch_si
     err = Console(stderr=True)
     tasks: dict[str, int] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(),
                   console=err, transient=False) as progress:
 
         def on_event(backend: str, event: str, info: dict) -> None:

@@ -63,7 +63,18 @@ def _version_callback(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version."),
 ) -> None:
-    pass
+    if os.environ.get("LLMCTL_DEBUG") != "1":
+        silence_third_party_progress()
+
+
+def silence_third_party_progress() -> None:
+    """llmctl draws its own bars with ETAs; transformers', huggingface_hub's and datasets'
+    tqdm bars (weight loading, data files) would interleave with them. LLMCTL_DEBUG=1 keeps them."""
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(name, "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:  # imported before the variables were set: tell it directly
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def report_error(err: LlmctlError) -> None:

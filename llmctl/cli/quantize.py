@@ -38,9 +38,14 @@ def quantize(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N. \\[default: auto]")] = None,
     show_config: Annotated[bool, typer.Option("--show-config", help="Print each setting and its source; exit.")] = False,
 ) -> None:
+    import time
+
     from llmctl.errors import ConfigError
     from llmctl.settings import QUANTIZE_SECTIONS, print_settings, resolve
 
+    start = time.perf_counter()
+    if recipe is None and model in (None, "default"):
+        recipe = default_model_recipe()
     settings = resolve(model, {
         "quantize.bits": bits, "quantize.group_size": group_size, "quantize.desc_act": desc_act, "quantize.sym": sym,
         "quantize.damp_percent": damp_percent, "quantize.static_groups": static_groups,
@@ -53,11 +58,24 @@ def quantize(
     if output is None:
         raise ConfigError("--output: where to write the checkpoint is required", hint="llmctl quantize MODEL -o OUT_DIR")
     model_config = settings.model
+    if recipe is not None and not json_output:
+        typer.echo(f"recipe: {recipe}", err=True)
     _run(model_config.model, output, settings.quant, settings.eval, model_config.device, overwrite, not no_eval,
-         json_output)
+         json_output, start)
 
 
-def _run(model_arg, output, config, eval_config, device, overwrite, run_eval, json_output) -> None:
+def default_model_recipe() -> str | None:
+    """The shipped recipe of the embedded default model (its group size 64 divides the hidden
+    size 576, which the generic default 128 does not), when the recipes are beside the package."""
+    from pathlib import Path
+
+    import llmctl
+
+    path = Path(llmctl.__file__).resolve().parents[1] / "recipes" / "smollm2-135m.yaml"
+    return str(path) if path.is_file() else None
+
+
+def _run(model_arg, output, config, eval_config, device, overwrite, run_eval, json_output, start: float) -> None:
     from pathlib import Path
 
     from rich.console import Console
@@ -73,6 +91,9 @@ def _run(model_arg, output, config, eval_config, device, overwrite, run_eval, js
         summary = quantize_checkpoint(
             model_dir, output, config, device=device, overwrite=overwrite, run_eval=run_eval,
             on_stage=progress.stage, on_layer=progress.layer, eval_config=eval_config)
+    import time
+
+    summary.seconds = time.perf_counter() - start  # the whole command, model conversion included
     if json_output:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
     else:
@@ -85,10 +106,12 @@ class _Progress:
     _LABELS = {"load": "loading", "calibration": "calibration data", "eval": "held-out check"}
 
     def __init__(self, console) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console)
+                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                            TextColumn("{task.fields[info]}"), console=console)
         self.tasks: dict[str, int] = {}
 
     def __enter__(self) -> "_Progress":
@@ -123,6 +146,7 @@ def _print_summary(console, summary) -> None:
             ("calibration", f"{summary.num_samples} x {summary.seq_len} tokens"),
             ("size before", format_bytes(summary.source_bytes)), ("size after", format_bytes(summary.output_bytes)),
             ("compression", f"{summary.compression:.2f}x"), ("time", f"{summary.seconds:.1f} s"),
+            ("  of which", ", ".join(f"{k} {v:.1f} s" for k, v in summary.stage_seconds.items())),
             ("peak memory", f"{format_bytes(summary.peak_memory_bytes)} ({summary.device})")]
     ev = summary.eval
     if ev:

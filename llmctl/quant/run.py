@@ -31,11 +31,12 @@ class QuantizeSummary:
     num_samples: int
     seq_len: int
     device: str
-    seconds: float
+    seconds: float  # wall time of the whole run, the accuracy check included
     source_bytes: int
     output_bytes: int
     peak_memory_bytes: int
     layer_losses: list[dict[str, float]] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # load, calibration, gptq, write, check
     eval: dict | None = None
 
     @property
@@ -130,7 +131,15 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: Quan
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
-    tokenizer, model, calib_ids = _load_and_calibrate(model_dir, config, dev, stage)
+    stage_seconds: dict[str, float] = {}
+
+    def timed(name: str, done: int, total: int) -> None:
+        stage(name, done, total)
+        if name in ("load", "calibration") and done == total:
+            stage_seconds[name] = round(time.perf_counter() - start - sum(stage_seconds.values()), 2)
+
+    tokenizer, model, calib_ids = _load_and_calibrate(model_dir, config, dev, timed)
+    gptq_start = time.perf_counter()
     seq_len = calib_ids.shape[1]
     qconfig = checkpoint_config(config)
     fmt = qconfig.checkpoint_format
@@ -143,16 +152,19 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: Quan
         stats = quantize_model_layers(model, calib_ids, qconfig, sink, device=dev,
                                       true_sequential=qconfig.true_sequential, batch_size=batch_size,
                                       on_layer=on_layer)
+        stage_seconds["gptq"] = round(time.perf_counter() - gptq_start, 2)
+        write_start = time.perf_counter()
         copy_unquantized_tensors(model_dir, writer)
-        quantize_seconds = time.perf_counter() - start
         summary = QuantizeSummary(
             source=str(model_dir), output=str(out_dir.resolve()), bits=qconfig.bits, group_size=qconfig.group_size,
             checkpoint_format=fmt, num_samples=config.num_samples, seq_len=seq_len, device=str(dev),
-            seconds=quantize_seconds, source_bytes=_dir_bytes(model_dir), output_bytes=0,
+            seconds=0.0, source_bytes=_dir_bytes(model_dir), output_bytes=0,
             peak_memory_bytes=_peak_memory(dev), layer_losses=[r.losses for r in stats.layers],
         )
         writer.commit(model_dir, cfg, qconfig)
     summary.output_bytes = _dir_bytes(out_dir)
+    stage_seconds["write"] = round(time.perf_counter() - write_start, 2)
+    quantize_seconds = time.perf_counter() - start
     del model
     if run_eval:
         from llmctl.quant.quick_eval import quick_eval
@@ -161,4 +173,7 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: Quan
                                   on_stage=stage)
         summary.eval["quantize_seconds"] = round(quantize_seconds, 2)
         (out_dir / EVAL_FILE).write_text(json.dumps(summary.eval, indent=2))
+        stage_seconds["check"] = round(time.perf_counter() - start - quantize_seconds, 2)
+    summary.stage_seconds = stage_seconds
+    summary.seconds = time.perf_counter() - start
     return summary
