@@ -174,7 +174,7 @@ def test_first_contact_errors_are_one_line_with_a_hint(server):
     _one_red_line(run_cli("bench", "serve", "--base-url", server.removeprefix("http://")), "http://")
     _one_red_line(run_cli("bench", "serve", "--base-url", server, "--model", "nope"), "API key")
     wrong = run_cli("bench", "serve", "--base-url", server, "--model", "nope", env={"LLMCTL_API_KEY": API_KEY})
-    _one_red_line(wrong, "HTTP 400", "`nope` does not exist", "default")
+    _one_red_line(wrong, "(HTTP 4", "`nope` does not exist", "default")
 
 
 def _assert_png(path) -> None:
