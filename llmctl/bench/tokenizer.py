@@ -51,7 +51,7 @@ class ServerTokenizer:
 
     def _post(self, route: str, body: dict) -> dict:
         resp = self._client.post(route, json={"model": self._model, **body})
-        if resp.status_code == 404:
+        if resp.status_code == 404 and '"param":"model"' not in resp.text.replace(" ", ""):
             raise LlmctlError(f"the server has no {route} to count prompt tokens with",
                               hint="pass --tokenizer DIR (the model's tokenizer files)")
         if resp.status_code != 200:

@@ -52,6 +52,7 @@ def create_app(ctx: ServingContext, metrics: ServerMetrics, config: ServeConfig,
             yield
         finally:
             await ctx.engine.shutdown(shutdown_grace_s if shutdown_grace_s is not None else config.shutdown_grace_s)
+            ctx.close()
 
     app = FastAPI(title="llmctl", version=__version__, lifespan=lifespan)
     app.state.ctx = ctx

@@ -79,6 +79,9 @@ class ServingContext:
             self._token_text[token_id] = text
         return text
 
+    def close(self) -> None:
+        self._tokenizer_pool.shutdown(wait=False)
+
     async def run_tokenizer(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, fn, *args)
 
