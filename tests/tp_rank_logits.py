@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 
 def main() -> None:
-    from llmctl.engine.distributed import Rendezvous, init_group
+    from llmctl.engine.distributed import Rendezvous, destroy_group, init_group
     from llmctl.layers.tensor_parallel import TensorParallel
     from llmctl.models.loader import load_model
 
@@ -33,6 +33,9 @@ def main() -> None:
             logits = model.compute_logits(hidden.reshape(-1, hidden.shape[-1]))  # [B*S, V] on rank 0
         if rank == 0:
             save_file({"logits": logits.reshape(*ids.shape, -1).contiguous()}, out_dir / f"logits_{i}.safetensors")
+    # Tear the group down before the interpreter does: gloo's threads outliving it end in std::terminate.
+    torch.distributed.barrier()
+    destroy_group()
 
 
 if __name__ == "__main__":
