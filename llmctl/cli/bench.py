@@ -15,6 +15,7 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 
 _W = "Workload"
 _E = "Engine"
+_SW = "Engine switches"
 _OUT = "Output"
 THROUGHPUT_EXAMPLES = (
     "llmctl bench throughput --num-prompts 64 --input-len 128 --output-len 128",
@@ -52,10 +53,10 @@ def throughput(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda. \\[default: auto]", rich_help_panel=_E)] = None,
     load_format: Annotated[str, typer.Option(help="auto, or dummy (random weights).", rich_help_panel=_E)] = "auto",
     quantization: Annotated[Optional[str], typer.Option(help="gptq: dummy weights in 4-bit.", rich_help_panel=_E)] = None,
-    enforce_eager: Annotated[Optional[bool], typer.Option(help="No CUDA graphs (decode, prefill). \\[default: off]", rich_help_panel=_E)] = None,
+    enforce_eager: Annotated[Optional[bool], typer.Option(help="No CUDA graphs. \\[default: off]", rich_help_panel=_SW)] = None,
     kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV budget. \\[default: CPU: 1GiB]", rich_help_panel=_E)] = None,
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="GPU memory share. \\[default: 0.9]", rich_help_panel=_E)] = None,
-    enable_prefix_caching: Annotated[Optional[bool], typer.Option(help="Prefix caching. \\[default: on]", rich_help_panel=_E)] = None,
+    enable_prefix_caching: Annotated[Optional[bool], typer.Option(help="Prefix caching. \\[default: on]", rich_help_panel=_SW)] = None,
     tensor_parallel_size: Annotated[Optional[int], typer.Option("--tensor-parallel-size", "-tp", help="GPUs the model spans. \\[default: 1]", rich_help_panel=_E)] = None,
     output_json: Annotated[Optional[Path], typer.Option(help="Write results, machine, commit.", rich_help_panel=_OUT)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON, not the table.", rich_help_panel=_OUT)] = False,

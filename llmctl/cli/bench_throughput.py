@@ -24,8 +24,14 @@ def throughput_settings(model: str, **options):
 def run_throughput_command(config, bench, backends: tuple[str, ...], hf_batch_size: int, load_format: str,
                            output_json: Path | None, as_json: bool, baseline: str | None = None) -> None:
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from llmctl.bench.throughput import run_throughput
     from llmctl.cli.plan import print_plan
