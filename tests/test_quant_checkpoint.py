@@ -264,3 +264,23 @@ def test_cli_quantizes_and_prints_a_json_summary(tiny_llama_dir, tmp_path):
     assert summary["output"] == str(out.resolve()) and summary["eval"] is None
     assert summary["compression"] > 1 and len(summary["layer_losses"]) == 2
     assert json.loads((out / "quantize_config.json").read_text())["desc_act"] is True
+
+
+# A random tiny Llama is nearly flat, so its gate is tight: 8 bits keep every top-1 token, 2 bits lose some.
+_GATE_RECIPE = """
+quantize: {group_size: 32, num_samples: 2, seq_len: 64}
+eval: {num_windows: 2, window_len: 64, max_ppl_increase: 0.01, min_top1_agreement: 0.99}
+"""
+
+
+@pytest.mark.parametrize("bits, exit_code", [(8, 0), (2, 1)])
+def test_a_checkpoint_below_its_gate_fails_the_command(tiny_llama_dir, tmp_path, bits, exit_code):
+    recipe = tmp_path / "gate.yaml"
+    recipe.write_text(_GATE_RECIPE)
+    out = tmp_path / "q"
+    result = _cli(str(tiny_llama_dir), "-o", str(out), "--recipe", str(recipe), "--bits", str(bits), "--device", "cpu")
+    report = json.loads((out / "llmctl_eval.json").read_text())  # written either way, to look at
+    assert result.exit_code == exit_code, (result.output, report)
+    assert report["passed"] is (exit_code == 0)
+    if exit_code:
+        assert isinstance(result.exception, QuantizationError) and "accuracy gate FAILED" in str(result.exception)

@@ -98,6 +98,22 @@ def _run(model_arg, output, config, eval_config, device, overwrite, run_eval, js
         typer.echo(json.dumps(summary.to_dict(), indent=2))
     else:
         _print_summary(Console(highlight=False), summary)
+    check_gate(summary)
+
+
+def check_gate(summary) -> None:
+    """A checkpoint that fails its recipe's accuracy gate is an error (exit 1), not a table row."""
+    from llmctl.errors import QuantizationError
+
+    ev = summary.eval
+    if not ev or ev.get("passed", True):
+        return
+    raise QuantizationError(
+        f"accuracy gate FAILED: perplexity {ev['ppl_original']:.2f} -> {ev['ppl_quantized']:.2f} "
+        f"(+{ev['ppl_increase']:.0%}, at most +{ev['max_ppl_increase']:.0%}), top-1 agreement "
+        f"{ev['top1_agreement']:.1%} (at least {ev['min_top1_agreement']:.0%})",
+        hint=f"the checkpoint is in {summary.output}, with the numbers in llmctl_eval.json; try more bits, "
+             "a smaller --group-size or more calibration data")
 
 
 class _Progress:
