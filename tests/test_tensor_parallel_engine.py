@@ -137,3 +137,14 @@ def test_serve_tp3_answers_openai_and_exits_nonzero_when_a_rank_dies(default_mod
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_ranks_that_do_not_join_in_time_fail_with_a_clear_error(default_model_dir, monkeypatch):
+    """A rank that never reports in (here: a join timeout no load can meet) is an error, not a
+    hang, and the ranks already started are stopped."""
+    monkeypatch.setenv("LLMCTL_TP_JOIN_TIMEOUT", "0.01")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(TensorParallelError, match=r"did not (load and )?(all )?join"):
+        LLM("default", **_engine_args(3))
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
