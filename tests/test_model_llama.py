@@ -97,7 +97,7 @@ def test_sharded_checkpoint_with_index(tmp_path: Path) -> None:
 def test_half_precision_checkpoints(dtype: torch.dtype, tmp_path: Path) -> None:
     cfg = _configs()["qwen2-tied"]
     ref = _write_random(cfg, tmp_path, dtype=dtype)
-    ours = load_model(tmp_path)  # dtype "auto": the checkpoint's own
+    ours = load_model(tmp_path)  # no dtype: the checkpoint's own
     assert ours.model.embed_tokens.weight.dtype == dtype
     assert ours.model.layers[0].self_attn.qkv_proj.weight.dtype == dtype
     ids, pos = _inputs(cfg.vocab_size)

@@ -190,10 +190,12 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def load_model(model_dir: Path | str, dtype: str | torch.dtype = "auto", device: str = "cpu",
+def load_model(model_dir: Path | str, dtype: str | torch.dtype | None = None, device: str = "cpu",
                tp: TensorParallel | None = None) -> LlamaForCausalLM:
     """Build our model for a local HF dir and load its safetensors weights (dense or GPTQ);
-    under tensor parallelism, this rank's shard of them (read from the files alone)."""
+    under tensor parallelism, this rank's shard of them (read from the files alone).
+    `dtype` None keeps the checkpoint's own dtype; a name (or "auto") means what it means
+    everywhere (`llmctl.models.arch.resolve_dtype`)."""
     import torch
 
     from llmctl.models.llama import LlamaForCausalLM
@@ -202,7 +204,10 @@ def load_model(model_dir: Path | str, dtype: str | torch.dtype = "auto", device:
     arch = load_arch(model_dir)
     files = weight_files(model_dir)
     dev = resolve_device(device)
-    torch_dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, resolve_dtype(dtype, arch, dev.type))
+    if isinstance(dtype, torch.dtype):
+        torch_dtype = dtype
+    else:
+        torch_dtype = getattr(torch, resolve_dtype(arch.torch_dtype if dtype is None else dtype, arch, dev.type))
     with torch.device(dev):
         model = LlamaForCausalLM(arch, dtype=torch_dtype, tp=tp)
     load_weights(model, files)
