@@ -230,12 +230,18 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What `llmctl eval` measures and the gate it enforces."""
+    """What `llmctl eval` measures and the gate it enforces (the gate's thresholds apply to a
+    candidate compared with a baseline; None turns a check off)."""
 
     num_windows: int = 16
     window_len: int = 1024
-    max_ppl_increase: float = 0.05  # relative: 0.05 = quantized may be 5% worse
-    min_top1_agreement: float = 0.9
+    stride: int | None = None  # None: window_len (non-overlapping windows)
+    dataset: str | None = None  # None: the embedded corpus's held-out split
+    max_ppl_increase: float | None = 0.05  # relative: 0.05 = the candidate may be 5% worse
+    min_top1_agreement: float | None = 0.9  # share of tokens whose argmax matches the baseline's
+    max_kld: float | None = None  # mean KL(baseline || candidate) per token, nats
+    min_recovery: float | None = None  # candidate accuracy / baseline accuracy, each accuracy task
+    kld_top_k: int = 256  # baseline log-probs kept per token for KLD (the rest is one tail bucket)
     tasks: tuple[str, ...] = ()
     num_fewshot: int = 0
     limit: int | None = None
@@ -243,8 +249,16 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check(self.num_windows > 0, "num_windows", "must be positive")
         _check(self.window_len > 1, "window_len", "must be > 1")
-        _check(self.max_ppl_increase >= 0, "max_ppl_increase", "must be >= 0")
-        _check(0.0 <= self.min_top1_agreement <= 1.0, "min_top1_agreement", "must be in [0, 1]")
+        _check(self.stride is None or 0 < self.stride <= self.window_len, "stride",
+               f"must be in [1, window_len={self.window_len}]")
+        _check(self.max_ppl_increase is None or self.max_ppl_increase >= 0, "max_ppl_increase", "must be >= 0")
+        _check(self.min_top1_agreement is None or 0.0 <= self.min_top1_agreement <= 1.0, "min_top1_agreement",
+               "must be in [0, 1]")
+        _check(self.max_kld is None or self.max_kld >= 0, "max_kld", "must be >= 0")
+        _check(self.min_recovery is None or self.min_recovery >= 0, "min_recovery", "must be >= 0")
+        _check(self.kld_top_k >= 1, "kld_top_k", "must be at least 1")
+        _check(self.num_fewshot >= 0, "num_fewshot", "must be >= 0")
+        _check(self.limit is None or self.limit > 0, "limit", "must be positive")
 
 
 @dataclass(frozen=True)

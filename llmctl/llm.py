@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 from llmctl.config import EngineConfig
 from llmctl.engine.llm_engine import LLMEngine, ProgressCallback
 from llmctl.engine.outputs import RequestOutput
+from llmctl.engine.scoring import PromptScorer, concat_scores, target_logprobs
 from llmctl.errors import InvalidRequestError
 from llmctl.sampling_params import RequestOutputKind, SamplingParams
 
@@ -77,6 +78,37 @@ class LLM:
                     if out.error is not None:
                         raise out.error
                     finished[out.request_id] = out
+                if done and on_finished:
+                    on_finished(len(done))
+        except BaseException:
+            self.engine.abort_request([rid for rid in ids if rid in self.engine._requests])
+            raise
+        return [finished[rid] for rid in ids]
+
+    def score(self, prompts: Sequence[list[int]], score_from: int | Sequence[int] = 1,
+              scorer: PromptScorer | None = None,
+              on_finished: Callable[[int], None] | None = None) -> list[dict]:
+        """Score prompt tokens through the engine (batched, paged KV, the same kernels as serving).
+
+        For each prompt (token ids), tokens `score_from`.. are scored on the full-vocabulary
+        log-probs of their prediction; `scorer` (default: `target_logprobs`, each token's
+        log-prob and whether it is the argmax) reduces each chunk of rows on the device. Returns
+        per prompt a dict of CPU tensors, one row per scored token."""
+        prompts = [list(p) for p in prompts]
+        starts = [score_from] * len(prompts) if isinstance(score_from, int) else list(score_from)
+        if len(starts) != len(prompts):
+            raise InvalidRequestError(f"score_from: {len(starts)} given for {len(prompts)} prompts")
+        params = SamplingParams(temperature=0.0, max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY)
+        ids = [f"score-{next(self._ids)}" for _ in prompts]
+        try:
+            for request_id, prompt, first in zip(ids, prompts, starts):
+                self.engine.add_request(request_id, prompt, params, scorer=scorer or target_logprobs,
+                                        score_from=first)
+            finished: dict[str, dict] = {}
+            while self.engine.has_unfinished_requests():
+                done = [o for o in self.engine.step() if o.finished]
+                for out in done:
+                    finished[out.request_id] = concat_scores(out.prompt_scores or [])
                 if done and on_finished:
                     on_finished(len(done))
         except BaseException:

@@ -97,3 +97,33 @@ def optimum() -> ModuleType:
 @pytest.fixture(scope="session")
 def lm_eval() -> ModuleType:
     return _interop_library("lm_eval")
+
+
+def tiny_llama_dir(default_model_dir, tmp_path_factory) -> Path:
+    """A 2-layer random Llama in HF layout with the default model's tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gptq_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """tiny_llama_dir quantized by `llmctl quantize` (4-bit, group 32), without its check."""
+    from llmctl.config import GPTQConfig, QuantConfig
+    from llmctl.quant.run import quantize_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny-q") / "tiny-gptq"
+    quantize_checkpoint(tiny_llama_dir, out, QuantConfig(GPTQConfig(group_size=32), num_samples=2, seq_len=64),
+                        device="cpu", run_eval=False)
+    return out

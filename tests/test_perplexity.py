@@ -1,4 +1,4 @@
-"""The held-out split, windowing and perplexity arithmetic; the original-vs-quantized comparison."""
+"""The held-out split, windowing and perplexity arithmetic."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 from llmctl.errors import ConfigError
 from llmctl.eval.corpus import NUM_HELDOUT_ARTICLES, load_corpus_split
 from llmctl.eval.perplexity import make_windows, perplexity, tokenize_text
-from llmctl.quant.quick_eval import compare_logits
 
 
 def test_split_holds_out_the_last_articles_by_sorted_key(tmp_path):
@@ -52,17 +51,6 @@ def test_perplexity_of_a_uniform_model_is_the_vocab_size_and_a_perfect_one_is_1(
         return logits
 
     assert math.isclose(perplexity(oracle, windows).perplexity, 1.0, rel_tol=1e-6)
-
-
-def test_compare_logits_kl_and_top1():
-    vocab = 7
-    windows = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(1))
-    fixed = torch.randn(1, 9, vocab, generator=torch.Generator().manual_seed(2))
-    same = compare_logits(lambda ids: fixed, lambda ids: fixed.clone(), windows)
-    assert same["kl_divergence"] == pytest.approx(0.0, abs=1e-9) and same["top1_agreement"] == 1.0
-    assert same["ppl_original"] == pytest.approx(same["ppl_quantized"])
-    other = compare_logits(lambda ids: fixed, lambda ids: -fixed, windows)
-    assert other["kl_divergence"] > 0.1 and other["top1_agreement"] == 0.0
 
 
 def test_tokenize_text_adds_no_special_tokens(default_model_dir):

@@ -43,7 +43,7 @@ app = typer.Typer(
 )
 app.command("quantize", help="GPTQ-compress a model to 2/3/4/8 bits into a standard GPTQ checkpoint.",
             epilog=examples(*quantize.EXAMPLES))(quantize.quantize)
-app.command("eval", help="Not built yet. Will check a quantized model against its original (quantize already writes llmctl_eval.json).")(evaluate.evaluate)
+app.command("eval", help=evaluate.HELP, epilog=examples(*evaluate.EXAMPLES))(evaluate.evaluate)
 app.command("serve", help="Run an OpenAI-compatible HTTP server on llmctl's engine.",
             epilog=examples(*serve.EXAMPLES))(serve.serve)
 app.add_typer(bench.app, name="bench", help="Measure throughput, serving latency and kernels.")

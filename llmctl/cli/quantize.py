@@ -21,7 +21,7 @@ def quantize(
     model: Annotated[Optional[str], typer.Argument(help="Model dir (HF layout) or `default`.")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="New checkpoint dir.", rich_help_panel=_OUT)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing checkpoint dir.", rich_help_panel=_OUT)] = False,
-    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the held-out accuracy check.", rich_help_panel=_OUT)] = False,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the check: llmctl eval of OUT against MODEL.", rich_help_panel=_OUT)] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.", rich_help_panel=_OUT)] = False,
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="Recipe YAML giving the defaults \\[default: the default model's own].")] = None,
     bits: Annotated[Optional[int], typer.Option(help="2, 3, 4 or 8. \\[default: 4]", rich_help_panel=_GPTQ)] = None,
@@ -95,25 +95,27 @@ def _run(model_arg, output, config, eval_config, device, overwrite, run_eval, js
 
     summary.seconds = time.perf_counter() - start  # the whole command, model conversion included
     if json_output:
-        typer.echo(json.dumps(summary.to_dict(), indent=2))
+        typer.echo(json.dumps(summary.to_dict(), indent=2, default=str))
     else:
         _print_summary(Console(highlight=False), summary)
     check_gate(summary)
 
 
 def check_gate(summary) -> None:
-    """A checkpoint that fails its recipe's accuracy gate is an error (exit 1), not a table row."""
-    from llmctl.errors import QuantizationError
+    """A checkpoint that fails its recipe's accuracy gate ends the command with the gate's exit
+    code (llmctl.eval.gate.EXIT_GATE_FAILED, as `llmctl eval`), naming what failed."""
+    from rich.console import Console
+
+    from llmctl.eval.gate import EXIT_GATE_FAILED
 
     ev = summary.eval
-    if not ev or ev.get("passed", True):
+    if not ev or ev.get("passed") is not False:
         return
-    raise QuantizationError(
-        f"accuracy gate FAILED: perplexity {ev['ppl_original']:.2f} -> {ev['ppl_quantized']:.2f} "
-        f"(+{ev['ppl_increase']:.0%}, at most +{ev['max_ppl_increase']:.0%}), top-1 agreement "
-        f"{ev['top1_agreement']:.1%} (at least {ev['min_top1_agreement']:.0%})",
-        hint=f"the checkpoint is in {summary.output}, with the numbers in llmctl_eval.json; try more bits, "
-             "a smaller --group-size or more calibration data")
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(f"[bold red]accuracy gate FAILED:[/] {'; '.join(ev['failing'])}")
+    console.print(f"[dim]hint: the checkpoint is in {summary.output}, with the numbers in llmctl_eval.json; try "
+                  "more bits, a smaller --group-size or more calibration data[/]")
+    raise typer.Exit(EXIT_GATE_FAILED)
 
 
 class _Progress:
@@ -172,9 +174,10 @@ def _print_summary(console, summary) -> None:
             ("peak memory", f"{format_bytes(summary.peak_memory_bytes)} ({summary.device})")]
     ev = summary.eval
     if ev:
-        rows += [("perplexity original", f"{ev['ppl_original']:.3f}"), ("perplexity quantized", f"{ev['ppl_quantized']:.3f}"),
-                 ("KL(original || quantized)", f"{ev['kl_divergence']:.4f}"), ("top-1 agreement", f"{ev['top1_agreement']:.1%}"),
-                 ("gate", "PASSED" if ev.get("passed") else "FAILED")]
+        m = ev["metrics"]
+        rows += [("perplexity original", f"{m['ppl_base']:.3f}"), ("perplexity quantized", f"{m['ppl']:.3f}"),
+                 ("KL(original || quantized)", f"{m['kld_mean']:.4f}"), ("top-1 agreement", f"{m['same_top1']:.1%}"),
+                 ("gate", {True: "PASSED", False: "FAILED", None: "no thresholds"}[ev.get("passed")])]
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

@@ -125,7 +125,9 @@ def _load_and_serve(console, sock, engine_config, serve_config, model_arg, log_l
                       f"the vocabulary of {engine.arch.vocab_size:,}", markup=False)
     check = quant_check(model_dir_of(engine))
     for line in check.lines:
-        style = "bold red" if line.startswith("WARNING") else ("green" if "PASSED" in line else "")
+        # a failed gate is the user's call to make (yellow); a missing or unreadable check is red
+        style = ("yellow" if line.startswith("WARNING: accuracy check FAILED") else
+                 "bold red" if line.startswith("WARNING") else ("green" if "PASSED" in line else ""))
         console.print(line, style=style or None, markup=False)
     app = build_app(engine, serve_config, model_arg=model_arg)
     names = ", ".join(app.state.ctx.served_model_names)

@@ -8,13 +8,15 @@ import torch
 
 from llmctl.engine.detokenizer import IncrementalDetokenizer
 from llmctl.engine.outputs import CompletionOutput, Logprobs, RequestMetrics, RequestOutput
+from llmctl.engine.scoring import PromptScorer
 from llmctl.engine.sequence import Sequence, SequenceStatus
 from llmctl.layers.sampler import make_generator
 
 
 class EngineRequest:
     def __init__(self, request_id: str, prompt: str | None, seqs: list[Sequence], tokenizer,
-                 device: torch.device, arrival_time: float) -> None:
+                 device: torch.device, arrival_time: float, scorer: PromptScorer | None = None,
+                 score_from: int = 1) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.seqs = seqs
@@ -32,6 +34,21 @@ class EngineRequest:
         # Index k holds the logprobs of prompt token k (k = 0: None, nothing predicts it).
         self.prompt_logprobs: list[Logprobs | None] | None = [] if params.prompt_logprobs is not None else None
         self.error: Exception | None = None  # why the engine failed it, if it did
+        # Prompt scoring (llmctl.engine.scoring): the scorer's chunk results, and the next prompt
+        # position to score (positions before it are done, or were never asked for).
+        self.scorer = scorer
+        self.score_next = score_from
+        self.prompt_scores: list[dict] = []
+
+    def scoring_from(self, seq: Sequence) -> int | None:
+        """The first prompt token still to score; None when there is no scorer or nothing left."""
+        if self.scorer is None or self.score_next >= seq.num_prompt_tokens:
+            return None
+        return self.score_next
+
+    def add_prompt_scores(self, chunks: list[dict], next_pos: int) -> None:
+        self.prompt_scores.extend(chunks)
+        self.score_next = next_pos
 
     def prompt_logprobs_missing_from(self, seq: Sequence) -> int | None:
         """The first prompt position whose prediction is not recorded; None when complete."""
@@ -91,4 +108,5 @@ class EngineRequest:
             outputs=outputs, finished=finished, metrics=self.metrics,
             prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
             num_cached_tokens=self.seqs[0].num_cached_tokens, error=self.error,
+            prompt_scores=self.prompt_scores if self.scorer is not None else None,
         )

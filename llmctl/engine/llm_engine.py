@@ -25,6 +25,7 @@ from llmctl.engine.kv_budget import KVPlan, plan_kv
 from llmctl.engine.model_runner import ModelRunner, ModelRunnerOutput
 from llmctl.engine.outputs import RequestOutput
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
+from llmctl.engine.scoring import PromptScorer, score_dense
 from llmctl.engine.sequence import SequenceStatus
 from llmctl.engine.step_batch import StepBatch, build_step_batch
 from llmctl.engine.stop import model_eos_token_ids, read_generation_config, sampling_defaults
@@ -179,8 +180,11 @@ class LLMEngine:
 
     # ---- requests --------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
-        """Queue a request; its n samples share the prompt's KV blocks once it has prefilled."""
+                    arrival_time: float | None = None, scorer: PromptScorer | None = None,
+                    score_from: int = 1) -> None:
+        """Queue a request; its n samples share the prompt's KV blocks once it has prefilled.
+        With a `scorer`, every prompt token from position `score_from` on is scored on the
+        full-vocabulary log-probs of its prediction (llmctl.engine.scoring)."""
         params = params if params is not None else self.default_sampling_params()
         if request_id in self._requests:
             raise InvalidRequestError(f"request_id: {request_id!r} is already being served")
@@ -194,9 +198,13 @@ class LLMEngine:
         prompt_ids = [int(t) for t in prompt_ids]
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop: stop strings need a tokenizer; this model has none")
+        if scorer is not None and not 1 <= score_from <= len(prompt_ids):
+            raise InvalidRequestError(f"score_from: must be in [1, {len(prompt_ids)}] (the prompt's length), "
+                                      f"got {score_from}")
         arrival = time.time() if arrival_time is None else arrival_time
         seqs = self.scheduler.add_request(request_id, prompt_ids, params, arrival)
-        request = EngineRequest(request_id, prompt_text, seqs, self.tokenizer, self.device, arrival)
+        request = EngineRequest(request_id, prompt_text, seqs, self.tokenizer, self.device, arrival,
+                                scorer, score_from)
         self._requests[request_id] = request
         for seq in seqs:
             self._seq_to_request[seq.seq_id] = request
@@ -238,12 +246,14 @@ class LLMEngine:
         now = time.time()
         self._record_schedule(out, now)
         generators, prompt_lp_from = self._sampling_state(out)
-        result, failures = self._execute(out, generators, prompt_lp_from)
+        result, failures = self._execute(out, generators, prompt_lp_from, self._scorers(out))
         touched: dict[str, EngineRequest] = {}
         for request_id, err in failures.items():
             touched[request_id] = self._fail(request_id, err)
         for seq_id, chunk in result.prompt_logprobs.items():
             self._seq_to_request[seq_id].add_prompt_logprobs(chunk)
+        for seq_id, (chunks, next_pos) in result.prompt_scores.items():
+            self._seq_to_request[seq_id].add_prompt_scores(chunks, next_pos)
         sampled_rows = {e.seq.seq_id: i for i, e in enumerate(out.scheduled) if e.do_sample}
         updated = self.scheduler.update_from_output(out, result.sampled_token_ids)
         now = time.time()
@@ -270,7 +280,7 @@ class LLMEngine:
                 self._drop(output.request_id)
         return outputs
 
-    def _execute(self, out: SchedulerOutput, generators: dict, prompt_lp_from: dict
+    def _execute(self, out: SchedulerOutput, generators: dict, prompt_lp_from: dict, scorers: dict
                  ) -> tuple[ModelRunnerOutput, dict[str, BaseException]]:
         """The runner's result for the step, and the requests it failed (request id -> error).
 
@@ -278,7 +288,7 @@ class LLMEngine:
         its sequences run again one by one (their K/V writes are the same again) and only the
         requests that fail alone fail; any other error kills the engine."""
         try:
-            return self._run_batch(build_step_batch(out, generators, prompt_lp_from)), {}
+            return self._run_batch(build_step_batch(out, generators, prompt_lp_from, scorers)), {}
         except Exception as err:
             if not is_request_fault(err):
                 raise engine_dead(err) from err
@@ -296,7 +306,8 @@ class LLMEngine:
             try:
                 r = self._run_batch(build_step_batch(
                     single, {k: v for k, v in generators.items() if k == seq.seq_id},
-                    {k: v for k, v in prompt_lp_from.items() if k == seq.seq_id}))
+                    {k: v for k, v in prompt_lp_from.items() if k == seq.seq_id},
+                    {k: v for k, v in scorers.items() if k == seq.seq_id}))
             except Exception as err:
                 if not is_request_fault(err):
                     raise engine_dead(err) from err
@@ -305,10 +316,12 @@ class LLMEngine:
                 continue
             merged.sampled_token_ids[i], merged.logprobs[i] = r.sampled_token_ids[0], r.logprobs[0]
             merged.prompt_logprobs.update(r.prompt_logprobs)
+            merged.prompt_scores.update(r.prompt_scores)
         for i, e in enumerate(entries):  # a request fails as a whole: drop its other rows' results
             if e.seq.request_id in failures:
                 merged.sampled_token_ids[i] = merged.logprobs[i] = None
                 merged.prompt_logprobs.pop(e.seq.seq_id, None)
+                merged.prompt_scores.pop(e.seq.seq_id, None)
         return merged, failures
 
     def _fail(self, request_id: str, err: BaseException) -> EngineRequest:
@@ -332,6 +345,22 @@ class LLMEngine:
                 assert first >= e.start_pos, (first, e.start_pos)
                 prompt_lp_from[e.seq.seq_id] = first
         return generators, prompt_lp_from
+
+    def _scorers(self, out: SchedulerOutput) -> dict:
+        """seq_id -> (scorer, first prompt token to score) for the scoring requests in this step."""
+        scorers = {}
+        for e in out.scheduled:
+            request = self._seq_to_request[e.seq.seq_id]
+            first = request.scoring_from(e.seq)
+            if first is None:
+                continue
+            if first - 1 < e.start_pos:  # the prefix cache served positions nobody scored yet
+                chunks = score_dense(self.model, self.device, e.seq.prompt_token_ids, first, e.start_pos + 1,
+                                     request.scorer)
+                request.add_prompt_scores(chunks, e.start_pos + 1)
+                first = e.start_pos + 1
+            scorers[e.seq.seq_id] = (request.scorer, first)
+        return scorers
 
     def _run_batch(self, batch: StepBatch) -> ModelRunnerOutput:
         """The runner's step; under tensor parallelism a rank that died (before or during the

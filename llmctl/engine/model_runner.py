@@ -29,13 +29,14 @@ alone samples. At tensor_parallel_size 1 there is no channel and no collective.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from llmctl.engine.outputs import Logprobs
+from llmctl.engine.scoring import add_scores
 from llmctl.engine.step_batch import StepBatch, to_wire
 from llmctl.layers.attention import Attention, AttentionMetadata, attention_metadata
 from llmctl.layers.sampler import Sampler, SamplingMetadata, compute_prompt_logprobs
@@ -52,6 +53,8 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int | None]  # None where the entry does not sample
     logprobs: list[Logprobs | None]  # top-k dicts where the sequence asked for logprobs
     prompt_logprobs: dict[int, list[Logprobs | None]]  # seq_id -> entries for this chunk's positions
+    # seq_id -> (the scorer's results for this step's rows, the next prompt token to score)
+    prompt_scores: dict[int, tuple[list, int]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -280,11 +283,13 @@ class ModelRunner:
         sampled: list[int | None] = [None] * num_entries
         logprobs: list[Logprobs | None] = [None] * num_entries
         prompt_logprobs: dict[int, list[Logprobs | None]] = {span.seq_id: [] for span in batch.prompt_spans}
+        prompt_scores: dict[int, tuple[list, int]] = {}
         sample_logits = None
         for first, logits in self.run_model(batch):
             if first == 0 and batch.num_sample_rows:
                 sample_logits = logits[:batch.num_sample_rows]
             self._add_prompt_logprobs(batch, first, logits, prompt_logprobs)
+            add_scores(batch.score_spans, first, logits, prompt_scores)
         if sample_logits is not None:
             metadata = SamplingMetadata.build(batch.sampling, self.vocab_size, self.eos_token_id, self.device)
             result = self.sampler(sample_logits, metadata)
@@ -293,7 +298,7 @@ class ModelRunner:
             if result.logprobs is not None:
                 for row, entry in zip(batch.sample_entries, result.logprobs.tolists(metadata.num_logprobs)):
                     logprobs[row] = entry
-        return ModelRunnerOutput(sampled, logprobs, prompt_logprobs)
+        return ModelRunnerOutput(sampled, logprobs, prompt_logprobs, prompt_scores)
 
     @staticmethod
     def _add_prompt_logprobs(batch: StepBatch, first: int, logits: torch.Tensor,

@@ -45,6 +45,8 @@ class RequestOutput:
     metrics: RequestMetrics
     prompt_logprobs: list[Logprobs | None] | None = None  # first position has none
     num_cached_tokens: int = 0
+    # A scoring request's PromptScorer results, one dict of tensors per chunk (llmctl.engine.scoring)
+    prompt_scores: list[dict] | None = None
     extra: dict = field(default_factory=dict)
     # Set when the engine failed this request inside a step (finish_reason "abort"); the
     # server answers with it, the offline API raises it.

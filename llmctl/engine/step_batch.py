@@ -40,6 +40,19 @@ class PromptSpan:
     num_rows: int
 
 
+@dataclass(frozen=True)
+class ScoreSpan:
+    """A scoring request's prompt tokens lo..lo+num_rows-1 are predicted by
+    logits_rows[first_row:first_row + num_rows] (llmctl.engine.scoring)."""
+
+    seq_id: int
+    prompt_token_ids: Sequence[int]
+    scorer: object  # PromptScorer
+    lo: int
+    first_row: int
+    num_rows: int
+
+
 @dataclass
 class StepBatch:
     input_ids: list[int]
@@ -56,18 +69,23 @@ class StepBatch:
     sample_entries: list[int] = field(default_factory=list)
     sampling: list[SamplingRequest] = field(default_factory=list)
     prompt_spans: list[PromptSpan] = field(default_factory=list)
+    score_spans: list[ScoreSpan] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
         return len(self.start_pos)
 
 
-def build_step_batch(out, generators: Mapping[int, object], prompt_logprobs_from: Mapping[int, int]) -> StepBatch:
+def build_step_batch(out, generators: Mapping[int, object], prompt_logprobs_from: Mapping[int, int],
+                     prompt_scorers: Mapping[int, tuple[object, int]] | None = None) -> StepBatch:
     """The `StepBatch` of a `SchedulerOutput`. `generators`: seq_id -> generator of seeded
-    sequences; `prompt_logprobs_from`: seq_id -> first prompt position whose logprobs are missing."""
+    sequences; `prompt_logprobs_from`: seq_id -> first prompt position whose logprobs are missing;
+    `prompt_scorers`: seq_id -> (scorer, first prompt token it has not scored)."""
+    prompt_scorers = prompt_scorers or {}
     token_ids: list[int] = []
     starts, lens, tables, rows, sample_entries, sampling = [], [], [], [], [], []
     spans: list[PromptSpan] = []
+    scores: list[ScoreSpan | None] = []
     decode_only = True
     end = 0
     for i, e in enumerate(out.scheduled):
@@ -89,12 +107,37 @@ def build_step_batch(out, generators: Mapping[int, object], prompt_logprobs_from
         first = prompt_logprobs_from.get(seq.seq_id)
         if first is not None:
             spans.append(_prompt_span(seq, start, n, end, first))
+        if seq.seq_id in prompt_scorers:
+            scores.append(_score_span(seq, start, n, end, *prompt_scorers[seq.seq_id]))
     if spans:
         spans = _place_spans(spans, rows)
+    scores = _place_score_spans(scores, rows)
     width = max(len(t) for t in tables)
     padded = [t + [0] * (width - len(t)) for t in tables]
     return StepBatch(token_ids, starts, lens, padded, list(out.blocks_to_copy), rows, len(sample_entries),
-                     decode_only, bool(prompt_logprobs_from), KIND_STEP, sample_entries, sampling, spans)
+                     decode_only, bool(prompt_logprobs_from) or bool(scores), KIND_STEP, sample_entries, sampling,
+                     spans, scores)
+
+
+def _score_span(seq, start: int, n: int, end: int, scorer, first: int) -> ScoreSpan | None:
+    """Prompt tokens lo..hi-1 not yet scored that this chunk predicts (token t from the hidden
+    row of position t - 1); first_row holds that row until `_place_score_spans`."""
+    lo = max(first, start + 1)
+    hi = min(start + n + 1, seq.num_prompt_tokens)
+    if hi <= lo:
+        return None
+    row0 = end - n - start  # hidden row of position 0
+    return ScoreSpan(seq.seq_id, seq.prompt_token_ids, scorer, lo, row0 + lo - 1, hi - lo)
+
+
+def _place_score_spans(spans: list[ScoreSpan | None], rows: list[int]) -> list[ScoreSpan]:
+    placed = []
+    for span in spans:
+        if span is not None:
+            placed.append(ScoreSpan(span.seq_id, span.prompt_token_ids, span.scorer, span.lo, len(rows),
+                                    span.num_rows))
+            rows.extend(range(span.first_row, span.first_row + span.num_rows))
+    return placed
 
 
 def _prompt_span(seq, start: int, n: int, end: int, first: int) -> PromptSpan | None:

@@ -2,8 +2,9 @@
 
 Order of work: validate everything that can be checked without weights (so bad
 input fails before any work), load, calibrate, quantize layer by layer while
-streaming packed tensors into a temp dir, commit atomically, then the quick
-held-out perplexity check whose result lands in `llmctl_eval.json`.
+streaming packed tensors into a temp dir, commit atomically, then `llmctl eval`'s
+check against the source (perplexity and KLD on held-out text), whose report lands in
+`llmctl_eval.json`.
 """
 
 from __future__ import annotations
@@ -167,13 +168,31 @@ def quantize_checkpoint(model_dir: str | Path, out_dir: str | Path, config: Quan
     quantize_seconds = time.perf_counter() - start
     del model
     if run_eval:
-        from llmctl.quant.quick_eval import quick_eval
-
-        summary.eval = quick_eval(model_dir, out_dir, tokenizer, eval_config or EvalConfig(), device=str(dev),
-                                  on_stage=stage)
+        summary.eval = check_quantized(model_dir, out_dir, eval_config or EvalConfig(), dev, stage)
         summary.eval["quantize_seconds"] = round(quantize_seconds, 2)
-        (out_dir / EVAL_FILE).write_text(json.dumps(summary.eval, indent=2))
+        (out_dir / EVAL_FILE).write_text(json.dumps(summary.eval, indent=2, default=str))
         stage_seconds["check"] = round(time.perf_counter() - start - quantize_seconds, 2)
     summary.stage_seconds = stage_seconds
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def check_quantized(model_dir: Path, out_dir: Path, eval_config: EvalConfig, dev, stage: StageCallback) -> dict:
+    """`llmctl eval --baseline SOURCE OUT --tasks ppl,kld` with the recipe's gate: the same code,
+    on the engine that will serve the checkpoint. Returns the checkpoint's report."""
+    from llmctl.eval.run import EvalPlan, evaluate
+
+    def eval_stage(label: str, total: int):
+        done = [0]
+
+        def advance(k: int) -> None:
+            done[0] += k
+            stage("eval", done[0], total)
+        return advance
+
+    tasks = tuple(eval_config.tasks) or ("ppl", "kld")
+    if "kld" in tasks and "ppl" not in tasks:
+        tasks = ("ppl", *tasks)
+    plan = EvalPlan(candidates=(str(out_dir),), baseline=str(model_dir), tasks=tasks, config=eval_config,
+                    engine_args={"device": str(dev)})
+    return evaluate(plan, stage=eval_stage)["candidates"][0]

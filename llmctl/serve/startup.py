@@ -58,7 +58,23 @@ def quant_check(model_dir: Path | None) -> QuantCheck:
     except (OSError, json.JSONDecodeError) as err:
         return QuantCheck(True, False, [head, f"WARNING: {report_path} is unreadable ({err})"])
     passed = _passed(report) if isinstance(report, dict) else None
-    numbers = _flat_numbers(report)[:8] if isinstance(report, dict) else []
-    verdict = {True: "accuracy check: PASSED", False: "WARNING: accuracy check FAILED: this checkpoint is worse "
-               "than its gate allows", None: f"WARNING: {EVAL_FILE} states no verdict"}[passed]
+    numbers = _numbers(report) if isinstance(report, dict) else []
+    failing = report.get("failing") if isinstance(report, dict) else None
+    why = f": {'; '.join(map(str, failing))}" if isinstance(failing, list) and failing else \
+        ": this checkpoint is worse than its gate allows"
+    verdict = {True: "accuracy check: PASSED", False: f"WARNING: accuracy check FAILED{why}",
+               None: f"WARNING: {EVAL_FILE} states no verdict"}[passed]
     return QuantCheck(True, passed, [head, verdict, *numbers])
+
+
+# the numbers worth a line at start, from an `llmctl eval` report's metrics
+_KEY_METRICS = ("ppl_base", "ppl", "ppl_increase", "kld_mean", "same_top1", "cloze_acc", "cloze_recovery")
+
+
+def _numbers(report: dict) -> list[str]:
+    metrics = report.get("metrics")
+    if isinstance(metrics, dict):
+        keys = [k for k in _KEY_METRICS if isinstance(metrics.get(k), (int, float))]
+        keys += [k for k in metrics if k.endswith("_recovery") and k not in keys]
+        return [f"{k}: {metrics[k]:.4g}" for k in keys][:8]
+    return _flat_numbers(report)[:8]
