@@ -99,6 +99,7 @@ def lm_eval() -> ModuleType:
     return _interop_library("lm_eval")
 
 
+@pytest.fixture(scope="session")
 def tiny_llama_dir(default_model_dir, tmp_path_factory) -> Path:
     """A 2-layer random Llama in HF layout with the default model's tokenizer."""
     import shutil

@@ -15,7 +15,6 @@ from llmctl.config import EvalConfig
 from llmctl.errors import ConfigError
 
 BUILTIN_TASKS = ("ppl", "kld", "cloze", "mmlu")
-ACCURACY_KEYS = {"cloze": "cloze_acc"}  # task -> the accuracy its recovery is computed from
 # (stage label, total) -> advance(k): the CLI draws a bar per stage; the library never draws
 StageFn = Callable[[str, int], Callable[[int], None]]
 

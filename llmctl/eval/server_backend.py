@@ -28,7 +28,19 @@ class ServerBackend:
         self.base_url, self.model, self.tokenizer = base_url.rstrip("/"), model, tokenizer
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=600.0)
-        self.max_len = max_len or 2047
+        # one slot stays free for the token the request generates
+        self.max_len = (max_len or self._served_max_len() or 2048) - 1
+
+    def _served_max_len(self) -> int | None:
+        """max_model_len as /v1/models states it (vLLM and llmctl serve do), if it does."""
+        import httpx
+
+        try:
+            data = self.client.get("/v1/models").json().get("data", [])
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        lens = [m.get("max_model_len") for m in data if isinstance(m, dict) and m.get("id") == self.model]
+        return lens[0] if lens and isinstance(lens[0], int) else None
 
     def describe(self) -> dict:
         return {"backend": "server", "base_url": self.base_url, "model": self.model, "device": "server",
