@@ -50,6 +50,7 @@ def test_the_readme_shows_the_walk():
     names = {" ".join(c[:2]) for c in COMMANDS}
     assert {"quantize default", "serve smollm2-gptq", "models --convert"} <= names
     assert any(c[:2] == ["bench", "throughput"] and "--baseline" in c for c in COMMANDS)
+    assert any(c[0] == "eval" and "smollm2-gptq" in c for c in COMMANDS)
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=[" ".join(c)[:60] for c in COMMANDS])
