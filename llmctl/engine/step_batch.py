@@ -81,11 +81,11 @@ def build_step_batch(out, generators: Mapping[int, object], prompt_logprobs_from
     """The `StepBatch` of a `SchedulerOutput`. `generators`: seq_id -> generator of seeded
     sequences; `prompt_logprobs_from`: seq_id -> first prompt position whose logprobs are missing;
     `prompt_scorers`: seq_id -> (scorer, first prompt token it has not scored)."""
-    prompt_scorers = prompt_scorers or {}
     token_ids: list[int] = []
     starts, lens, tables, rows, sample_entries, sampling = [], [], [], [], [], []
     spans: list[PromptSpan] = []
     scores: list[ScoreSpan | None] = []
+    get_generator = generators.get if generators else None
     decode_only = True
     end = 0
     for i, e in enumerate(out.scheduled):
@@ -94,24 +94,28 @@ def build_step_batch(out, generators: Mapping[int, object], prompt_logprobs_from
             token_ids.append(seq.token_ids[start])
         else:
             token_ids.extend(seq.token_ids[start:start + n])
+            decode_only = False
         end += n
         starts.append(start)
         lens.append(n)
         tables.append(seq.block_table)
-        decode_only = decode_only and n == 1 and e.do_sample and start >= seq.num_prompt_tokens
         if e.do_sample:
             rows.append(end - 1)
             sample_entries.append(i)
             sampling.append((seq.sampling_params, seq.prompt_token_ids, seq.output_token_ids,
-                             generators.get(seq.seq_id)))
-        first = prompt_logprobs_from.get(seq.seq_id)
-        if first is not None:
-            spans.append(_prompt_span(seq, start, n, end, first))
-        if seq.seq_id in prompt_scorers:
+                             get_generator(seq.seq_id) if get_generator else None))
+        else:
+            decode_only = False
+        if prompt_logprobs_from and seq.seq_id in prompt_logprobs_from:
+            spans.append(_prompt_span(seq, start, n, end, prompt_logprobs_from[seq.seq_id]))
+        if prompt_scorers and seq.seq_id in prompt_scorers:
             scores.append(_score_span(seq, start, n, end, *prompt_scorers[seq.seq_id]))
+        if decode_only and start < seq.num_prompt_tokens:
+            decode_only = False  # a prompt's last token, recomputed (n > 1 samples, preemption)
     if spans:
         spans = _place_spans(spans, rows)
-    scores = _place_score_spans(scores, rows)
+    if scores:
+        scores = _place_score_spans(scores, rows)
     width = max(len(t) for t in tables)
     padded = [t + [0] * (width - len(t)) for t in tables]
     return StepBatch(token_ids, starts, lens, padded, list(out.blocks_to_copy), rows, len(sample_entries),
