@@ -44,6 +44,7 @@ def evaluate(
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences scored at once (max_num_seqs).", rich_help_panel=_ENGINE)] = None,
     max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="Tokens per engine step.", rich_help_panel=_ENGINE)] = None,
     kv_cache_memory: Annotated[Optional[str], typer.Option(help="KV cache budget, e.g. 2GiB.", rich_help_panel=_ENGINE)] = None,
+    tensor_parallel_size: Annotated[Optional[int], typer.Option("--tensor-parallel-size", "-tp", help="GPUs the model spans. \\[default: 1]", rich_help_panel=_ENGINE)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the engine. \\[default: 0]", rich_help_panel=_ENGINE)] = None,
     base_url: Annotated[Optional[str], typer.Option(help="Evaluate an OpenAI-compatible server instead.", rich_help_panel=_ENGINE)] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="With --base-url: the server's tokenizer dir. \\[default: default]", rich_help_panel=_ENGINE)] = None,
@@ -67,7 +68,8 @@ def evaluate(
         "eval.min_top1_agreement": min_top1, "eval.min_recovery": min_recovery,
         "model.device": device, "model.dtype": dtype, "model.max_model_len": max_model_len,
         "model.seed": seed, "scheduler.max_num_seqs": batch_size,
-        "scheduler.max_num_batched_tokens": max_num_batched_tokens, "cache.kv_cache_memory": kv_cache_memory})
+        "scheduler.max_num_batched_tokens": max_num_batched_tokens, "cache.kv_cache_memory": kv_cache_memory,
+        "parallel.tensor_parallel_size": tensor_parallel_size})
     if show_config:
         print_settings(settings, EVAL_SECTIONS)
         return
