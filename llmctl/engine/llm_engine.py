@@ -9,7 +9,6 @@ object from one thread through `AsyncEngine`; the offline `LLM` drives it to the
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -20,7 +19,7 @@ from llmctl.config import EngineConfig
 from llmctl.engine.admission import AdmissionLimits, check_request
 from llmctl.engine.block_manager import BlockManager
 from llmctl.engine.engine_request import EngineRequest
-from llmctl.engine.faults import engine_dead, is_request_fault, request_error
+from llmctl.engine.faults import engine_dead, execute_isolated, is_request_fault, request_error
 from llmctl.engine.kv_budget import KVPlan, plan_kv
 from llmctl.engine.model_runner import ModelRunner, ModelRunnerOutput
 from llmctl.engine.outputs import RequestOutput
@@ -32,8 +31,6 @@ from llmctl.engine.stop import model_eos_token_ids, read_generation_config, samp
 from llmctl.errors import ConfigError, InvalidRequestError
 from llmctl.models.arch import resolve_dtype
 from llmctl.sampling_params import RequestOutputKind, SamplingParams
-
-logger = logging.getLogger("llmctl.engine")
 
 # (event, info): "load" / "kv_plan" / "ready", info["message"] a line of text; "kv_plan"
 # also carries info["plan"] (a KVPlan) so a CLI can draw the table. The engine never draws.
@@ -282,47 +279,9 @@ class LLMEngine:
 
     def _execute(self, out: SchedulerOutput, generators: dict, prompt_lp_from: dict, scorers: dict
                  ) -> tuple[ModelRunnerOutput, dict[str, BaseException]]:
-        """The runner's result for the step, and the requests it failed (request id -> error).
-
-        When the batch fails with an error one request could cause (`faults.is_request_fault`),
-        its sequences run again one by one (their K/V writes are the same again) and only the
-        requests that fail alone fail; any other error kills the engine."""
-        try:
-            return self._run_batch(build_step_batch(out, generators, prompt_lp_from, scorers)), {}
-        except Exception as err:
-            if not is_request_fault(err):
-                raise engine_dead(err) from err
-            logger.warning("a step of %d sequences failed (%s: %s); running them one by one",
-                           len(out.scheduled), type(err).__name__, err)
-        entries = out.scheduled
-        merged = ModelRunnerOutput([None] * len(entries), [None] * len(entries), {})
-        failures: dict[str, BaseException] = {}
-        for i, e in enumerate(entries):
-            seq = e.seq
-            if seq.request_id in failures:
-                continue
-            # The step's copy-on-write runs with the first sequence, on every rank.
-            single = SchedulerOutput([e], out.blocks_to_copy if i == 0 else [], e.num_new_tokens)
-            try:
-                r = self._run_batch(build_step_batch(
-                    single, {k: v for k, v in generators.items() if k == seq.seq_id},
-                    {k: v for k, v in prompt_lp_from.items() if k == seq.seq_id},
-                    {k: v for k, v in scorers.items() if k == seq.seq_id}))
-            except Exception as err:
-                if not is_request_fault(err):
-                    raise engine_dead(err) from err
-                logger.warning("request %s failed in a step: %s: %s", seq.request_id, type(err).__name__, err)
-                failures[seq.request_id] = err
-                continue
-            merged.sampled_token_ids[i], merged.logprobs[i] = r.sampled_token_ids[0], r.logprobs[0]
-            merged.prompt_logprobs.update(r.prompt_logprobs)
-            merged.prompt_scores.update(r.prompt_scores)
-        for i, e in enumerate(entries):  # a request fails as a whole: drop its other rows' results
-            if e.seq.request_id in failures:
-                merged.sampled_token_ids[i] = merged.logprobs[i] = None
-                merged.prompt_logprobs.pop(e.seq.seq_id, None)
-                merged.prompt_scores.pop(e.seq.seq_id, None)
-        return merged, failures
+        """The runner's result for the step and the requests it failed (`faults.execute_isolated`)."""
+        return execute_isolated(lambda o, g, p, s: self._run_batch(build_step_batch(o, g, p, s)),
+                                out, generators, prompt_lp_from, scorers)
 
     def _fail(self, request_id: str, err: BaseException) -> EngineRequest:
         """End every sequence of the request, free its blocks, and record why."""
