@@ -1,7 +1,22 @@
 """llmctl: GPTQ-quantize, evaluate, serve and benchmark open LLMs on one engine.
 
-This module imports nothing, so `llmctl --help` starts without torch. The offline API:
-`from llmctl.llm import LLM` and `from llmctl.sampling_params import SamplingParams`.
+The offline API, as vLLM spells it: `from llmctl import LLM, SamplingParams`. The names load on
+first use, so `import llmctl` (and `llmctl --help`) starts without torch. No module of the
+package imports this one: it sits above all of them (docs/architecture.md).
 """
 
-__version__ = "0.1.0"
+from llmctl.version import __version__
+
+__all__ = ["LLM", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "LLM":
+        from llmctl.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from llmctl.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'llmctl' has no attribute {name!r}")

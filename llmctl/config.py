@@ -172,7 +172,7 @@ class GPTQConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """What goes into quantize_config.json and config.json's `quantization_config`."""
-        from llmctl import __version__
+        from llmctl.version import __version__
 
         return {
             "bits": self.bits, "group_size": self.group_size, "desc_act": self.desc_act, "sym": self.sym,

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Room -> the rooms it may import (besides itself). Bottom first.
 ALLOWED: dict[str, set[str]] = {
     "kernels": set(),
-    "base": set(),  # llmctl/__init__, errors, config, paths, units, recipe, settings, sampling_params
+    "base": set(),  # version, errors, config, paths, units, recipe, settings, sampling_params
     "layers": {"base", "kernels"},
     "models": {"base", "kernels", "layers"},
     "engine": {"base", "layers", "models"},
@@ -24,9 +24,10 @@ ALLOWED: dict[str, set[str]] = {
     "serve": {"base", "models", "engine", "llm"},
     "bench": {"base", "kernels", "layers", "models", "engine", "llm", "eval", "serve"},
     "cli": {"base", "kernels", "layers", "models", "engine", "llm", "eval", "quant", "serve", "bench"},
+    "api": {"base", "llm"},  # llmctl/__init__: `from llmctl import LLM, SamplingParams`; nothing imports it
 }
 _PACKAGES = {"layers", "models", "engine", "eval", "quant", "serve", "bench", "cli"}
-_BASE = {"llmctl", "llmctl.errors", "llmctl.config", "llmctl.paths", "llmctl.recipe", "llmctl.settings",
+_BASE = {"llmctl.version", "llmctl.errors", "llmctl.config", "llmctl.paths", "llmctl.recipe", "llmctl.settings",
          "llmctl.sampling_params", "llmctl.units"}
 
 
@@ -45,6 +46,8 @@ def room(module: str) -> str:
         return "kernels"
     if module in _BASE:
         return "base"
+    if module == "llmctl":
+        return "api"
     if module in ("llmctl.llm",):
         return "llm"
     if module == "llmctl.__main__":

@@ -10,10 +10,10 @@ import sys
 
 import typer
 
-from llmctl import __version__
 from llmctl.cli import bench, evaluate, models, plan, quantize, serve
 from llmctl.cli.common import examples
 from llmctl.errors import LlmctlError
+from llmctl.version import __version__
 
 
 def _keep_option_names_whole() -> None:

@@ -69,9 +69,7 @@ def default_model_recipe() -> str | None:
     size 576, which the generic default 128 does not), when the recipes are beside the package."""
     from pathlib import Path
 
-    import llmctl
-
-    path = Path(llmctl.__file__).resolve().parents[1] / "recipes" / "smollm2-135m.yaml"
+    path = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-135m.yaml"
     return str(path) if path.is_file() else None
 
 

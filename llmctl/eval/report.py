@@ -46,7 +46,7 @@ def candidate_report(plan, run, base, dataset: dict | None) -> dict:
 
 
 def _version() -> str:
-    from llmctl import __version__
+    from llmctl.version import __version__
 
     return __version__
 

@@ -15,7 +15,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from llmctl import __version__
 from llmctl.config import ServeConfig
 from llmctl.errors import EngineDeadError, InvalidRequestError
 from llmctl.serve.chat_template import check_text
@@ -36,6 +35,7 @@ from llmctl.serve.protocol import (
     TokenizeResponse,
 )
 from llmctl.serve.serving_common import ServingContext
+from llmctl.version import __version__
 
 logger = logging.getLogger("llmctl.serve")
 
