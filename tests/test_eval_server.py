@@ -10,18 +10,11 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+from servers import free_port
 
 from llmctl.config import EvalConfig
 
 MAX_MODEL_LEN = 512
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +28,7 @@ def server(default_model_dir):
     engine = LLMEngine(EngineConfig(model=ModelConfig(model="default", device="cpu", dtype="float32",
                                                       max_model_len=MAX_MODEL_LEN),
                                     cache=CacheConfig(kv_cache_memory=256 * 2**20)))
-    config = ServeConfig(port=_free_port())
+    config = ServeConfig(port=free_port())
     app = build_app(engine, config)
     uv = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)

@@ -5,13 +5,13 @@ Real engine on the default model; the faults are forced where the product would 
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 import torch
+from servers import free_port
 
 from llmctl.engine.async_engine import AsyncEngine
 from llmctl.errors import EngineDeadError, InvalidRequestError, RequestFailedError
@@ -106,12 +106,6 @@ def test_async_engine_fails_the_request_and_serves_the_concurrent_one(engine, oo
     assert len(good[-1].outputs[0].token_ids) == 6 and _idle(engine)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_dead_engine_stops_the_server_with_an_error(default_model_dir):
     """A broken model (every forward raises TypeError) is not a request's fault: the request
     gets 503, /health says why, and run_server returns by raising, so `llmctl serve` exits 1."""
@@ -122,7 +116,7 @@ def test_a_dead_engine_stops_the_server_with_an_error(default_model_dir):
 
     engine = LLMEngine(EngineConfig(model=ModelConfig(model=str(default_model_dir), max_model_len=128),
                                     cache=CacheConfig(kv_cache_memory=8 * 2**20)))
-    config = ServeConfig(port=_free_port(), shutdown_grace_s=2)
+    config = ServeConfig(port=free_port(), shutdown_grace_s=2)
     app = build_app(engine, config)
     raised: list[BaseException] = []
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from servers import free_port, wait_healthy
 from typer.main import get_command
 from typer.testing import CliRunner
 
@@ -82,19 +81,13 @@ def test_the_offline_snippet_runs(default_model_dir, capsys):
     assert "Paris" in capsys.readouterr().out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_quickstart_server_answers_curl_and_the_openai_client(default_model_dir, tmp_path):
     """`llmctl serve` as the quickstart runs it, on a free port instead of 8000."""
     quickstart = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
     serve = next(shlex.split(line, comments=True) for line in quickstart.splitlines() if line.startswith("llmctl serve"))
     body = re.search(r"-d '(\{.*?\})'", quickstart, flags=re.S).group(1)
     client_snippet = next(b for b in _blocks("python") if "OpenAI(" in b)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LLMCTL_API_KEY", None)
     log = tmp_path / "serve.log"
@@ -104,16 +97,7 @@ def test_the_quickstart_server_answers_curl_and_the_openai_client(default_model_
                                 stdout=subprocess.DEVNULL, stderr=err, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, log.read_text()
-            time.sleep(0.3)
+        wait_healthy(proc, url, log, 180, 0.3)
         res = httpx.post(url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"},
                          timeout=120)
         reply = res.json()["choices"][0]  # sampled at the default temperature: any text

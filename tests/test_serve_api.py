@@ -4,7 +4,6 @@ spoken to with the official `openai` client and raw HTTP. One server for the mod
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from servers import free_port
 
 API_KEY = "test-key"
 MAX_MODEL_LEN = 512
@@ -27,12 +27,6 @@ def _engine_config(model_dir, **cache):
     return EngineConfig(model=ModelConfig(model=str(model_dir), max_model_len=MAX_MODEL_LEN),
                         cache=CacheConfig(kv_cache_memory=64 * 2**20, **cache),
                         scheduler=SchedulerConfig(max_num_seqs=MAX_NUM_SEQS, max_waiting=MAX_WAITING))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +45,7 @@ def server(default_model_dir):
 
     # Loaded as "default", as `llmctl serve` with no model does: the server also answers to that name.
     engine = LLMEngine(_engine_config("default"))
-    config = ServeConfig(port=_free_port(), api_key=API_KEY, max_request_bytes=64 * 1024)
+    config = ServeConfig(port=free_port(), api_key=API_KEY, max_request_bytes=64 * 1024)
     app = build_app(engine, config)
     uv = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)

@@ -6,27 +6,20 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
+from servers import free_port, wait_healthy
 
 KEY = "cli-key"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(default_model_dir, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "stderr.log"
     env = {**os.environ, "LLMCTL_API_KEY": KEY}
     with open(log, "w") as err:
@@ -36,16 +29,7 @@ def served(default_model_dir, tmp_path_factory):
              "--served-model-name", "smol", "--shutdown-grace-s", "60", "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=err, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.time() < deadline, "server did not come up: " + log.read_text()
-        time.sleep(0.3)
+    wait_healthy(proc, url, log, 120, 0.3)
     yield {"url": url, "proc": proc, "log": log}
     if proc.poll() is None:
         proc.kill()

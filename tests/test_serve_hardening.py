@@ -17,18 +17,13 @@ import time
 import httpx
 import pytest
 import uvicorn
+from servers import free_port
 
 MAX_MODEL_LEN = 256
 MAX_NUM_SEQS = 4
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 GUARD = "conversations must start with a user or system message"
 BODY_TIMEOUT_S = 2.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +40,7 @@ def server(default_model_dir, tmp_path_factory):
     template = tmp_path_factory.mktemp("template") / "chat.jinja"
     template.write_text("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('" + GUARD + "') }}{% endif %}"
                         + engine.tokenizer.chat_template)
-    config = ServeConfig(port=_free_port(), chat_template=str(template), request_body_timeout_s=BODY_TIMEOUT_S)
+    config = ServeConfig(port=free_port(), chat_template=str(template), request_body_timeout_s=BODY_TIMEOUT_S)
     app = build_app(engine, config)
     uv = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)

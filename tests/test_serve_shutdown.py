@@ -8,22 +8,16 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GRACE_S = 2.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stream(url: str) -> dict:
@@ -40,7 +34,7 @@ def _plain(url: str) -> dict:
 
 
 def test_sigterm_past_the_grace_period_ends_every_request_cleanly(default_model_dir):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(

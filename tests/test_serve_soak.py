@@ -10,21 +10,15 @@ After it: no 5xx, every KV block free, no per-request metric state, aborts count
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 import uvicorn
+from servers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_soak_256_clients_with_disconnects(default_model_dir):
@@ -37,7 +31,7 @@ def test_soak_256_clients_with_disconnects(default_model_dir):
     engine = LLMEngine(EngineConfig(model=ModelConfig(model=str(default_model_dir), max_model_len=512),
                                     cache=CacheConfig(kv_cache_memory=256 * 2**20),
                                     scheduler=SchedulerConfig(max_num_seqs=64, max_waiting=512)))
-    config = ServeConfig(port=_free_port())
+    config = ServeConfig(port=free_port())
     app = build_app(engine, config)
     uv = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)

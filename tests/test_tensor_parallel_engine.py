@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 
-import httpx
 import psutil
 import pytest
+from servers import free_port, wait_healthy
 from typer.testing import CliRunner
 
 from llmctl.engine.distributed import TensorParallelError
@@ -90,16 +88,10 @@ def _cli():
     return app
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_tp3_answers_openai_and_exits_nonzero_when_a_rank_dies(default_model_dir, tmp_path):
     from openai import APIError, OpenAI
 
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "stderr.log"
     with open(log, "w") as err:
         proc = subprocess.Popen(
@@ -108,16 +100,7 @@ def test_serve_tp3_answers_openai_and_exits_nonzero_when_a_rank_dies(default_mod
              "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "server did not come up: " + log.read_text()
-            time.sleep(0.5)
+        wait_healthy(proc, url, log, 300, 0.5)
         workers = psutil.Process(proc.pid).children()
         assert len(workers) == 2
         client = OpenAI(base_url=url + "/v1", api_key="unused", timeout=120, max_retries=0)
