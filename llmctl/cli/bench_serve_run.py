@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from llmctl.cli.common import progress_bar
 from llmctl.errors import LlmctlError
 
 
@@ -14,11 +15,7 @@ class LiveProgress:
     and output tok/s over the requests finished so far."""
 
     def __init__(self, console) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[live]}"), TimeElapsedColumn(), console=console,
-                                 transient=False)
+        self.progress = progress_bar(console, "live")
         self._tasks: dict[str, int] = {}
         self._tokens: dict[str, int] = {}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llmctl.cli.common import progress_bar
+
 
 def throughput_settings(model: str, **options):
     """The settings of `llmctl bench throughput`: `model` is a model or a recipe; every
@@ -24,23 +26,13 @@ def throughput_settings(model: str, **options):
 def run_throughput_command(config, bench, backends: tuple[str, ...], hf_batch_size: int, load_format: str,
                            output_json: Path | None, as_json: bool, baseline: str | None = None) -> None:
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     from llmctl.bench.throughput import run_throughput
     from llmctl.cli.plan import print_plan
 
     err = Console(stderr=True)
     tasks: dict[str, int] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn(),
-                  console=err, transient=False) as progress:
+    with progress_bar(err) as progress:
 
         def on_event(backend: str, event: str, info: dict) -> None:
             if event == "start":

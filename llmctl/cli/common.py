@@ -12,3 +12,21 @@ def not_implemented(what: str) -> None:
 def examples(*lines: str) -> str:
     """The epilog every command's help ends with: two or three commands to copy."""
     return "[bold]Examples[/bold]\n\n" + "\n\n".join(f"  {line}" for line in lines)
+
+
+def progress_bar(console, *fields: str, transient: bool = False):
+    """The one progress bar of every long command: stage, bar, done/total, elapsed and ETA,
+    then a text column per task field named in `fields` (e.g. "info", "live")."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn()]
+    columns += [TextColumn(f"{{task.fields[{name}]}}") for name in fields]
+    return Progress(*columns, console=console, transient=transient)

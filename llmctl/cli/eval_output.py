@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llmctl.cli.common import progress_bar
+
 # (label, metric key, stderr key or None, format)
 _ROWS = (
     ("perplexity", "ppl", None, "{:.4f}"),
@@ -102,14 +104,12 @@ class _Stages:
 
 def run_eval_command(plan, plot: Path | None, as_json: bool, output_json: Path | None, write: bool) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from llmctl.eval.report import exit_code, public, write_checkpoint_reports
     from llmctl.eval.run import evaluate
 
     err = Console(stderr=True, highlight=False)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err) as progress:
+    with progress_bar(err) as progress:
         report = evaluate(plan, stage=_Stages(progress))
     runs = report["_runs"]
     data = public(report)

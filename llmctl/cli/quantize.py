@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmctl.cli.common import progress_bar
+
 _GPTQ = "GPTQ"
 _CALIB = "Calibration"
 _OUT = "Output"
@@ -122,18 +124,7 @@ class _Progress:
     _LABELS = {"load": "loading", "calibration": "calibration data", "eval": "held-out check"}
 
     def __init__(self, console) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                            TextColumn("{task.fields[info]}"), console=console)
+        self.bar = progress_bar(console, "info")
         self.tasks: dict[str, int] = {}
 
     def __enter__(self) -> "_Progress":
