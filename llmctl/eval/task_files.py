@@ -16,10 +16,10 @@ evaluated. Everything else of lm-eval (filters, generation tasks, the Hub) is re
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 
 from llmctl.errors import ConfigError
+from llmctl.eval.jsonl import read_jsonl
 from llmctl.eval.multiple_choice import MCDoc, MCTask
 
 _YAML_KEYS = {"task", "dataset_path", "dataset_name", "dataset_kwargs", "data_files", "test_split", "output_type",
@@ -28,23 +28,6 @@ _YAML_KEYS = {"task", "dataset_path", "dataset_name", "dataset_kwargs", "data_fi
               "metadata", "fewshot_split"}
 
 
-def _read_jsonl(path: Path, what: str) -> list[dict]:
-    if not path.is_file():
-        raise ConfigError(f"{what}: {path} does not exist")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{what}: {path} line {number} is not JSON: {err.msg}") from err
-        if not isinstance(row, dict):
-            raise ConfigError(f"{what}: {path} line {number} is not a JSON object")
-        rows.append(row)
-    if not rows:
-        raise ConfigError(f"{what}: {path} has no documents")
-    return rows
 
 
 def _answer_index(answer, choices: list[str], where: str) -> int:
@@ -78,7 +61,7 @@ def _finish(name: str, items: list[tuple[str, list[str], int]], num_fewshot: int
 
 def jsonl_task(path: Path, num_fewshot: int = 0, limit: int | None = None) -> MCTask:
     items = []
-    for number, row in enumerate(_read_jsonl(path, "task"), 1):
+    for number, (_, row) in enumerate(read_jsonl(path, "task"), 1):
         where = f"task: {path} document {number}"
         question, choices = row.get("question"), row.get("choices")
         if not isinstance(question, str) or not question.strip():
@@ -131,7 +114,7 @@ def yaml_task(path: Path, num_fewshot: int | None = None, limit: int | None = No
             raise ConfigError(f"task: {path}: {key} is required")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)
     items = []
-    for number, doc in enumerate(_read_jsonl(_yaml_data_file(cfg, path), "task data"), 1):
+    for number, (_, doc) in enumerate(read_jsonl(_yaml_data_file(cfg, path), "task data"), 1):
         where = f"task: {path} document {number}"
         try:
             text = str(_render(cfg["doc_to_text"], doc, env))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from llmctl.errors import ConfigError
+from llmctl.eval.jsonl import read_jsonl
 
 TEXT_FIELDS = ("text", "content", "extract", "document", "sentence")
 
@@ -90,14 +91,8 @@ def load_eval_text(dataset: str | None) -> tuple[str, str]:
 
 def _jsonl_texts(path: Path) -> list[str]:
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"dataset: {path} line {number} is not JSON: {err.msg}") from err
-        field = next((f for f in TEXT_FIELDS if isinstance(row, dict) and f in row), None)
+    for number, row in read_jsonl(path, "dataset"):
+        field = next((f for f in TEXT_FIELDS if f in row), None)
         if field is None:
             raise ConfigError(f"dataset: {path} line {number} has no text field",
                               hint=f"name it one of {', '.join(TEXT_FIELDS)}")
