@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -29,3 +31,22 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout_s: float, 
             pass
         assert time.time() < deadline, "server did not come up: " + log.read_text()
         time.sleep(interval_s)
+
+
+@contextlib.contextmanager
+def running_app(app, host: str = "127.0.0.1", port: int | None = None, sockets: list | None = None):
+    """Run an ASGI app under uvicorn in a daemon thread for the block's duration."""
+    import uvicorn
+
+    uv = uvicorn.Server(uvicorn.Config(app, host=host, port=port or 8000, log_level="warning"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": sockets} if sockets else {}, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not uv.started:
+        assert thread.is_alive() and time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield uv
+    finally:
+        uv.should_exit = True
+        thread.join(30)

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-from servers import free_port
+from servers import free_port, running_app
 
 from llmctl.config import EvalConfig
 
@@ -19,7 +18,6 @@ MAX_MODEL_LEN = 512
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    import uvicorn
 
     from llmctl.config import CacheConfig, EngineConfig, ModelConfig, ServeConfig
     from llmctl.engine.llm_engine import LLMEngine
@@ -30,16 +28,8 @@ def server(default_model_dir):
                                     cache=CacheConfig(kv_cache_memory=256 * 2**20)))
     config = ServeConfig(port=free_port())
     app = build_app(engine, config)
-    uv = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{config.port}"
-    uv.should_exit = True
-    thread.join(30)
+    with running_app(app, config.host, config.port):
+        yield f"http://127.0.0.1:{config.port}"
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ a taken port, an empty API key, a size without its unit, a truncated JSON body."
 from __future__ import annotations
 
 import socket
-import threading
-import time
 
 import httpx
 import pytest
+from servers import running_app
 from typer.testing import CliRunner
 
 from llmctl.cli.main import app
@@ -93,7 +92,6 @@ def test_gpu_memory_takes_units_and_refuses_a_bare_small_number():
 
 @pytest.fixture(scope="module")
 def server(default_model_dir):
-    import uvicorn
 
     from llmctl.config import CacheConfig, EngineConfig, ModelConfig
     from llmctl.engine.llm_engine import LLMEngine
@@ -103,16 +101,8 @@ def server(default_model_dir):
     engine = LLMEngine(EngineConfig(model=ModelConfig(model=str(default_model_dir), max_model_len=128),
                                     cache=CacheConfig(kv_cache_memory=8 * 2**20)))
     sock = bind_socket("127.0.0.1", 0)
-    uv = uvicorn.Server(uvicorn.Config(build_app(engine, ServeConfig()), log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    uv.should_exit = True
-    thread.join(30)
+    with running_app(build_app(engine, ServeConfig()), sockets=[sock]):
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     sock.close()
 
 

@@ -4,15 +4,13 @@ spoken to with the official `openai` client and raw HTTP. One server for the mod
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from servers import free_port
+from servers import free_port, running_app
 
 API_KEY = "test-key"
 MAX_MODEL_LEN = 512
@@ -47,16 +45,8 @@ def server(default_model_dir):
     engine = LLMEngine(_engine_config("default"))
     config = ServeConfig(port=free_port(), api_key=API_KEY, max_request_bytes=64 * 1024)
     app = build_app(engine, config)
-    uv = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{config.port}", "model": app.state.ctx.model_name, "engine": engine}
-    uv.should_exit = True
-    thread.join(30)
+    with running_app(app, config.host, config.port):
+        yield {"url": f"http://127.0.0.1:{config.port}", "model": app.state.ctx.model_name, "engine": engine}
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,11 @@ import logging
 import os
 import random
 import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
-from servers import free_port
+from servers import free_port, running_app
 
 MAX_MODEL_LEN = 256
 MAX_NUM_SEQS = 4
@@ -42,16 +40,8 @@ def server(default_model_dir, tmp_path_factory):
                         + engine.tokenizer.chat_template)
     config = ServeConfig(port=free_port(), chat_template=str(template), request_body_timeout_s=BODY_TIMEOUT_S)
     app = build_app(engine, config)
-    uv = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{config.port}", "engine": engine, "app": app}
-    uv.should_exit = True
-    thread.join(30)
+    with running_app(app, config.host, config.port):
+        yield {"url": f"http://127.0.0.1:{config.port}", "engine": engine, "app": app}
 
 
 @pytest.fixture(scope="module")
