@@ -68,22 +68,8 @@ class LLM:
         # only finished outputs are kept here: the engine need not build the others
         params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
-        try:
-            for request_id, prompt, p in zip(ids, prompts, params):
-                self.engine.add_request(request_id, prompt, p)
-            finished: dict[str, RequestOutput] = {}
-            while self.engine.has_unfinished_requests():
-                done = [o for o in self.engine.step() if o.finished]
-                for out in done:
-                    if out.error is not None:
-                        raise out.error
-                    finished[out.request_id] = out
-                if done and on_finished:
-                    on_finished(len(done))
-        except BaseException:
-            self.engine.abort_request([rid for rid in ids if rid in self.engine._requests])
-            raise
-        return [finished[rid] for rid in ids]
+        outs = self._run(ids, lambda rid, i: self.engine.add_request(rid, prompts[i], params[i]), on_finished)
+        return [outs[rid] for rid in ids]
 
     def score(self, prompts: Sequence[list[int]], score_from: int | Sequence[int] = 1,
               scorer: PromptScorer | None = None,
@@ -100,21 +86,30 @@ class LLM:
             raise InvalidRequestError(f"score_from: {len(starts)} given for {len(prompts)} prompts")
         params = SamplingParams(temperature=0.0, max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY)
         ids = [f"score-{next(self._ids)}" for _ in prompts]
+        outs = self._run(ids, lambda rid, i: self.engine.add_request(
+            rid, prompts[i], params, scorer=scorer or target_logprobs, score_from=starts[i]), on_finished)
+        return [concat_scores(outs[rid].prompt_scores or []) for rid in ids]
+
+    def _run(self, ids: list[str], add: Callable[[str, int], None],
+             on_finished: Callable[[int], None] | None) -> dict[str, RequestOutput]:
+        """Add request i as ids[i], step until all finish, and return their final outputs; a
+        failed request raises its error, and any error aborts the others."""
+        finished: dict[str, RequestOutput] = {}
         try:
-            for request_id, prompt, first in zip(ids, prompts, starts):
-                self.engine.add_request(request_id, prompt, params, scorer=scorer or target_logprobs,
-                                        score_from=first)
-            finished: dict[str, dict] = {}
+            for i, request_id in enumerate(ids):
+                add(request_id, i)
             while self.engine.has_unfinished_requests():
                 done = [o for o in self.engine.step() if o.finished]
                 for out in done:
-                    finished[out.request_id] = concat_scores(out.prompt_scores or [])
+                    if out.error is not None:
+                        raise out.error
+                    finished[out.request_id] = out
                 if done and on_finished:
                     on_finished(len(done))
         except BaseException:
-            self.engine.abort_request([rid for rid in ids if rid in self.engine._requests])
+            self.engine.abort_request(ids)
             raise
-        return [finished[rid] for rid in ids]
+        return finished
 
     def hf_model_spec(self) -> dict:
         """How transformers would load the same model (the bench baselines use it)."""

@@ -145,3 +145,22 @@ def test_a_dead_engine_stops_the_server_with_an_error(default_model_dir):
     thread.join(30)
     assert not thread.is_alive()
     assert len(raised) == 1 and isinstance(raised[0], EngineDeadError) and "TypeError" in str(raised[0])
+
+
+def test_llm_score_raises_the_error_of_a_failed_scoring_request(default_model_dir):
+    """A scoring request whose step fails raises from LLM.score (it used to come back as an
+    empty score), and the engine is left idle for the next call."""
+    from llmctl.engine.scoring import target_logprobs
+    from llmctl.llm import LLM
+
+    def scorer(logprobs, targets, first):
+        if targets.numel() and int(targets[0]) == MARK[1]:
+            raise torch.OutOfMemoryError("CUDA out of memory (forced by the test)")
+        return target_logprobs(logprobs, targets, first)
+
+    llm = LLM(str(default_model_dir), max_model_len=256, kv_cache_memory="16MiB")
+    with pytest.raises(RequestFailedError, match="out of memory"):
+        llm.score([[1, 2, 3, 4], MARK + [7, 8]], scorer=scorer)
+    assert _idle(llm.engine)
+    good = llm.score([[1, 2, 3, 4]], scorer=scorer)[0]
+    assert good["logprob"].shape == (3,)
