@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from llmctl.errors import ConfigError, ModelLoadError
 from llmctl.models.arch import load_arch, resolve_dtype
@@ -135,11 +135,17 @@ def _expected_tensors(model: LlamaForCausalLM) -> dict[str, tuple[str, Any]]:
 
 def load_weights(model: LlamaForCausalLM, files: list[Path]) -> None:
     """Fill every parameter of `model` from `files`; strict both ways (nothing missing, nothing unknown)."""
+    fill_parameters(model, iterate_weights(files, lazy=True), files[0].parent)
+
+
+def fill_parameters(model: LlamaForCausalLM, tensors: Iterable[tuple[str, Any, Any]], source: Any) -> None:
+    """Fill every parameter of `model` from (checkpoint name, tensor, where it came from)
+    triples, e.g. a transformers model's state dict; strict both ways, errors naming `source`."""
     params = dict(model.named_parameters())
     expected = _expected_tensors(model)
     loaded: set[str] = set()
     unexpected: list[str] = []
-    for name, tensor, path in iterate_weights(files, lazy=True):
+    for name, tensor, path in tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and model.arch.tie_word_embeddings):
             continue
         if name not in expected:
@@ -158,10 +164,10 @@ def load_weights(model: LlamaForCausalLM, files: list[Path]) -> None:
         except ModelLoadError as err:
             raise ModelLoadError(f"{path}: tensor {name}: {err}", hint="the checkpoint does not match its config.json") from err
         loaded.add(name)
-    _check_complete(files[0].parent, expected, loaded, unexpected, params)
+    _check_complete(source, expected, loaded, unexpected, params)
 
 
-def _check_complete(model_dir: Path, expected: dict, loaded: set[str], unexpected: list[str], params: dict) -> None:
+def _check_complete(model_dir: Any, expected: dict, loaded: set[str], unexpected: list[str], params: dict) -> None:
     missing = [n for n in expected if n not in loaded and not getattr(params[expected[n][0]], "ignore_missing", False)]
     if missing:
         raise ModelLoadError(
