@@ -32,6 +32,9 @@ class ModelConfig:
     # A real checkpoint's quantization is read from its config.json.
     quantization: str | None = None  # None | gptq
     enforce_eager: bool = False  # True: never replay CUDA graphs (decode and prefill steps)
+    # Steps of up to this many tokens (from up to 8 sequences) replay a prefill CUDA graph; the
+    # graphs' memory pool grows with it (llmctl.engine.prefill_graph). 0: prefill runs eagerly.
+    max_prefill_graph_tokens: int = 2048
     # Inline architecture (config.json fields, a recipe's `model.arch`): plans and random
     # weights (load_format="dummy") of a model whose files are not here.
     arch: dict[str, Any] | None = field(default=None, compare=False)
@@ -41,6 +44,7 @@ class ModelConfig:
                f"must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         _check(self.quantization in (None, "gptq"), "quantization", f"must be gptq or unset, got {self.quantization!r}")
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be positive")
+        _check(self.max_prefill_graph_tokens >= 0, "max_prefill_graph_tokens", "must be 0 or more")
 
 
 @dataclass(frozen=True)

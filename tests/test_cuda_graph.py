@@ -43,10 +43,32 @@ def test_capture_sizes_cover_max_num_seqs_with_few_buckets():
 def test_prefill_capture_sizes_cover_the_step_budget():
     from llmctl.engine.prefill_graph import prefill_capture_sizes
 
-    assert prefill_capture_sizes(2048, 256) == ([16, 32, 64, 128, 256, 512], [1, 2, 4, 8])
-    assert prefill_capture_sizes(512, 8) == ([16, 32, 64, 128, 256, 512], [1, 2, 4, 8])
+    small = [16, 32, 64, 128, 256, 512]
+    large = [768, 1024, 1280, 1536, 1792, 2048]  # steps of 256 above 512
+    assert prefill_capture_sizes(2048, 256) == (small + large, [1, 2, 4, 8])
+    assert prefill_capture_sizes(8192, 256) == (small + large, [1, 2, 4, 8])  # the default limit, 2,048
+    assert prefill_capture_sizes(512, 8) == (small, [1, 2, 4, 8])
     assert prefill_capture_sizes(48, 3) == ([16, 32, 48], [1, 2, 4])  # a 3-sequence step pads to 4
     assert prefill_capture_sizes(6, 1) == ([6], [1])
+    # the limit (max_prefill_graph_tokens) caps the buckets and is one itself; 0 captures none
+    assert prefill_capture_sizes(8192, 8, 512) == (small, [1, 2, 4, 8])
+    assert prefill_capture_sizes(8192, 8, 1000) == (small + [768, 1000], [1, 2, 4, 8])
+    assert prefill_capture_sizes(1100, 8, 4096) == (small + [768, 1024, 1100], [1, 2, 4, 8])
+    assert prefill_capture_sizes(8192, 8, 0) == ([], [])
+
+
+def test_prefill_graph_bucket_pads_fewer_than_256_tokens_above_512():
+    """A step replays the smallest bucket that holds it: past 512 tokens it pads fewer than 256
+    tokens, under 25% of the step from 1,024 on (a 1,025-token prompt computes 1,280 rows, not
+    2,048)."""
+    from llmctl.engine.prefill_graph import prefill_capture_sizes
+
+    tokens, _ = prefill_capture_sizes(8192, 8, 2048)
+    for n in range(513, 2049):
+        bucket = next(t for t in tokens if t >= n)
+        assert 0 <= bucket - n < 256
+        assert n < 1024 or (bucket - n) / n < 0.25
+    assert next(t for t in tokens if t >= 1025) == 1280
 
 
 def test_prefill_graph_inputs_pad_tokens_and_sequences():

@@ -112,13 +112,15 @@ class LLMEngine:
         self.runner.allocate_kv_cache(self.kv_plan.num_blocks)
         if self.device.type == "cuda" and not config.model.enforce_eager:
             self.runner.capture_graphs(self.max_model_len, config.scheduler.max_num_batched_tokens,
-                                       config.scheduler.max_num_seqs)
+                                       config.scheduler.max_num_seqs, config.model.max_prefill_graph_tokens)
             decode, prefill = self.runner.decode_graphs, self.runner.prefill_graphs
             self.progress("load", {"message": f"CUDA graphs for decode batches {decode.sizes[0]}..{decode.sizes[-1]} "
                                               f"({len(decode.sizes)} sizes) captured in {decode.capture_seconds:.1f} s"})
-            self.progress("load", {"message": f"CUDA graphs for prefill steps of up to {prefill.max_tokens} tokens "
-                                              f"from up to {prefill.max_seqs} sequences ({len(prefill.graphs)} "
-                                              f"buckets) captured in {prefill.capture_seconds:.1f} s"})
+            if prefill is not None:
+                self.progress("load", {"message": f"CUDA graphs for prefill steps of up to {prefill.max_tokens} tokens "
+                                                  f"from up to {prefill.max_seqs} sequences ({len(prefill.graphs)} "
+                                                  f"buckets) captured in {prefill.capture_seconds:.1f} s, "
+                                                  f"{prefill.pool_bytes / 2**20:.0f} MiB"})
         if self.device.type == "cuda":
             self.runner.warm_up_sampler()
         self.block_manager = BlockManager(self.kv_plan.num_blocks, config.cache.block_size,

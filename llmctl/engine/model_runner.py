@@ -17,8 +17,8 @@ reads the contiguous views [0, i] and [1, i].
 
 On CUDA, a decode-only step writes its inputs into the persistent buffers of a captured graph
 of the forward and the logits and replays it (llmctl.engine.cuda_graph), and so does a step with
-prefill chunks of up to 512 tokens from up to 8 sequences (llmctl.engine.prefill_graph), unless
-the engine runs with enforce_eager.
+prefill chunks of up to 2,048 tokens (max_prefill_graph_tokens) from up to 8 sequences
+(llmctl.engine.prefill_graph), unless the engine runs with enforce_eager.
 
 Under tensor parallelism every rank runs one of these on its shard. Rank 0's runner holds a
 `StepChannel`: each call that runs the model (a step, the memory
@@ -82,20 +82,23 @@ class ModelRunner:
         if self.channel is not None:
             self.channel.send(header, payload or [])
 
-    def capture_graphs(self, max_model_len: int, max_num_tokens: int, max_num_seqs: int) -> None:
+    def capture_graphs(self, max_model_len: int, max_num_tokens: int, max_num_seqs: int,
+                       max_prefill_graph_tokens: int) -> None:
         """Capture the decode graphs (batch buckets up to max_num_seqs) and the prefill graphs
-        (token and sequence buckets of a step's budget); CUDA, after the KV cache is allocated.
-        Each object's capture_seconds says how long it took."""
+        (token and sequence buckets of a step's budget, up to max_prefill_graph_tokens tokens;
+        0: none); CUDA, after the KV cache is allocated. Each object's capture_seconds says how
+        long it took, the prefill graphs' pool_bytes the memory their pool keeps."""
         from llmctl.engine.cuda_graph import DecodeGraphs
         from llmctl.engine.distributed import CMD_CAPTURE
         from llmctl.engine.prefill_graph import PrefillGraphs
 
-        self._announce([CMD_CAPTURE], [max_model_len, max_num_tokens, max_num_seqs])
+        self._announce([CMD_CAPTURE], [max_model_len, max_num_tokens, max_num_seqs, max_prefill_graph_tokens])
         self.decode_graphs = DecodeGraphs(self.model, self.device, self.block_size, max_model_len, max_num_seqs)
         self.decode_graphs.capture()
-        self.prefill_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_model_len, max_num_tokens,
-                                            max_num_seqs)
-        self.prefill_graphs.capture()
+        if max_prefill_graph_tokens > 0:
+            self.prefill_graphs = PrefillGraphs(self.model, self.device, self.block_size, max_model_len,
+                                                max_num_tokens, max_num_seqs, max_prefill_graph_tokens)
+            self.prefill_graphs.capture()
 
     def allocate_workspaces(self, max_num_tokens: int) -> int:
         """Let each linear method allocate the buffers its kernels share (the GPTQ kernels'

@@ -4,8 +4,11 @@ the logits of each sequence's last token) per (token-count, sequence-count) buck
 Why. Eager, a step launches every kernel of every layer from Python: for a Llama-3-8B-shaped model
 about 450 Triton and cuBLAS launches, 13 ms (fp16) to 28 ms (GPTQ, whose kernels take more
 arguments) of host time on an H200 for a 16-token prompt whose kernels run 3-5 ms
-(docs/benchmarks.md). From a few thousand tokens on, the GEMMs outlast the launches and the
-graph buys nothing, so only steps of up to `max_tokens` tokens replay.
+(docs/benchmarks.md). At 1,024 tokens the GPTQ model's eager host time (~40 ms) still exceeds
+its kernels' (~29 ms), so buckets go on in steps of 256 up to `max_graph_tokens` (ModelConfig.
+max_prefill_graph_tokens, 2,048 by default: a few thousand tokens on, the GEMMs outlast the
+launches and a graph buys nothing, while its memory pool grows with the bucket). Steps of more
+tokens run eagerly.
 
 How (vLLM captures prefill by token-count buckets too; here attention stays inside the graph):
 - a step of T tokens from B sequences replays the graph of the smallest buckets >= T and >= B;
@@ -30,17 +33,23 @@ from torch import nn
 
 from llmctl.layers.attention import AttentionMetadata, attention_metadata
 
-TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
+# Powers of two up to 512, then steps of 256 (a 1,025-token step pads by 25%, not 100%).
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, *range(768, 8193, 256))
 SEQ_BUCKETS = (1, 2, 4, 8)
+DEFAULT_MAX_GRAPH_TOKENS = 2048
 
 
-def prefill_capture_sizes(max_num_tokens: int, max_num_seqs: int) -> tuple[list[int], list[int]]:
+def prefill_capture_sizes(max_num_tokens: int, max_num_seqs: int,
+                          max_graph_tokens: int = DEFAULT_MAX_GRAPH_TOKENS) -> tuple[list[int], list[int]]:
     """(token buckets, sequence buckets) for a step budget of max_num_tokens tokens and
-    max_num_seqs sequences: the token buckets below the budget and the budget itself (up to the
-    last bucket), the sequence buckets up to the first that holds max_num_seqs."""
-    tokens = [t for t in TOKEN_BUCKETS if t < max_num_tokens]
-    if max_num_tokens <= TOKEN_BUCKETS[-1]:
-        tokens.append(max_num_tokens)  # a step's whole budget
+    max_num_seqs sequences: the token buckets up to min(budget, max_graph_tokens) and that
+    limit itself, the sequence buckets up to the first that holds max_num_seqs. A limit of 0
+    captures nothing (no token bucket)."""
+    limit = min(max_num_tokens, max_graph_tokens)
+    if limit <= 0:
+        return [], []
+    tokens = [t for t in TOKEN_BUCKETS if t < limit]
+    tokens.append(limit)  # a step's whole budget, or the largest step that replays
     seqs = []
     for b in SEQ_BUCKETS:
         seqs.append(b)
@@ -51,11 +60,12 @@ def prefill_capture_sizes(max_num_tokens: int, max_num_seqs: int) -> tuple[list[
 
 class PrefillGraphs:
     def __init__(self, model: nn.Module, device: torch.device, block_size: int, max_model_len: int,
-                 max_num_tokens: int, max_num_seqs: int) -> None:
+                 max_num_tokens: int, max_num_seqs: int, max_graph_tokens: int = DEFAULT_MAX_GRAPH_TOKENS) -> None:
         self.model = model
         self.block_size = block_size
         self.max_model_len = max_model_len
-        self.token_sizes, self.seq_sizes = prefill_capture_sizes(max_num_tokens, max_num_seqs)
+        self.device = device
+        self.token_sizes, self.seq_sizes = prefill_capture_sizes(max_num_tokens, max_num_seqs, max_graph_tokens)
         self.max_tokens, self.max_seqs = self.token_sizes[-1], self.seq_sizes[-1]
         t, b = self.max_tokens, self.max_seqs
         self.max_blocks = -(-max_model_len // block_size)
@@ -77,6 +87,7 @@ class PrefillGraphs:
         self._staged.record()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
+        self.pool_bytes = 0  # what the graphs' private memory pool took (reserved after - before capture)
         self.num_replays = 0
 
     def buckets(self, num_tokens: int, num_seqs: int) -> tuple[int, int] | None:
@@ -99,6 +110,7 @@ class PrefillGraphs:
         """Warm up (compiles every kernel variant), then capture each bucket pair, largest first.
         The warm-up runs with every token padding and every sequence empty: it writes nothing."""
         start = time.perf_counter()
+        reserved = _reserved_after_release(self.device)
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for t in reversed(self.token_sizes):
@@ -112,8 +124,8 @@ class PrefillGraphs:
                 with torch.cuda.graph(graph, pool=pool):
                     logits = self._forward(t, b)
                 self.graphs[(t, b)] = (graph, logits)
-        torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
+        self.pool_bytes = _reserved_after_release(self.device) - reserved
 
     def run(self, token_ids: list[int], starts: list[int], lens: list[int], tables: list[list[int]]) -> torch.Tensor:
         """fp32 logits [B, V] of each sequence's last new token, by graph replay: sequence i adds
@@ -134,6 +146,15 @@ class PrefillGraphs:
         graph.replay()
         self.num_replays += 1
         return logits[:num_seqs]
+
+
+def _reserved_after_release(device: torch.device) -> int:
+    """CUDA memory reserved once the allocator's free cached blocks are released: before and
+    after a capture, the difference is what the graphs' private pool keeps (the warm-ups'
+    eager activations come and go in the general pool)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_reserved(device)
 
 
 def stage_inputs(longs: np.ndarray, ints: np.ndarray, tmax: int, bmax: int, t: int, b: int, block_size: int,
