@@ -27,7 +27,7 @@ from llmctl.layers.tensor_parallel import TensorParallel
 # Control commands, in the same header slot as step_batch's KIND_STEP / KIND_DENSE.
 CMD_PROFILE = 3  # payload: max_num_batched_tokens, max_num_seqs
 CMD_ALLOCATE = 4  # payload: num_blocks
-CMD_CAPTURE = 5  # payload: max_model_len, max_num_tokens, max_num_seqs
+CMD_CAPTURE = 5  # payload: max_model_len, max_num_tokens, max_num_seqs, max_prefill_graph_tokens
 CMD_SHUTDOWN = 6
 CMD_WORKSPACES = 8  # payload: max_num_tokens
 CMD_MEMORY = 9  # every rank reports what it holds (Rank memory, gathered to rank 0)
