@@ -40,6 +40,12 @@ class EngineRequest:
         self.score_next = score_from
         self.prompt_scores: list[dict] = []
 
+    @property
+    def has_step_state(self) -> bool:
+        """Whether a step passes anything of this request to the runner beyond its sequences:
+        generators, missing prompt logprobs or a scorer."""
+        return bool(self.generators) or self.prompt_logprobs is not None or self.scorer is not None
+
     def scoring_from(self, seq: Sequence) -> int | None:
         """The first prompt token still to score; None when there is no scorer or nothing left."""
         if self.scorer is None or self.score_next >= seq.num_prompt_tokens:

@@ -130,6 +130,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len, self.eos_token_ids)
         self._requests: dict[str, EngineRequest] = {}
         self._seq_to_request: dict[int, EngineRequest] = {}
+        # Live requests with generators, prompt logprobs or a scorer: while none, a step looks none up.
+        self._num_with_step_state = 0
         self._num_prompt_tokens = self._num_generation_tokens = self._num_steps = self._max_num_running = 0
         self._num_partial_prefills = 0
         self._kv_waste = self._kv_waste_sum = 0.0
@@ -205,6 +207,7 @@ class LLMEngine:
         request = EngineRequest(request_id, prompt_text, seqs, self.tokenizer, self.device, arrival,
                                 scorer, score_from)
         self._requests[request_id] = request
+        self._num_with_step_state += request.has_step_state
         for seq in seqs:
             self._seq_to_request[seq.seq_id] = request
 
@@ -232,6 +235,7 @@ class LLMEngine:
     def _drop(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
         if request is not None:
+            self._num_with_step_state -= request.has_step_state
             for seq in request.seqs:
                 self._seq_to_request.pop(seq.seq_id, None)
 
@@ -294,6 +298,8 @@ class LLMEngine:
 
     def _sampling_state(self, out: SchedulerOutput) -> tuple[dict, dict]:
         generators, prompt_lp_from = {}, {}
+        if not self._num_with_step_state:
+            return generators, prompt_lp_from
         for e in out.scheduled:
             request = self._seq_to_request[e.seq.seq_id]
             gen = request.generators.get(e.seq.seq_id)
@@ -310,6 +316,8 @@ class LLMEngine:
     def _scorers(self, out: SchedulerOutput) -> dict:
         """seq_id -> (scorer, first prompt token to score) for the scoring requests in this step."""
         scorers = {}
+        if not self._num_with_step_state:
+            return scorers
         for e in out.scheduled:
             request = self._seq_to_request[e.seq.seq_id]
             first = request.scoring_from(e.seq)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from llmctl.layers.sampler import SamplingRequest
+from llmctl.layers.sampler import SamplingRequest, reads_token_history
 
 KIND_STEP = 1  # a scheduled step over the paged cache (the channel's other commands: engine.distributed)
 
@@ -102,8 +102,12 @@ def build_step_batch(out, generators: Mapping[int, object], prompt_logprobs_from
         if e.do_sample:
             rows.append(end - 1)
             sample_entries.append(i)
-            sampling.append((seq.sampling_params, seq.prompt_token_ids, seq.output_token_ids,
-                             get_generator(seq.seq_id) if get_generator else None))
+            params = seq.sampling_params
+            generator = get_generator(seq.seq_id) if get_generator else None
+            if reads_token_history(params):
+                sampling.append((params, seq.prompt_token_ids, seq.output_token_ids, generator))
+            else:  # no copy of the token lists for a row that never reads them
+                sampling.append((params, (), (), generator))
         else:
             decode_only = False
         if prompt_logprobs_from and seq.seq_id in prompt_logprobs_from:

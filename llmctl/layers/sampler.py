@@ -135,6 +135,12 @@ def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
+def reads_token_history(p: SamplingParams) -> bool:
+    """Whether a row's prompt and output token ids are read (penalties, min_tokens): the other
+    rows may pass empty histories, and a step copies no token list for them."""
+    return p.min_tokens > 0 or _has_penalty(p)
+
+
 def _build_penalties(requests: Sequence[SamplingRequest], device) -> lp.PenaltyTensors | None:
     """Histories are read in Python once per step: O(total tokens) for rows with penalties."""
     if not any(_has_penalty(r[0]) for r in requests):
