@@ -180,13 +180,13 @@ def run(args) -> tuple[list[str], bool]:
     dtype_name = "float16" if device.type == "cuda" else "float32"
     dtype = getattr(torch, dtype_name)
     lines = []
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t_start = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - t_start:6.1f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         recipe = recipe_path(args.tiny, Path(tmp))
 
-        # transformers' fp16 baseline first: llmctl's baseline gets its very tensors
-        log("transformers: baseline model (random weights)")
+        # llmctl's fp16 baseline gets the very tensors of transformers' fp16 model
+        log("llmctl fp16 engine, then transformers fp16 model (random weights, copied into the engine)")
         base_llm = make_llm(recipe, args, dtype_name, None, seed=1)
         arch = base_llm.hf_model_spec()["arch_config"]
         vocab = arch["vocab_size"]
@@ -198,31 +198,31 @@ def run(args) -> tuple[list[str], bool]:
         with torch.inference_mode():  # the engine's parameters are inference tensors
             fill_parameters(base_llm.engine.model, ((n, t, "transformers") for n, t in hf_base.state_dict().items()),
                             "transformers state dict")
-        backend = EngineBackend(base_llm)
+        base_backend = EngineBackend(base_llm)
 
         log("llmctl: baseline pass (warm-up, then timed)")
-        backend.baseline_rows(first_windows(windows, 2), args.top_k)
-        rows, t_base = timed(device, lambda: backend.baseline_rows(windows, args.top_k))
+        base_backend.baseline_rows(first_windows(windows, 2), args.top_k)
+        rows, t_base = timed(device, lambda: base_backend.baseline_rows(windows, args.top_k))
         ppl_base = perplexity_stats(rows["logprob"])
         check = check_same_weights(base_llm, hf_base, windows, args.check_windows, device)
         exact_w = first_windows(windows, args.exact_windows) if args.exact_windows else None
         if exact_w is not None:
-            exact_rows, t_base_exact = timed(device, lambda: backend.baseline_rows(exact_w, vocab))
+            exact_rows, t_base_exact = timed(device, lambda: base_backend.baseline_rows(exact_w, vocab))
         base_llm.shutdown()
-        del backend, base_llm
+        base_backend = base_llm = None  # frees the engine
 
         log("llmctl: GPTQ 4-bit candidate (warm-up, then timed with KLD)")
         cand_llm = make_llm(recipe, args, dtype_name, "gptq", seed=2)
-        backend = EngineBackend(cand_llm)
-        backend.window_scores(first_windows(windows, 2), base_slice(rows, windows, 2))
-        scores, t_cand = timed(device, lambda: backend.window_scores(windows, rows))
+        cand_backend = EngineBackend(cand_llm)
+        cand_backend.window_scores(first_windows(windows, 2), base_slice(rows, windows, 2))
+        scores, t_cand = timed(device, lambda: cand_backend.window_scores(windows, rows))
         stats = kld_stats(scores["kld"], rows["logprob"], scores["logprob"], scores["same_top1"])
         if exact_w is not None:
-            exact_scores, t_cand_exact = timed(device, lambda: backend.window_scores(exact_w, exact_rows))
-            topk_scores = backend.window_scores(exact_w, base_slice(rows, windows, args.exact_windows))
+            exact_scores, t_cand_exact = timed(device, lambda: cand_backend.window_scores(exact_w, exact_rows))
+            topk_scores = cand_backend.window_scores(exact_w, base_slice(rows, windows, args.exact_windows))
             del exact_rows
         cand_llm.shutdown()
-        del backend, cand_llm
+        cand_backend = cand_llm = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -240,7 +240,8 @@ def run(args) -> tuple[list[str], bool]:
     lines += [head, f"windows: {args.num_windows} x {args.window_len} tokens, {num_tokens} scored tokens, "
               f"vocabulary {vocab}, llmctl max_num_batched_tokens {args.max_num_batched_tokens}, "
               f"transformers batch {args.hf_batch} windows", ""]
-    table = [("llmctl baseline pass (fp16: NLL + top-%d rows)" % args.top_k, t_base, num_tokens),
+    dt = "fp16" if dtype == torch.float16 else "fp32"
+    table = [(f"llmctl baseline pass ({dt}: NLL + top-{args.top_k} rows)", t_base, num_tokens),
              ("llmctl candidate pass (GPTQ W4A16: NLL + KLD vs top-%d)" % args.top_k, t_cand, num_tokens),
              ("llmctl eval, both passes", t_base + t_cand, num_tokens)]
     if exact_w is not None:
@@ -248,8 +249,8 @@ def run(args) -> tuple[list[str], bool]:
         table += [(f"llmctl baseline pass, exact (K = V), {args.exact_windows} windows", t_base_exact, n_exact),
                   (f"llmctl candidate pass, exact KLD, {args.exact_windows} windows", t_cand_exact, n_exact),
                   ("llmctl eval exact, both passes", t_base_exact + t_cand_exact, n_exact)]
-    table += [("transformers baseline pass (fp16: NLL)", t_hf_base, num_tokens),
-              ("transformers both models + exact KLD (fp16 + fp16 stand-in)", t_hf_both, num_tokens)]
+    table += [(f"transformers baseline pass ({dt}: NLL)", t_hf_base, num_tokens),
+              (f"transformers both models + exact KLD ({dt} + {dt} stand-in)", t_hf_both, num_tokens)]
     width = max(len(name) for name, _, _ in table)
     lines.append(f"{'pass':<{width}}  {'tokens':>7}  {'seconds':>8}  {'scored tok/s':>12}")
     for name, seconds, n in table:
@@ -258,7 +259,7 @@ def run(args) -> tuple[list[str], bool]:
     lines += ["", f"llmctl eval (both passes) vs transformers (both models): {speedup:.2f}x; "
               f"goal >= 10,000 scored tok/s: {'met' if rate(t_base + t_cand) >= 10_000 else 'NOT met'}"]
     ok = check["max_abs_diff"] < (0.05 if dtype == torch.float16 else 1e-4)
-    lines += ["", f"same weights, llmctl fp16 engine vs transformers fp16 forward, {check['windows']} windows "
+    lines += ["", f"same weights, llmctl {dt} engine vs transformers {dt} forward, {check['windows']} windows "
               f"({check['tokens']} tokens x {vocab} log-probs): max |diff| {check['max_abs_diff']:.3g}, "
               f"mean |diff| {check['mean_abs_diff']:.3g}, same argmax {check['same_argmax']:.4f}: "
               f"{'PASS' if ok else 'FAIL'}",

@@ -108,9 +108,20 @@ def _column(names: list[str], path: Path) -> str:
     return field
 
 
-def _parquet_texts(path: Path) -> list[str]:
-    import pyarrow.parquet as pq
+def _optional(module: str, path: Path, reads: str):
+    """`module`, imported, or a ConfigError saying which package reads this kind of dataset."""
+    import importlib
 
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ConfigError(f"dataset: reading {path} ({reads}) needs the {module.split('.')[0]} package, "
+                          f"which is not installed ({err})",
+                          hint="pip install datasets (it brings pyarrow), or pass a .txt or .jsonl file") from err
+
+
+def _parquet_texts(path: Path) -> list[str]:
+    pq = _optional("pyarrow.parquet", path, "parquet")
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for one cause: not a parquet file
@@ -119,8 +130,7 @@ def _parquet_texts(path: Path) -> list[str]:
 
 
 def _datasets_dir_texts(path: Path) -> list[str]:
-    import datasets
-
+    datasets = _optional("datasets", path, "a `datasets` directory")
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as err:  # datasets raises many unrelated types for one cause: unreadable input
