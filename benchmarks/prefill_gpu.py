@@ -23,6 +23,10 @@ a run cut short still leaves what it measured.
      / 128 out, max_num_seqs 256, 8,192 batched tokens, temperature 1; total tok/s and the
      TFLOP/s it implies (matmul FLOPs counted from the shapes: linears for every token fed, the LM
      head for every sampled row, causal attention), beside the gemm case's peak.
+3. kernels: the W4A16 decode kernels' cache-hint variants (KernelConfig.EVICT, off by default)
+   at M = 1 and 16 on the four Llama-3-8B shapes, group 128, on the path and config the table
+   picks, against cuBLAS fp16 as `llmctl bench kernels` times them; every output NaN-poisoned and
+   compared with the fp32 product of the same codes.
 """
 
 from __future__ import annotations
@@ -43,12 +47,15 @@ RECIPE_8B = str(ROOT / "recipes/llama3-8b.yaml")
 
 FULL = {"model": RECIPE_8B, "lengths": [16, 256, 1024, 4096], "pad_len": 1100, "decode_tokens": 128,
         "input_len": 1024, "output_len": 128, "gemm": [[8192, 8192, 8192], [8192, 4096, 28672]],
-        "engine": {"dtype": "float16", "enable_prefix_caching": False}}
+        "engine": {"dtype": "float16", "enable_prefix_caching": False},
+        "kernel_group": 128, "kernel_ms": [1, 16],
+        "kernel_shapes": [["qkv", 6144, 4096], ["o", 4096, 4096], ["gate_up", 28672, 4096], ["down", 4096, 14336]]}
 # The CPU stand-in: the embedded SmolLM2-135M shapes, short prompts, a small workload.
 TINY = {"model": "default", "lengths": [16, 64], "pad_len": 40, "decode_tokens": 8,
         "input_len": 32, "output_len": 8, "gemm": [[256, 256, 256]],
         "engine": {"dtype": "float32", "enable_prefix_caching": False, "kv_cache_memory": "256MiB",
-                   "max_num_seqs": 16, "max_num_batched_tokens": 512, "max_model_len": 512}}
+                   "max_num_seqs": 16, "max_num_batched_tokens": 512, "max_model_len": 512},
+        "kernel_group": 64, "kernel_ms": [1, 16], "kernel_shapes": [["small", 80, 320], ["wide", 256, 128]]}
 
 
 def emit(**row) -> None:
@@ -212,11 +219,61 @@ def case_engine(quant: str, spec: dict, num_prompts: int) -> None:
     llm.shutdown()
 
 
+def case_kernels(spec: dict) -> None:
+    """The decode-kernel cache-hint variants (KernelConfig.EVICT: 0 as tuned, 1 x evict_last, 2 no
+    hint), each on the path and config the table picks, against cuBLAS fp16, timed as `llmctl
+    bench kernels` times them (CUDA-graph replays over rotated weights); variant 0 twice (noise).
+    On the CPU (under TRITON_INTERPRET) correctness only."""
+    import dataclasses
+    import functools
+
+    import torch
+    import torch.nn.functional as F
+
+    from llmctl.bench.kernels import _w4a16_bytes, measure_copy_bandwidth
+    from llmctl_kernels.w4a16 import select_path, w4a16_dequantize, w4a16_matmul
+    from llmctl_kernels.w4a16.tune import layer_bytes, num_rotations, random_layer, time_graph_ms
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    group = spec["kernel_group"]
+    copy_gbps = measure_copy_bandwidth(device) if cuda else None
+    for name, n, k in spec["kernel_shapes"]:
+        first = random_layer(n, k, group, False, device, seed=100)
+        count = num_rotations(layer_bytes(first), device) if cuda else 1
+        plain = [first] + [random_layer(n, k, group, False, device, seed=100 + i) for i in range(1, count)]
+        dense32 = w4a16_dequantize(first, torch.float32)  # [K, N]
+        dense = ([w4a16_dequantize(w, torch.float16).t().contiguous() for w in plain[:num_rotations(2 * k * n, device)]]
+                 if cuda else [])
+        for m in spec["kernel_ms"]:
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            ref = x.float() @ dense32
+            path, config = select_path(m, n, k, device, first.layout)
+            fp16_us = time_graph_ms([functools.partial(F.linear, x, d) for d in dense]) * 1e3 if cuda else None
+            for evict in (0, 1, 2, 0):
+                cfg = dataclasses.replace(config, EVICT=evict)
+                out = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
+                w4a16_matmul(x, first, path=path, config=cfg, out=out)
+                rel_err = float((out.float() - ref).norm() / ref.norm())
+                us = None
+                if cuda:
+                    fns = [functools.partial(w4a16_matmul, x, w, path=path, config=cfg) for w in plain]
+                    us = time_graph_ms(fns) * 1e3
+                emit(case="kernel", shape=name, n=n, k=k, m=m, path=path, evict=evict, rel_err=rel_err,
+                     nan=bool(torch.isnan(out).any()), us=us, fp16_us=fp16_us,
+                     speedup=fp16_us / us if cuda else None,
+                     bw_share=_w4a16_bytes(m, k, n, group, False) / (us * 1e-6) / 1e9 / copy_gbps if cuda else None)
+        del plain, dense, dense32
+        if cuda:
+            torch.cuda.empty_cache()
+
+
 # ---- driver ----------------------------------------------------------------------------------
-def run_case(args: list[str], timeout: float) -> tuple[list[dict], str]:
+def run_case(args: list[str], timeout: float, env: dict | None = None) -> tuple[list[dict], str]:
     cmd = [sys.executable, __file__, *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              env={**os.environ, **(env or {})})
         out, err, rc = proc.stdout, proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -272,6 +329,25 @@ def report(rows: list[dict], notes: list[str], meta: dict) -> str:
                      f"{r['extra'].get('num_preemptions')} preemptions")
     if "fp16" in tput and "gptq" in tput:
         lines.append(f"GPTQ / fp16 total tok/s: {tput['gptq']['total_token_throughput'] / tput['fp16']['total_token_throughput']:.3f}")
+    kern = get(case="kernel")
+    if kern:
+        lines += ["", "decode kernels, cache hints (EVICT 0 as tuned / 1 x evict_last / 2 none / 0 again): "
+                  "us and speedup over cuBLAS fp16",
+                  "| shape | M | path | cuBLAS | EVICT 0 | 1 | 2 | 0 again | worst rel err |", "|---|---|---|---|---|---|---|---|---|"]
+        for key in sorted({(r["shape"], r["m"]) for r in kern}, key=lambda t: (t[1], t[0])):
+            rs = [r for r in kern if (r["shape"], r["m"]) == key]
+            cells = [f"{_fmt(r['us'], '.1f')} ({_fmt(r['speedup'])}x)" for r in rs]
+            worst = max(r["rel_err"] for r in rs)
+            bad = " NaN!" if any(r["nan"] for r in rs) else ""
+            lines.append(f"| {key[0]} | {key[1]} | {rs[0]['path']} | {_fmt(rs[0]['fp16_us'], '.1f')} | "
+                         + " | ".join(cells) + f" | {worst:.1e}{bad} |")
+        for m in sorted({r["m"] for r in kern}):
+            geo = []
+            for pos in range(4):
+                sp = [[r for r in kern if r["m"] == m and (r["shape"], r["m"]) == key][pos]["speedup"]
+                      for key in sorted({(r["shape"], r["m"]) for r in kern if r["m"] == m})]
+                geo.append(statistics.geometric_mean(sp) if all(sp) else None)
+            lines.append(f"M={m} geomean speedup, EVICT 0 / 1 / 2 / 0 again: " + " / ".join(_fmt(g) for g in geo))
     lines += ["", *notes, "", "raw:", *(json.dumps(r) for r in rows)]
     return "\n".join(lines) + "\n"
 
@@ -282,13 +358,15 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=None, help="throughput requests (1000; --tiny: 8)")
     ap.add_argument("--output", default=None, help="default: $OUT/prefill_gpu.txt, else ./prefill_gpu.txt")
     ap.add_argument("--commit", default=os.environ.get("LLMCTL_COMMIT", ""), help="the commit that runs (for the record)")
-    ap.add_argument("--only", default="gemm,fp16,gptq", help="cases to run, comma-separated")
+    ap.add_argument("--only", default="gemm,fp16,gptq,kernels", help="cases to run, comma-separated")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     spec = TINY if args.tiny else FULL
     num_prompts = args.num_prompts or (8 if args.tiny else 1000)
     if args.case == "gemm":
         return case_gemm(spec["gemm"])
+    if args.case == "kernels":
+        return case_kernels(spec)
     if args.case is not None:
         return case_engine(args.case, spec, num_prompts)
     out = Path(args.output or Path(os.environ.get("OUT", ".")) / "prefill_gpu.txt")
@@ -306,7 +384,9 @@ def main() -> None:
     start = time.perf_counter()
     for case in args.only.split(","):
         t0 = time.perf_counter()
-        got, note = run_case(["--case", case, "--num-prompts", str(num_prompts), *extra], timeout=420)
+        # the kernels under the Triton interpreter where there is no GPU (--tiny)
+        env = {"TRITON_INTERPRET": "1"} if args.tiny and case == "kernels" else None
+        got, note = run_case(["--case", case, "--num-prompts", str(num_prompts), *extra], timeout=420, env=env)
         rows += got
         notes += [f"case {case}: {time.perf_counter() - t0:.1f} s"] + ([note] if note else [])
         meta["seconds"] = round(time.perf_counter() - start, 1)

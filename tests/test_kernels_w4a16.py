@@ -240,6 +240,11 @@ FRAG_CASES = [
     (3, 384, 16, -1, True, "gemm", dict(FRAG_GEMM_SMALL, BLOCK_N=16, SPLIT_K=1)),
     (17, 320, 80, 64, True, "dequant", {}),
     (3, 192, 48, -1, False, "dequant", {}),
+    # cache-hint variants (KernelConfig.EVICT): x evict_last, then no hint at all
+    (1, 320, 80, 64, True, "gemv", dict(FRAG_GEMV_SMALL, BLOCK_K=64, SPLIT_K=3, GATHER_X=1, EVICT=1)),
+    (3, 256, 48, 128, False, "gemv", dict(FRAG_GEMV_SMALL, SPLIT_K=2, EVICT=2)),
+    (5, 320, 80, 64, True, "gemm", dict(FRAG_GEMM_SMALL, BLOCK_K=64, SPLIT_K=3, EVICT=1)),
+    (40, 320, 48, 64, False, "gemm", dict(FRAG_GEMM_SMALL, BLOCK_M=32, SPLIT_K=2, SCALE_IN_A=1, EVICT=2)),
 ]
 
 

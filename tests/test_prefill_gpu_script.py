@@ -68,6 +68,16 @@ def test_report_has_every_table_row():
     assert text.count("{") >= len(rows)  # the raw rows follow the tables
 
 
+def test_report_kernel_variants_table():
+    mod = _module()
+    rows = [dict(case="kernel", shape=name, n=4096, k=4096, m=m, path="gemm", evict=e, rel_err=4e-4, nan=False,
+                 us=us, fp16_us=14.0, speedup=14.0 / us, bw_share=0.4)
+            for m in (1, 16) for name in ("o", "qkv") for e, us in zip((0, 1, 2, 0), (7.0, 6.5, 7.5, 7.0))]
+    text = mod.report(rows, [], {})
+    assert "| o | 1 | gemm | 14.0 | 7.0 (2.00x) | 6.5 (2.15x) | 7.5 (1.87x) | 7.0 (2.00x) | 4.0e-04 |" in text
+    assert "M=16 geomean speedup, EVICT 0 / 1 / 2 / 0 again: 2.00 / 2.15 / 1.87 / 2.00" in text
+
+
 @pytest.mark.slow
 def test_tiny_run_on_the_cpu(tmp_path):
     """Every case of the script end to end at the embedded model's shapes (about 5 minutes on a

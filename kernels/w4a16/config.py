@@ -38,6 +38,10 @@ class KernelConfig:
     PAIRS: int = 0
     HALF2: int = 0
     SCALE_IN_A: int = 0
+    # Cache hints of the fragment kernels' loads (off until measured to win): 0 weights
+    # evict_first, x plain (as tuned); 1 also x evict_last (kept in L2 for the other programs of
+    # its row); 2 no hint at all.
+    EVICT: int = 0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

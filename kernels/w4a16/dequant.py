@@ -53,7 +53,7 @@ def _frag_dequant_kernel(qweight_ptr, scales_ptr, qzeros_ptr, perm_ptr, out_ptr,
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    w = load_frag_words(qweight_ptr, k0, K, pid_n, N, BLOCK_N, 64)
+    w = load_frag_words(qweight_ptr, k0, K, pid_n, N, BLOCK_N, 64, 0)
     s, zm = scale_and_zero(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, N, 4, ZERO_OFFSET)
     tile = frag_weight_tile(w, zm, s, BLOCK_N, 64, tl.float32, False, True)  # [BLOCK_N, 64]
     ks = k0 + tl.arange(0, 64)

@@ -16,6 +16,7 @@ from llmctl_kernels.w4a16.frag_tiles import (
     frag_launch_options,
     frag_weight_tile,
     load_frag_words,
+    load_x,
     split_k_bounds,
 )
 from llmctl_kernels.w4a16.layout import W4A16Weights
@@ -44,7 +45,7 @@ def _frag_gemm_kernel(
     M, N, K, k_per_split, stride_xm, stride_om,
     GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_IN_A: tl.constexpr,
-    ASM: tl.constexpr, PDL: tl.constexpr,
+    ASM: tl.constexpr, EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -65,8 +66,8 @@ def _frag_gemm_kernel(
                                       ZERO_OFFSET)
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_rows + ks[None, :], mask=m_mask[:, None] & (ks < k_end)[None, :], other=0.0)
-        w = load_frag_words(qweight_ptr, k0, k_end, pid_n, N, BLOCK_N, BLOCK_K)
+        a = load_x(x_rows + ks[None, :], m_mask[:, None] & (ks < k_end)[None, :], 0.0, EVICT)
+        w = load_frag_words(qweight_ptr, k0, k_end, pid_n, N, BLOCK_N, BLOCK_K, EVICT)
         s = s_next
         zm = zm_next
         # (the last step reloads the last group rather than read past the scales)
@@ -122,7 +123,7 @@ def frag_gemm(x: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None, out: 
         m, n, k, k_per_split, x.stride(0), target.stride(0),
         GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset, HAS_BIAS=bias is not None, ATOMIC=split_k > 1,
         BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=block_k,
-        SCALE_IN_A=bool(config.SCALE_IN_A), ASM=not interpreting(),
+        SCALE_IN_A=bool(config.SCALE_IN_A), ASM=not interpreting(), EVICT=config.EVICT,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch,
     )
     finish_split_k(target, out, launch, scratch)

@@ -15,6 +15,7 @@ from llmctl_kernels.w4a16.frag_tiles import (
     frag_block_k,
     frag_launch_options,
     load_frag_words,
+    load_x,
     split_k_bounds,
     split_rows,
 )
@@ -39,23 +40,25 @@ def _x_k(k0, jhi: tl.constexpr, KB: tl.constexpr):
 
 
 @triton.jit
-def _x_at(x_row, perm_ptr, k, k_end, HAS_PERM: tl.constexpr):
+def _x_at(x_row, perm_ptr, k, k_end, HAS_PERM: tl.constexpr, EVICT: tl.constexpr):
     """x at (prepared) rows k, through perm with act-order."""
     if HAS_PERM:
         src = tl.load(perm_ptr + k, mask=k < k_end, other=0)
     else:
         src = k
-    return tl.load(x_row + src, mask=k < k_end, other=0.0)
+    return load_x(x_row + src, k < k_end, 0.0, EVICT)
 
 
 @triton.jit
-def _x_pairs(x_row, perm_ptr, k0, k_end, jhi: tl.constexpr, KB: tl.constexpr, HAS_PERM: tl.constexpr):
+def _x_pairs(x_row, perm_ptr, k0, k_end, jhi: tl.constexpr, KB: tl.constexpr, HAS_PERM: tl.constexpr,
+             EVICT: tl.constexpr):
     """(x[k], x[k+1]) as half2 words [KB, 1, 1, lc, kbi] (k from `_x_k`): one 32-bit load per pair,
     or two gathered halves with act-order."""
     k = _x_k(k0, jhi, KB)
     if HAS_PERM:
-        return half_pair(_x_at(x_row, perm_ptr, k, k_end, True), _x_at(x_row, perm_ptr, k + 1, k_end, True))
-    return tl.load(x_row.to(tl.pointer_type(tl.int32)) + k // 2, mask=k < k_end, other=0)
+        return half_pair(_x_at(x_row, perm_ptr, k, k_end, True, EVICT),
+                         _x_at(x_row, perm_ptr, k + 1, k_end, True, EVICT))
+    return load_x(x_row.to(tl.pointer_type(tl.int32)) + k // 2, k < k_end, 0, EVICT)
 
 
 @triton.jit
@@ -64,7 +67,7 @@ def _frag_gemv_kernel(
     N, K, k_per_split, stride_xm, stride_om,
     GROUP_SIZE: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
     HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF2: tl.constexpr,
-    PDL: tl.constexpr,
+    EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] W[k, n] on the CUDA cores: one row of x per program, split-K."""
     NB: tl.constexpr = BLOCK_N // 16
@@ -83,7 +86,7 @@ def _frag_gemv_kernel(
     acc_hi = tl.zeros([KB, NB, 8, 4, ACC_W], dtype=tl.float32)
     x_row = x_ptr + pid_m * stride_xm
     for k0 in range(k_start, k_end, BLOCK_K):
-        w = load_frag_words(qweight_ptr, k0, k_end, pid_n, N, BLOCK_N, BLOCK_K)
+        w = load_frag_words(qweight_ptr, k0, k_end, pid_n, N, BLOCK_N, BLOCK_K, EVICT)
         s, zm = scale_and_zero(scales_ptr, qzeros_ptr, k0 // GROUP_SIZE, offs_n, n_mask, N, 4, ZERO_OFFSET)
         s_lo, s_hi = split_rows(s, NB)
         z_lo, z_hi = split_rows(zm - 8388608.0, NB)
@@ -92,8 +95,8 @@ def _frag_gemv_kernel(
             nz_hi = (-(64.0 + z_hi * 0.0625)).to(tl.float16)
             # words and x pairs of kbi = 2i and 2i + 1 side by side: [KB, NB, lr, lc, 2]
             wa, wb = tl.split(tl.reshape(w, [KB, NB, 8, 4, 2, 2]))
-            x0 = _x_pairs(x_row, perm_ptr, k0, k_end, 0, KB, HAS_PERM)
-            x1 = _x_pairs(x_row, perm_ptr, k0, k_end, 1, KB, HAS_PERM)
+            x0 = _x_pairs(x_row, perm_ptr, k0, k_end, 0, KB, HAS_PERM, EVICT)
+            x1 = _x_pairs(x_row, perm_ptr, k0, k_end, 1, KB, HAS_PERM, EVICT)
             xa0, xb0 = tl.split(tl.reshape(x0, [KB, 1, 1, 4, 2, 2]))
             xa1, xb1 = tl.split(tl.reshape(x1, [KB, 1, 1, 4, 2, 2]))
             lo, hi = tl.inline_asm_elementwise(
@@ -106,10 +109,10 @@ def _frag_gemv_kernel(
         else:
             k_0 = _x_k(k0, 0, KB)
             k_1 = _x_k(k0, 1, KB)
-            x00 = _x_at(x_row, perm_ptr, k_0, k_end, HAS_PERM).to(tl.float32)
-            x01 = _x_at(x_row, perm_ptr, k_0 + 1, k_end, HAS_PERM).to(tl.float32)
-            x10 = _x_at(x_row, perm_ptr, k_1, k_end, HAS_PERM).to(tl.float32)
-            x11 = _x_at(x_row, perm_ptr, k_1 + 1, k_end, HAS_PERM).to(tl.float32)
+            x00 = _x_at(x_row, perm_ptr, k_0, k_end, HAS_PERM, EVICT).to(tl.float32)
+            x01 = _x_at(x_row, perm_ptr, k_0 + 1, k_end, HAS_PERM, EVICT).to(tl.float32)
+            x10 = _x_at(x_row, perm_ptr, k_1, k_end, HAS_PERM, EVICT).to(tl.float32)
+            x11 = _x_at(x_row, perm_ptr, k_1 + 1, k_end, HAS_PERM, EVICT).to(tl.float32)
             zl = z_lo[None, :, :, None, None]
             zh = z_hi[None, :, :, None, None]
             # nibble i: pair j = i % 4 (jhi = j // 2, row jlo = j % 2), h = i // 4
@@ -153,7 +156,7 @@ def frag_gemv(x: torch.Tensor, w: W4A16Weights, bias: torch.Tensor | None, out: 
         bias if bias is not None else w.scales, target, n, k, k_per_split, x.stride(0), target.stride(0),
         GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset, HAS_BIAS=bias is not None, ATOMIC=split_k > 1,
         HAS_PERM=perm is not None,
-        BLOCK_N=config.BLOCK_N, BLOCK_K=block_k, HALF2=half2,
+        BLOCK_N=config.BLOCK_N, BLOCK_K=block_k, HALF2=half2, EVICT=config.EVICT,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch,
     )
     finish_split_k(target, out, launch, scratch)

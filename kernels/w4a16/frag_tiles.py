@@ -21,16 +21,29 @@ def split_rows(v, NB: tl.constexpr):
 
 
 @triton.jit
-def load_frag_words(qweight_ptr, k0, k_end, pid_n, N, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The words of W[k0:k0+BLOCK_K, pid_n*BLOCK_N:...] as [KB, NB, lr, lc, kbi] (zero where masked)."""
+def load_frag_words(qweight_ptr, k0, k_end, pid_n, N, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVICT: tl.constexpr):
+    """The words of W[k0:k0+BLOCK_K, pid_n*BLOCK_N:...] as [KB, NB, lr, lc, kbi] (zero where masked);
+    streamed once, so marked evict_first unless EVICT == 2 (KernelConfig.EVICT)."""
     NB: tl.constexpr = BLOCK_N // 16
     KB: tl.constexpr = BLOCK_K // 64
     nbs = pid_n * NB + tl.arange(0, NB)
     kbs = k0 // 64 + tl.arange(0, KB)
     mask = (kbs * 64 < k_end)[:, None, None] & (nbs < N // 16)[None, :, None]
-    w = tl.load(qweight_ptr + kbs[:, None, None] * (N // 16 * 128) + nbs[None, :, None] * 128
-                + tl.arange(0, 128)[None, None, :], mask=mask, other=0, eviction_policy="evict_first")
+    ptrs = qweight_ptr + kbs[:, None, None] * (N // 16 * 128) + nbs[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
+    if EVICT == 2:
+        w = tl.load(ptrs, mask=mask, other=0)
+    else:
+        w = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
     return tl.reshape(w, [KB, NB, 8, 4, 4])
+
+
+@triton.jit
+def load_x(ptrs, mask, other, EVICT: tl.constexpr):
+    """Activations (`other` where masked), read by every program of their rows: evict_last if EVICT == 1."""
+    if EVICT == 1:
+        return tl.load(ptrs, mask=mask, other=other, eviction_policy="evict_last")
+    return tl.load(ptrs, mask=mask, other=other)
 
 
 @triton.jit
