@@ -15,6 +15,7 @@ import threading
 
 import psutil
 import pytest
+import torch
 from servers import free_port, wait_healthy
 from typer.testing import CliRunner
 
@@ -131,3 +132,27 @@ def test_ranks_that_do_not_join_in_time_fail_with_a_clear_error(default_model_di
         LLM("default", **_engine_args(3))
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_plan_equals_what_each_rank_holds_for_a_gptq_checkpoint_on_the_cpu(tiny_gptq_dir, tp):
+    """On the CPU a GPTQ checkpoint is dequantized once at load: each rank holds the dense copy
+    in the compute dtype (the 4-bit codes are dropped), and the plan counts exactly that."""
+    kv = str(4 * 2**20)
+    result = CliRunner().invoke(_cli(), ["plan", str(tiny_gptq_dir), "--device", "cpu", "--tensor-parallel-size",
+                                         str(tp), "--max-model-len", "256", "--kv-cache-memory", kv, "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    llm = LLM(str(tiny_gptq_dir), device="cpu", tensor_parallel_size=tp, max_model_len=256, kv_cache_memory=int(kv))
+    try:
+        ranks = llm.engine.runner.memory_per_rank()
+        dense = [m.dense_weight for m in llm.engine.model.modules() if getattr(m, "dense_weight", None) is not None]
+    finally:
+        llm.shutdown()
+    assert len(ranks) == tp and len(dense) == 2 * 4  # qkv, o, gate_up, down per layer
+    assert all(w.dtype == torch.float32 for w in dense)
+    for rank in ranks:
+        assert rank["weight_bytes"] == plan["weight_bytes_rank"]
+        assert rank["kv_cache_bytes"] == plan["kv_cache_bytes_allocated"]
+    if tp == 1:  # one rank holds the whole dense model: the plan's "weights loaded"
+        assert plan["weight_bytes_rank"] == plan["weight_bytes_loaded"]

@@ -140,8 +140,10 @@ class ModelRunner:
             layer.v_cache = self.kv_cache[1, i]
 
     def memory_report(self) -> list[int]:
-        """[parameter bytes, KV cache bytes, CUDA bytes allocated now, CUDA peak] of this rank."""
-        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """[weight bytes, KV cache bytes, CUDA bytes allocated now, CUDA peak] of this rank."""
+        from llmctl.layers.quantization import held_weight_bytes
+
+        params = held_weight_bytes(self.model)
         kv = self.kv_cache.numel() * self.kv_cache.element_size() if self.kv_cache is not None else 0
         cuda = self.device.type == "cuda"
         return [params, kv, torch.cuda.memory_allocated(self.device) if cuda else 0,

@@ -162,7 +162,7 @@ class GPTQLinearMethod(LinearMethodBase):
         weight = dequantize_gptq(layer.qweight.data, layer.qzeros.data, layer.scales.data.to(torch.float32),
                                  layer.g_idx.data, bits=self.config.bits, zero_offset=self.config.zero_offset)  # [K, N]
         layer.dense_weight = weight.t().contiguous().to(layer.compute_dtype)  # [N, K], as nn.Linear keeps it
-        for name in ("qweight", "qzeros", "scales"):
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
             getattr(layer, name).data = getattr(layer, name).data.new_empty(0)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -184,3 +184,24 @@ class GPTQLinearMethod(LinearMethodBase):
             weight = dequantize_gptq(layer.qweight, layer.qzeros, layer.scales.to(torch.float32), layer.g_idx,
                                      bits=self.config.bits, zero_offset=self.config.zero_offset)  # [K, N]
         return torch.nn.functional.linear(x, weight.t().to(x.dtype), bias)
+
+
+def held_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights `model` holds, each storage once: its parameters, and what a GPTQ
+    layer keeps beside them once prepared (the CPU's dequantized copy, the kernels' repacked
+    codes), which are not parameters. What `llmctl plan` predicts as a rank's weights."""
+    seen: dict[int, int] = {}
+
+    def add(t) -> None:
+        if isinstance(t, torch.Tensor) and t.numel():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for p in model.parameters():
+        add(p)
+    for m in model.modules():
+        add(getattr(m, "dense_weight", None))
+        prepared = getattr(m, "w4a16", None)
+        for t in vars(prepared).values() if prepared is not None else ():
+            add(t)
+    return sum(seen.values())
+
