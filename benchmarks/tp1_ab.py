@@ -116,8 +116,9 @@ def worker(opts) -> None:
     for b in opts.batches:  # first-time work (allocations, kernels of a new size) off the record
         _measure(engine, b, 8, f"warm{b}", engine.arch.vocab_size, model_time, clock)
     graphs = getattr(engine.runner, "decode_graphs", None)
-    print(json.dumps({"ready": True, "llmctl": llmctl.__file__, "load_s": time.perf_counter() - start,
-                      "decode_graphs": graphs is not None}), flush=True)
+    kernels = sys.modules.get("llmctl_kernels") or sys.modules.get("kernels")  # renamed between trees
+    print(json.dumps({"ready": True, "llmctl": llmctl.__file__, "kernels": getattr(kernels, "__file__", None),
+                      "load_s": time.perf_counter() - start, "decode_graphs": graphs is not None}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd.get("quit"):
@@ -130,27 +131,41 @@ def worker(opts) -> None:
 
 # ---- driver -----------------------------------------------------------------------------------------
 class Worker:
-    def __init__(self, name: str, tree: Path, quant: str, opts, recipe: str) -> None:
-        self.name, self.quant = name, quant
+    """One tree's engine for one model, in its own process; its stderr goes to a file."""
+
+    def __init__(self, name: str, tree: Path, quant: str, opts, recipe: str, log: Path) -> None:
+        self.name, self.quant, self.log = name, quant, log
         cmd = [sys.executable, __file__, "--worker", "--quant", quant, "--recipe", recipe, "--dtype", opts.dtype,
                "--device", opts.device, "--kv-cache-memory", opts.kv_cache_memory,
                "--batches", *map(str, opts.batches)] + (["--tiny"] if opts.tiny else [])
-        env = {**os.environ, "PYTHONPATH": str(tree)}
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                                     cwd=str(tree))
+        # The tree first: its llmctl (and its kernels package) win; what else is on the path (wheels) stays.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)}
+        with open(log, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                         env=env, cwd=str(tree))
         self.info: dict = {}
+        self.error: str | None = None
 
-    def read(self) -> dict:
-        while True:
+    def read(self) -> dict | None:
+        """The worker's next JSON line; None (and `error` set) if it died."""
+        while self.error is None:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"worker {self.name}/{self.quant} exited with {self.proc.wait()}")
-            if line.startswith("{"):
+                tail = self.log.read_text()[-1500:]
+                self.error = f"exited with {self.proc.wait()}: {tail}"
+                print(f"# {self.name}/{self.quant} failed: {self.error}", file=sys.stderr, flush=True)
+            elif line.startswith("{"):
                 return json.loads(line)
+        return None
 
-    def ask(self, **cmd) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
+    def ask(self, **cmd) -> dict | None:
+        if self.error is not None:
+            return None
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # read() reports the death
         return self.read()
 
     def close(self) -> None:
@@ -191,10 +206,13 @@ def _table(results: dict, trees: list[str], quants: list[str], batches: list[int
     lines = [head, "|" + "---|" * cols]
     for q in quants:
         for b in batches:
-            med = {t: statistics.median(r["ms"] for r in results[t, q, b]) for t in trees}
-            cells = [f"{med[t]:.3f}" for t in trees] + [f"{med[t] / med[first]:.3f}" for t in trees[1:]]
+            runs = {t: results.get((t, q, b)) for t in trees}
+            med = {t: statistics.median(r["ms"] for r in rs) if rs else None for t, rs in runs.items()}
+            cells = [f"{med[t]:.3f}" if med[t] else "failed" for t in trees]
+            cells += [f"{med[t] / med[first]:.3f}" if med[t] and med[first] else "-" for t in trees[1:]]
             if tiny:
-                cells += [f"{statistics.median(r['ms'] - r['model_ms'] for r in results[t, q, b]):.3f}" for t in trees]
+                cells += [f"{statistics.median(r['ms'] - r['model_ms'] for r in runs[t]):.3f}" if runs[t] else "-"
+                          for t in trees]
             lines.append(f"| {q} | {b} | " + " | ".join(cells) + " |")
     return lines
 
@@ -219,7 +237,8 @@ def main() -> None:
     opts.batches = opts.batches or ([1, 8, 32, 128] if opts.tiny else [1, 8, 32])
     opts.dtype = opts.dtype or ("float32" if opts.tiny else "float16")
     opts.device = opts.device or ("cpu" if opts.tiny else "cuda")
-    opts.kv_cache_memory = opts.kv_cache_memory or ("64MiB" if opts.tiny else "4GiB")
+    # A fixed budget each (the workers share one GPU): batch 32 x 264 tokens of Llama-3-8B take 1.1 GiB.
+    opts.kv_cache_memory = opts.kv_cache_memory or ("64MiB" if opts.tiny else "2GiB")
     if opts.worker:
         worker(opts)
         return
@@ -229,54 +248,67 @@ def main() -> None:
         opts.quant = ["fp32"]
     elif not set(opts.quant) <= {"fp16", "gptq"}:
         parser.error(f"--quant: fp16 and/or gptq, got {opts.quant}")
-    names = list(trees)
-    results: dict = {}
-    workers: dict = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        workers = {}
         try:
             for name, tree in trees.items():  # started together: they load and capture at once
                 for q in opts.quant:
                     workers[name, q] = Worker(name, tree, "gptq" if q == "gptq" else "dense", opts,
-                                              _recipe(tree, opts, tmp))
+                                              _recipe(tree, opts, tmp), Path(tmp) / f"{name}-{q}.log")
             for (name, q), w in workers.items():
-                w.info = w.read()
+                w.info = w.read() or {}
                 print(f"# {name}/{q}: {w.info}", file=sys.stderr, flush=True)
             load_s = time.perf_counter() - start
-            for r in range(opts.rounds):
-                round_start = time.perf_counter()
-                order = names if r % 2 == 0 else names[::-1]
-                for b in opts.batches:
-                    for q in opts.quant:
-                        for name in order:
-                            res = workers[name, q].ask(batch=b, steps=opts.steps, tag=f"r{r}b{b}")
-                            results.setdefault((name, q, b), []).append(res)
-                now = time.perf_counter()
-                print(f"# round {r + 1}/{opts.rounds} done at {now - start:.0f} s", file=sys.stderr, flush=True)
-                if r + 1 < opts.rounds and now - start + (now - round_start) > opts.max_seconds:
-                    print(f"# stopping after {r + 1} rounds (--max-seconds {opts.max_seconds:.0f})", file=sys.stderr)
-                    break
+            results = _rounds(workers, list(trees), opts, start)
         finally:
             for w in workers.values():
                 w.close()
-    import torch
-
-    device = torch.cuda.get_device_name(0) if opts.device == "cuda" and torch.cuda.is_available() else "cpu"
-    num_rounds = len(next(iter(results.values())))
-    header = [f"TP=1 decode step, interleaved A/B: {num_rounds} rounds x {opts.steps} steps, prompts of "
-              f"{PROMPT_LEN} tokens, greedy; {'tiny fp32 Llama (host work)' if opts.tiny else 'Llama-3-8B shapes, dummy weights, CUDA graphs'}",
-              f"device: {device}, torch {torch.__version__}",
-              "trees: " + ", ".join(f"{n}={p} at {_commit(p)} (llmctl from {workers[n, opts.quant[0]].info.get('llmctl')})"
-                                    for n, p in trees.items()),
-              f"load {load_s:.0f} s, total {time.perf_counter() - start:.0f} s; cells: median over rounds", ""]
-    table = _table(results, names, opts.quant, opts.batches, opts.tiny)
-    spread = ["", "per-round ms (for the spread):"] + [
-        f"{n} {q} b{b}: " + " ".join(f"{r['ms']:.3f}" for r in results[n, q, b])
-        for q in opts.quant for b in opts.batches for n in names]
-    text = "\n".join(header + table + spread) + "\n"
+    text = _report(trees, workers, results, opts, load_s, time.perf_counter() - start)
     print(text)
     if opts.out:
         opts.out.write_text(text)
+
+
+def _rounds(workers: dict, names: list[str], opts, start: float) -> dict:
+    """(tree, model, batch) -> the measurements, one per round, trees in alternating order."""
+    results: dict = {}
+    for r in range(opts.rounds):
+        round_start = time.perf_counter()
+        order = names if r % 2 == 0 else names[::-1]
+        for b in opts.batches:
+            for q in opts.quant:
+                for name in order:
+                    res = workers[name, q].ask(batch=b, steps=opts.steps, tag=f"r{r}b{b}")
+                    if res is not None:
+                        results.setdefault((name, q, b), []).append(res)
+        now = time.perf_counter()
+        print(f"# round {r + 1}/{opts.rounds} done at {now - start:.0f} s", file=sys.stderr, flush=True)
+        if r + 1 < opts.rounds and now - start + (now - round_start) > opts.max_seconds:
+            print(f"# stopping after {r + 1} rounds (--max-seconds {opts.max_seconds:.0f})", file=sys.stderr)
+            break
+    return results
+
+
+def _report(trees: dict, workers: dict, results: dict, opts, load_s: float, total_s: float) -> str:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if opts.device == "cuda" and torch.cuda.is_available() else "cpu"
+    num_rounds = max((len(v) for v in results.values()), default=0)
+    what = "tiny fp32 Llama (host work)" if opts.tiny else "Llama-3-8B shapes, dummy weights, CUDA graphs"
+    lines = [f"TP=1 decode step, interleaved A/B: {num_rounds} rounds x {opts.steps} steps, prompts of "
+             f"{PROMPT_LEN} tokens, greedy; {what}",
+             f"device: {device}, torch {torch.__version__}; load {load_s:.0f} s, total {total_s:.0f} s; "
+             "cells: median over rounds"]
+    for (name, q), w in workers.items():
+        lines.append(f"{name} = {trees[name]} at {_commit(trees[name])}, {q}: llmctl from {w.info.get('llmctl')}, "
+                     f"kernels from {w.info.get('kernels')}, decode graphs {w.info.get('decode_graphs')}, "
+                     f"loaded in {w.info.get('load_s', 0):.0f} s" + (f"; FAILED {w.error}" if w.error else ""))
+    lines += [""] + _table(results, list(trees), opts.quant, opts.batches, opts.tiny)
+    lines += ["", "per-round ms (for the spread):"] + [
+        f"{n} {q} b{b}: " + " ".join(f"{r['ms']:.3f}" for r in results.get((n, q, b), []))
+        for q in opts.quant for b in opts.batches for n in trees]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
