@@ -193,9 +193,11 @@ def case_engine(quant: str, spec: dict, num_prompts: int) -> None:
     runner = llm.engine.runner
     cuda = runner.device.type == "cuda"
     prefill, decode = runner.prefill_graphs, runner.decode_graphs
-    emit(case="engine_start", quant=quant, seconds=time.perf_counter() - t0, kv_blocks=llm.engine.kv_plan.num_blocks,
-         activation_mib=llm.engine.kv_plan.activation_bytes / 2**20,
+    plan = llm.engine.kv_plan
+    emit(case="engine_start", quant=quant, seconds=time.perf_counter() - t0, kv_blocks=plan.num_blocks,
+         activation_mib=plan.activation_bytes / 2**20, graph_estimate_mib=plan.graph_bytes / 2**20,
          decode_capture_s=decode.capture_seconds if decode else None,
+         decode_pool_mib=decode.pool_bytes / 2**20 if decode else None,
          device=torch.cuda.get_device_name() if cuda else "cpu")
     if prefill is not None:
         emit(case="graph_pool", quant=quant, max_graph_tokens=prefill.max_tokens, graphs=len(prefill.graphs),
@@ -296,7 +298,8 @@ def report(rows: list[dict], notes: list[str], meta: dict) -> str:
                      f"{r['tflops']:.1f} TFLOP/s (rel err {r['rel_err']:.1e}) on {r['device']}")
     for r in get(case="engine_start"):
         lines.append(f"engine {r['quant']}: start {r['seconds']:.1f} s, {r['kv_blocks']} KV blocks, "
-                     f"activation {r['activation_mib']:.0f} MiB, decode capture {_fmt(r['decode_capture_s'], '.1f')} s")
+                     f"activation {r['activation_mib']:.0f} MiB, graphs planned {r['graph_estimate_mib']:.0f} MiB, "
+                     f"decode capture {_fmt(r['decode_capture_s'], '.1f')} s, pool {_fmt(r['decode_pool_mib'], '.0f')} MiB")
     for r in get(case="graph_pool"):
         lines.append(f"prefill graphs {r['quant']} up to {r['max_graph_tokens']} tokens: {r['graphs']} graphs, "
                      f"capture {r['capture_s']:.1f} s, pool {r['pool_mib']:.0f} MiB")

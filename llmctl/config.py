@@ -33,7 +33,8 @@ class ModelConfig:
     quantization: str | None = None  # None | gptq
     enforce_eager: bool = False  # True: never replay CUDA graphs (decode and prefill steps)
     # Steps of up to this many tokens (from up to 8 sequences) replay a prefill CUDA graph; the
-    # graphs' memory pool grows with it (llmctl.engine.prefill_graph). 0: prefill runs eagerly.
+    # graphs' memory pool grows with it (llmctl.engine.prefill_graph; the KV plan counts it,
+    # kv_budget.estimate_graph_bytes). 0: prefill runs eagerly.
     max_prefill_graph_tokens: int = 2048
     # Inline architecture (config.json fields, a recipe's `model.arch`): plans and random
     # weights (load_format="dummy") of a model whose files are not here.

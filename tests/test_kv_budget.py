@@ -18,8 +18,8 @@ LLAMA3_70B = {**LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num
 
 
 def _plan(cfg=LLAMA3_8B, *, device="gpu", tp=1, gpu_memory=80 * GiB, kv_cache_memory=None, activation=None,
-          max_model_len=8192, dtype="float16"):
-    return plan_kv(arch_from_config(cfg), "m", ModelConfig(dtype=dtype, max_model_len=max_model_len),
+          max_model_len=8192, dtype="float16", **model):
+    return plan_kv(arch_from_config(cfg), "m", ModelConfig(dtype=dtype, max_model_len=max_model_len, **model),
                    CacheConfig(kv_cache_memory=kv_cache_memory), SchedulerConfig(),
                    ParallelConfig(tensor_parallel_size=tp), device=device, gpu_memory=gpu_memory,
                    measured_activation_bytes=activation)
@@ -41,15 +41,36 @@ def test_llama3_8b_sizes_by_hand():
     assert 5.6e9 < gptq_weight_bytes(arch, 4, 128) < 5.8e9  # published GPTQ 8B checkpoints: ~5.7 GB
 
 
-def test_gpu_budget_is_memory_times_utilization_minus_weights_and_activation():
+# The CUDA graphs' pools at the default 128 sequences and 2,048 batched tokens, by hand: the
+# largest decode (128 tokens) and prefill (2,048) forwards' per-token intermediates, 131,072 bytes
+# each, and fp32 logits [b, V] of every graph: decode buckets 1, 2, 4, 8, 16 ... 128 (591 rows),
+# prefill 12 token buckets (16 ... 512, 768 ... 2,048) x sequence buckets 1, 2, 4, 8 (15 rows).
+GRAPHS_8B = (128 + 2048) * 131_072 + (591 + 12 * 15) * 128_256 * 4
+
+
+def test_gpu_budget_is_memory_times_utilization_minus_weights_activation_and_graphs():
     plan = _plan(activation=1 * GiB)
-    budget = int(80 * GiB * 0.9) - 8_030_261_248 * 2 - 1 * GiB
+    assert plan.graph_bytes == GRAPHS_8B == 680_754_176
+    budget = int(80 * GiB * 0.9) - 8_030_261_248 * 2 - 1 * GiB - GRAPHS_8B
     assert plan.kv_cache_bytes == budget
     assert plan.block_bytes == 16 * 131_072
-    assert plan.num_blocks == budget // (16 * 131_072) == 28_693
-    assert plan.num_tokens == 28_693 * 16
-    assert plan.max_concurrency == pytest.approx(28_693 / 512)
+    assert plan.num_blocks == budget // (16 * 131_072) == 28_369
+    assert plan.num_tokens == 28_369 * 16
+    assert plan.max_concurrency == pytest.approx(28_369 / 512)
     assert plan.tp_verdict == "fits"
+    assert ("CUDA graphs (estimated)", "649.2 MiB") in plan.rows()
+
+
+def test_graph_memory_follows_enforce_eager_and_the_prefill_graph_limit():
+    assert _plan(activation=1 * GiB, enforce_eager=True).graph_bytes == 0
+    assert _plan(device="cpu", kv_cache_memory=GiB).graph_bytes == 0
+    decode_only = 128 * 131_072 + 591 * 128_256 * 4
+    assert _plan(activation=1 * GiB, max_prefill_graph_tokens=0).graph_bytes == decode_only
+    # up to 512 tokens: 6 token buckets
+    assert _plan(activation=1 * GiB, max_prefill_graph_tokens=512).graph_bytes == (
+        decode_only + 512 * 131_072 + 6 * 15 * 128_256 * 4)
+    eager = _plan(activation=1 * GiB, enforce_eager=True)
+    assert eager.num_blocks - _plan(activation=1 * GiB).num_blocks == 324  # 649 MiB of 2 MiB blocks, rounded
 
 
 def test_fixed_kv_budget_gives_exact_blocks_and_concurrency():
@@ -64,7 +85,7 @@ def test_tensor_parallel_on_a_model_that_fits_is_wasteful():
     assert plan.tp_verdict == "wasteful"
     assert plan.kv_bytes_per_token_rank == 65_536
     # Each rank keeps half the weights (norms whole) and half the KV heads.
-    assert plan.kv_cache_bytes == int(80 * GiB * 0.9) - 8_030_527_488 - 1 * GiB
+    assert plan.kv_cache_bytes == int(80 * GiB * 0.9) - 8_030_527_488 - 1 * GiB - GRAPHS_8B
 
 
 def test_tensor_parallel_needed_when_weights_do_not_fit():

@@ -44,7 +44,7 @@ def test_report_has_every_table_row():
         dict(case="gemm", m=8192, k=8192, n=8192, dtype="torch.float16", seconds=1.5e-3, tflops=733.0, rel_err=3e-4,
              device="H200"),
         dict(case="engine_start", quant="fp16", seconds=30.0, kv_blocks=55000, activation_mib=1200.0,
-             decode_capture_s=4.0, device="H200"),
+             graph_estimate_mib=1448.0, decode_capture_s=4.0, decode_pool_mib=1150.0, device="H200"),
         dict(case="graph_pool", quant="fp16", max_graph_tokens=2048, graphs=48, capture_s=9.0, pool_mib=400.0),
         dict(case="graph_pool", quant="fp16", max_graph_tokens=512, graphs=24, capture_s=5.0, pool_mib=120.0),
         *[dict(case="ttft", quant=q, mode=m, prompt_tokens=n, median_ms=v, min_ms=v)
@@ -63,6 +63,7 @@ def test_report_has_every_table_row():
     assert "| 1,024 | 31.00 | 24.00 | 39.00 | 27.00 | 1.12 |" in text
     assert "| 16 | - | 5.00 | - | - | - |" in text
     assert "pool 400 MiB" in text and "up to 512 tokens: 24 graphs" in text
+    assert "graphs planned 1448 MiB, decode capture 4.0 s, pool 1150 MiB" in text
     assert "GPTQ / fp16 total tok/s: 1.250" in text
     assert "of the GEMM peak" in text and "1/2 greedy tokens equal" in text
     assert text.count("{") >= len(rows)  # the raw rows follow the tables

@@ -26,25 +26,26 @@ import time
 import torch
 from torch import nn
 
+from llmctl.engine.graph_buckets import capture_sizes
 from llmctl.layers.attention import AttentionMetadata, attention_metadata
 
-BUCKETS = (1, 2, 4, 8, *range(16, 257, 16))
+__all__ = ["DecodeGraphs", "capture_sizes", "reserved_after_release"]
 
 
-def capture_sizes(max_num_seqs: int) -> list[int]:
-    """Buckets up to the first one that holds max_num_seqs (at most 256)."""
-    sizes = []
-    for b in BUCKETS:
-        sizes.append(b)
-        if b >= max_num_seqs:
-            break
-    return sizes
+def reserved_after_release(device: torch.device) -> int:
+    """CUDA memory reserved once the allocator's free cached blocks are released: before and
+    after a capture, the difference is what the graphs' private pool keeps (the warm-ups'
+    eager activations come and go in the general pool)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_reserved(device)
 
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, device: torch.device, block_size: int, max_model_len: int,
                  max_num_seqs: int) -> None:
         self.model = model
+        self.device = device
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.sizes = capture_sizes(max_num_seqs)
@@ -68,6 +69,7 @@ class DecodeGraphs:
         self._staged.record()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
+        self.pool_bytes = 0  # what the graphs' private memory pool keeps
         self.num_replays = 0
 
     def bucket(self, batch: int) -> int | None:
@@ -87,6 +89,7 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Warm up (compiles every kernel variant), then capture each bucket, largest first."""
         start = time.perf_counter()
+        reserved = reserved_after_release(self.device)
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for b in reversed(self.sizes):
@@ -99,8 +102,8 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 logits = self._forward(b)
             self.graphs[b] = (graph, logits)
-        torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
+        self.pool_bytes = reserved_after_release(self.device) - reserved  # the logits of every bucket, mostly
 
     def run(self, token_ids: list[int], starts: list[int], slots: list[int],
             tables: list[list[int]]) -> torch.Tensor:

@@ -2,7 +2,7 @@
 concurrency and tensor parallelism. Pure arithmetic on a `ModelArch`; no torch, so
 `llmctl plan` answers before any weight is read.
 
-    GPU budget  = gpu_memory x gpu_memory_utilization - weights/TP - activation peak
+    GPU budget  = gpu_memory x gpu_memory_utilization - weights/TP - activation peak - CUDA graphs
     CPU budget  = CacheConfig.kv_cache_memory (DEFAULT_CPU_KV_CACHE_MEMORY when unset)
     num_blocks  = budget // (block_size x kv_bytes_per_token / TP)
 
@@ -53,10 +53,34 @@ def estimate_activation_bytes(arch: ModelArch, max_num_batched_tokens: int, max_
     """A planning estimate of one forward's activation peak (the engine measures it
     instead): the widest per-token intermediates of one layer for every batched token,
     plus fp32 logits for every sequence that samples."""
+    return max_num_batched_tokens * _activation_per_token(arch, bytes_per_param) + max_num_seqs * arch.vocab_size * 4
+
+
+def _activation_per_token(arch: ModelArch, bytes_per_param: int) -> int:
+    """The widest per-token intermediates of one layer."""
     d, i = arch.hidden_size, arch.intermediate_size
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    per_token = (4 * d + q + 2 * kv + 3 * i) * bytes_per_param
-    return max_num_batched_tokens * per_token + max_num_seqs * arch.vocab_size * 4
+    return (4 * d + q + 2 * kv + 3 * i) * bytes_per_param
+
+
+def estimate_graph_bytes(arch: ModelArch, model_config, scheduler_config, bytes_per_param: int = 2) -> int:
+    """A planning estimate of the CUDA graphs' private memory pools, which the engine captures
+    after the KV cache is allocated (outside the activation profile): each graph keeps its fp32
+    logits [sequences, V]; the pool's other memory is the activations of its largest forward
+    (captured first; the smaller ones reuse it). 0 with enforce_eager. The engine prints the pools
+    it measured at start."""
+    from llmctl.engine.graph_buckets import capture_sizes, prefill_capture_sizes
+
+    if model_config.enforce_eager:
+        return 0
+    per_token, row = _activation_per_token(arch, bytes_per_param), arch.vocab_size * 4
+    decode = capture_sizes(scheduler_config.max_num_seqs)
+    total = decode[-1] * per_token + sum(decode) * row
+    tokens, seqs = prefill_capture_sizes(scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs,
+                                         model_config.max_prefill_graph_tokens)
+    if tokens:
+        total += tokens[-1] * per_token + len(tokens) * sum(seqs) * row
+    return total
 
 
 @dataclass(frozen=True)
@@ -80,6 +104,7 @@ class KVPlan:
     gpu_memory_utilization: float
     activation_bytes: int  # per GPU
     activation_measured: bool
+    graph_bytes: int  # per GPU: the CUDA graphs' pools (estimated; 0 on the CPU and with enforce_eager)
     kv_cache_bytes: int  # per GPU (or the CPU budget)
     num_blocks: int
     max_model_len: int
@@ -127,6 +152,7 @@ class KVPlan:
                 ("tensor parallel size", str(self.tensor_parallel_size)),
                 ("activation peak" + (" (measured)" if self.activation_measured else " (estimated)"),
                  format_bytes(self.activation_bytes)),
+                ("CUDA graphs (estimated)", format_bytes(self.graph_bytes)),
             ]
         rows += [
             ("KV cache" + (" per GPU" if gpu else " (CPU budget)"), format_bytes(self.kv_cache_bytes)),
@@ -262,17 +288,18 @@ def plan_kv(arch: ModelArch, model: str, model_config, cache_config, scheduler_c
     if activation is None:
         activation = estimate_activation_bytes(arch, scheduler_config.max_num_batched_tokens,
                                                scheduler_config.max_num_seqs, nbytes)
-    verdict, advice = "n/a", "CPU"
+    verdict, advice, graphs = "n/a", "CPU", 0
     if device == "gpu":
+        graphs = estimate_graph_bytes(arch, model_config, scheduler_config, nbytes)
         if gpu_memory is None:
             raise ValueError("plan_kv: gpu_memory is required for device='gpu'")
         usable = int(gpu_memory * cache_config.gpu_memory_utilization)
         per_rank_weights = measured_weight_bytes
         if per_rank_weights is None:
             per_rank_weights = weights if tp == 1 else rank_weight_bytes(arch, nbytes, tp)
-        budget = cache_config.kv_cache_memory or max(0, usable - per_rank_weights - activation)
+        budget = cache_config.kv_cache_memory or max(0, usable - per_rank_weights - activation - graphs)
         seq_kv = math.ceil(max_model_len / cache_config.block_size) * cache_config.block_size * kv_rank * tp
-        verdict, advice = _tp_verdict(usable, weights, activation, seq_kv, tp)
+        verdict, advice = _tp_verdict(usable, weights, activation + graphs, seq_kv, tp)
     else:
         budget = cache_config.kv_cache_memory or DEFAULT_CPU_KV_CACHE_MEMORY
     num_blocks = cache_config.num_gpu_blocks_override or budget // block_bytes
@@ -285,7 +312,7 @@ def plan_kv(arch: ModelArch, model: str, model_config, cache_config, scheduler_c
         block_size=cache_config.block_size, tensor_parallel_size=tp,
         memory_total=gpu_memory if device == "gpu" else None,
         gpu_memory_utilization=cache_config.gpu_memory_utilization,
-        activation_bytes=activation, activation_measured=measured_activation_bytes is not None,
+        activation_bytes=activation, activation_measured=measured_activation_bytes is not None, graph_bytes=graphs,
         kv_cache_bytes=budget, num_blocks=num_blocks, max_model_len=max_model_len,
         tp_verdict=verdict, tp_advice=advice,
     )

@@ -115,7 +115,8 @@ class LLMEngine:
                                        config.scheduler.max_num_seqs, config.model.max_prefill_graph_tokens)
             decode, prefill = self.runner.decode_graphs, self.runner.prefill_graphs
             self.progress("load", {"message": f"CUDA graphs for decode batches {decode.sizes[0]}..{decode.sizes[-1]} "
-                                              f"({len(decode.sizes)} sizes) captured in {decode.capture_seconds:.1f} s"})
+                                              f"({len(decode.sizes)} sizes) captured in {decode.capture_seconds:.1f} s, "
+                                              f"{decode.pool_bytes / 2**20:.0f} MiB"})
             if prefill is not None:
                 self.progress("load", {"message": f"CUDA graphs for prefill steps of up to {prefill.max_tokens} tokens "
                                                   f"from up to {prefill.max_seqs} sequences ({len(prefill.graphs)} "

@@ -31,31 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmctl.engine.cuda_graph import reserved_after_release
+from llmctl.engine.graph_buckets import DEFAULT_MAX_GRAPH_TOKENS, prefill_capture_sizes
 from llmctl.layers.attention import AttentionMetadata, attention_metadata
 
-# Powers of two up to 512, then steps of 256 (a 1,025-token step pads by 25%, not 100%).
-TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, *range(768, 8193, 256))
-SEQ_BUCKETS = (1, 2, 4, 8)
-DEFAULT_MAX_GRAPH_TOKENS = 2048
-
-
-def prefill_capture_sizes(max_num_tokens: int, max_num_seqs: int,
-                          max_graph_tokens: int = DEFAULT_MAX_GRAPH_TOKENS) -> tuple[list[int], list[int]]:
-    """(token buckets, sequence buckets) for a step budget of max_num_tokens tokens and
-    max_num_seqs sequences: the token buckets up to min(budget, max_graph_tokens) and that
-    limit itself, the sequence buckets up to the first that holds max_num_seqs. A limit of 0
-    captures nothing (no token bucket)."""
-    limit = min(max_num_tokens, max_graph_tokens)
-    if limit <= 0:
-        return [], []
-    tokens = [t for t in TOKEN_BUCKETS if t < limit]
-    tokens.append(limit)  # a step's whole budget, or the largest step that replays
-    seqs = []
-    for b in SEQ_BUCKETS:
-        seqs.append(b)
-        if b >= max_num_seqs:
-            break
-    return tokens, seqs
+__all__ = ["PrefillGraphs", "prefill_capture_sizes", "stage_inputs"]
 
 
 class PrefillGraphs:
@@ -110,7 +90,7 @@ class PrefillGraphs:
         """Warm up (compiles every kernel variant), then capture each bucket pair, largest first.
         The warm-up runs with every token padding and every sequence empty: it writes nothing."""
         start = time.perf_counter()
-        reserved = _reserved_after_release(self.device)
+        reserved = reserved_after_release(self.device)
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for t in reversed(self.token_sizes):
@@ -125,7 +105,7 @@ class PrefillGraphs:
                     logits = self._forward(t, b)
                 self.graphs[(t, b)] = (graph, logits)
         self.capture_seconds = time.perf_counter() - start
-        self.pool_bytes = _reserved_after_release(self.device) - reserved
+        self.pool_bytes = reserved_after_release(self.device) - reserved
 
     def run(self, token_ids: list[int], starts: list[int], lens: list[int], tables: list[list[int]]) -> torch.Tensor:
         """fp32 logits [B, V] of each sequence's last new token, by graph replay: sequence i adds
@@ -146,15 +126,6 @@ class PrefillGraphs:
         graph.replay()
         self.num_replays += 1
         return logits[:num_seqs]
-
-
-def _reserved_after_release(device: torch.device) -> int:
-    """CUDA memory reserved once the allocator's free cached blocks are released: before and
-    after a capture, the difference is what the graphs' private pool keeps (the warm-ups'
-    eager activations come and go in the general pool)."""
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    return torch.cuda.memory_reserved(device)
 
 
 def stage_inputs(longs: np.ndarray, ints: np.ndarray, tmax: int, bmax: int, t: int, b: int, block_size: int,
