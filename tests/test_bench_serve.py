@@ -210,6 +210,33 @@ def test_ab_of_two_servers_prints_a_ratio(both, tmp_path):
     _assert_png(tmp_path / "plots" / "latency_cdf.png")
 
 
+def test_sweep_ab_table_names_the_point_of_each_ratio():
+    """A sweep of two targets prints its ratios per point (two points would otherwise give
+    two unlabelled copies of each metric), the metrics a capacity question turns on."""
+    from rich.console import Console
+
+    from llmctl.bench.ab import COMPARED
+    from llmctl.cli.bench_serve_ab import SWEEP_COMPARED, comparison_table, sweep_comparison
+
+    def row(point, url, comparison):
+        return {"point": point, "base_url": url, "comparison": comparison}
+
+    def ratios(k):
+        return [{"metric": m, "baseline": "http://a", "target": "http://b", "a": 1.0, "b": k, "ratio": k,
+                 "ci_low": None, "ci_high": None} for m, _, _ in COMPARED]
+
+    report = {"targets": ["http://a", "http://b"], "rows": [
+        row("8 req/s", "http://a", []), row("8 req/s", "http://b", ratios(1.25)),
+        row("16 req/s", "http://a", []), row("16 req/s", "http://b", ratios(1.5))]}
+    rows = sweep_comparison(report)
+    assert [(r["point"], r["metric"]) for r in rows] == [(p, m) for p in ("8 req/s", "16 req/s") for m in SWEEP_COMPARED]
+    console = Console(record=True, width=120)
+    console.print(comparison_table(rows))
+    lines = [ln for ln in console.export_text().splitlines() if "req/s" in ln and "x" in ln]
+    assert len(lines) == 2 * len(SWEEP_COMPARED)
+    assert all(("8 req/s" in ln) == ("1.250x" in ln) for ln in lines)
+
+
 def test_sweep_stops_at_over_saturation(both, tmp_path):
     """40 req/s against a server that runs one request at a time: the requests in flight
     grow without bound, the rate is stopped early with what is in flight cancelled, and

@@ -8,16 +8,16 @@ inter-token latency is vLLM's TPOT ((latency - TTFT) / (output tokens - 1)); its
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 from bench_serve_helpers import API_KEY, servers
 
+from llmctl.bench.peer import guidellm_command, read_guidellm
 from llmctl.bench.serve_client import ServeBenchConfig, benchmark
 
 pytestmark = pytest.mark.interop
@@ -25,14 +25,9 @@ RATE, NUM, IN_LEN, OUT_LEN = 0.5, 20, 32, 8
 
 
 def _guidellm_start(url: str, model_dir, out) -> subprocess.Popen:
-    exe = shutil.which("guidellm") or os.path.join(os.path.dirname(sys.executable), "guidellm")
-    if not os.path.exists(exe):
+    if importlib.util.find_spec("guidellm") is None:
         pytest.skip("guidellm is not installed (pip install 'llmctl[peer]')")
-    cmd = [exe, "run", "--backend", f"kind=openai_http,target={url},model=default,request_format=/v1/completions,"
-           f"api_key={API_KEY}", "--profile", f"kind=constant,rate={RATE}",
-           "--data", f"kind=synthetic_text,prompt_tokens={IN_LEN},output_tokens={OUT_LEN}",
-           "--tokenizer", f"kind=hf_auto,model={model_dir}", "--constraint", f"kind=max_requests,count={NUM}",
-           "--output", f"kind=json,path={out}", "--disable-progress"]
+    cmd = guidellm_command(url, "default", model_dir, RATE, NUM, IN_LEN, OUT_LEN, out, api_key=API_KEY)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
@@ -40,13 +35,7 @@ def _guidellm_start(url: str, model_dir, out) -> subprocess.Popen:
 def _guidellm_result(proc: subprocess.Popen, out) -> dict:
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log[-3000:]
-    bench = json.loads(out.read_text())["benchmarks"][0]
-    m = bench["metrics"]
-    done = m["request_totals"]["successful"]
-    return {"request_throughput": done / bench["duration"], "completed": done,
-            "median_ttft_ms": m["time_to_first_token_ms"]["successful"]["median"],
-            "median_tpot_ms": m["inter_token_latency_ms"]["successful"]["median"],
-            "mean_prompt_len": m["prompt_token_count"]["successful"]["mean"]}
+    return read_guidellm(out)
 
 
 def _wait_for_first_request(url: str, proc: subprocess.Popen) -> None:
@@ -80,7 +69,8 @@ def test_agrees_with_guidellm(tmp_path_factory, default_model_dir):
             _wait_for_first_request(url, proc)  # guidellm takes a while to start; then both run
             runs["llmctl"].append(_llmctl(url, seed=k))
             runs["guidellm"].append(_guidellm_result(proc, tmp / f"g{k}.json"))
-    mean = {who: {key: sum(r[key] for r in rs) / len(rs) for key in rs[0]} for who, rs in runs.items()}
+    keys = ("request_throughput", "completed", "median_ttft_ms", "median_tpot_ms", "mean_prompt_len")
+    mean = {who: {key: sum(r[key] for r in rs) / len(rs) for key in keys} for who, rs in runs.items()}
     print(json.dumps({"runs": runs, "mean": mean}, indent=1))
     assert mean["guidellm"]["completed"] == mean["llmctl"]["completed"] == NUM
     for key in ("request_throughput", "median_ttft_ms", "median_tpot_ms"):

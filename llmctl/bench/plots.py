@@ -69,12 +69,13 @@ def plot_sweep(report: dict, out_dir: Path) -> list[Path]:
     xlabel = "max concurrency" if by_conc else "offered request rate (req/s)"
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = (("output_throughput", "output tokens/s"), ("p99_ttft_ms", "p99 TTFT (ms)"), ("p99_tpot_ms", "p99 TPOT (ms)"))
+    names = target_names(report)
     for ax, (key, label) in zip(axes, panels):
         for url in report["targets"]:
             pts = sorted((_x(r, by_conc), r.get(key)) for r in rows if r["base_url"] == url and _x(r, by_conc) is not None
                          and r.get(key) is not None)
             if pts:
-                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=url)[0]
+                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=names[url])[0]
                 stopped = [(_x(r, by_conc), r.get(key)) for r in rows if r["base_url"] == url and r.get("stopped_early")
                            and _x(r, by_conc) is not None and r.get(key) is not None]
                 if stopped:  # over-saturated: stopped early, a lower bound of the real latency
@@ -91,9 +92,17 @@ def plot_sweep(report: dict, out_dir: Path) -> list[Path]:
     paths = [_save(fig, plt, out_dir / "sweep.png")]
     groups: dict[str, list[dict]] = {}
     for rec in report["requests"]:
-        groups.setdefault(f"{rec['point']} {rec['target']}" if len(report["targets"]) > 1 else rec["point"], []).append(rec)
+        short = names[rec["target"]].split(" (")[0]
+        groups.setdefault(f"{rec['point']} {short}" if len(report["targets"]) > 1 else rec["point"], []).append(rec)
     paths.append(plot_cdfs(groups, out_dir / "latency_cdf.png", "Latency CDFs per point"))
     return paths
+
+
+def target_names(report: dict) -> dict[str, str]:
+    """"A fp16 (http://...)": the letter of the tables, the served model, the URL."""
+    models = {r["base_url"]: r.get("model_id") for r in report["rows"]}
+    return {url: f"{chr(ord('A') + i)} {models.get(url) or ''} ({url})".replace("  ", " ")
+            for i, url in enumerate(report["targets"])}
 
 
 def _x(row: dict, by_conc: bool) -> float | None:

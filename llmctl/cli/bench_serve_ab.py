@@ -52,18 +52,29 @@ def notes(report: dict) -> list[str]:
     return out
 
 
+# A sweep's comparison, per point: the metrics a capacity question turns on (the JSON has all).
+SWEEP_COMPARED = ("request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms")
+
+
 def comparison_table(rows: list[dict]):
+    """One row per metric (and per point of a sweep, whose rows carry `point`)."""
     from rich.table import Table
 
     table = Table(title="A/B: target / baseline (95% bootstrap interval)", title_justify="left")
     names = {rows[0]["baseline"]: "A"} | {t: chr(ord("B") + i) for i, t in enumerate(dict.fromkeys(c["target"] for c in rows))}
-    for head in ("metric", "A", "other", "ratio", "95% CI"):
-        table.add_column(head, justify="left" if head == "metric" else "right")
+    by_point = "point" in rows[0]
+    for head in ("point",) * by_point + ("metric", "A", "other", "ratio", "95% CI"):
+        table.add_column(head, justify="left" if head in ("point", "metric") else "right", no_wrap=head == "point")
     for c in rows:
         ci = f"{c['ci_low']:.3f} - {c['ci_high']:.3f}" if c["ci_low"] is not None else "-"
-        table.add_row(c["metric"], _cell(c["a"], "{:.2f}"), f"{names[c['target']]} {_cell(c['b'], '{:.2f}')}",
-                      _cell(c["ratio"], "{:.3f}x"), ci)
+        table.add_row(*(c["point"],) * by_point, c["metric"], _cell(c["a"], "{:.2f}"),
+                      f"{names[c['target']]} {_cell(c['b'], '{:.2f}')}", _cell(c["ratio"], "{:.3f}x"), ci)
     return table
+
+
+def sweep_comparison(report: dict) -> list[dict]:
+    return [{**c, "point": r["point"]} for r in report["rows"] for c in r.get("comparison", [])
+            if c["metric"] in SWEEP_COMPARED]
 
 
 def print_best(report: dict, console) -> None:
@@ -102,7 +113,7 @@ def _finish(report: dict, output_json: Path | None, output_csv: Path | None, plo
     out.print(points_table(report, title))
     for line in notes(report):
         out.print(line, markup=False, highlight=False)
-    comparison = report.get("comparison") or [c for r in report["rows"] for c in r.get("comparison", [])]
+    comparison = report.get("comparison") or sweep_comparison(report)
     if comparison:
         out.print(comparison_table(comparison))
     print_best(report, out)
