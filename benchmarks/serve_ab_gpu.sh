@@ -58,7 +58,7 @@ A=http://127.0.0.1:$PA B=http://127.0.0.1:$PB
 start "$PA" "$A_NAME"
 start "$PB" "$B_NAME" $B_ARGS
 for url in $A $B; do
-  until curl -sf "$url/health" > /dev/null; do
+  until $PY -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/health', timeout=2)" "$url" 2> /dev/null; do
     if (( $(date +%s) - T0 > START_S )) || ! kill -0 "${PIDS[0]}" 2>/dev/null || ! kill -0 "${PIDS[1]}" 2>/dev/null; then
       say "a server did not come up"; tail -n 30 "$W"/*.log >> "$LOG"; exit 1
     fi

@@ -67,7 +67,7 @@ def comparison_table(rows: list[dict]):
         table.add_column(head, justify="left" if head in ("point", "metric") else "right", no_wrap=head == "point")
     for c in rows:
         ci = f"{c['ci_low']:.3f} - {c['ci_high']:.3f}" if c["ci_low"] is not None else "-"
-        table.add_row(*(c["point"],) * by_point, c["metric"], _cell(c["a"], "{:.2f}"),
+        table.add_row(*([c["point"]] if by_point else []), c["metric"], _cell(c["a"], "{:.2f}"),
                       f"{names[c['target']]} {_cell(c['b'], '{:.2f}')}", _cell(c["ratio"], "{:.3f}x"), ci)
     return table
 
