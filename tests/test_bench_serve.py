@@ -9,14 +9,29 @@ import math
 
 import numpy as np
 import pytest
-from bench_serve_helpers import API_KEY, free_port, ks_distance, percentile, run_cli, servers
+from bench_serve_helpers import API_KEY, free_port, ks_distance, percentile, run_cli, servers, start_server, wait_up
 
 from llmctl.bench.arrivals import ArrivalConfig, arrival_times
 from llmctl.bench.serve_client import ServeBenchConfig, benchmark
 
 
 @pytest.fixture(scope="module")
-def both(tmp_path_factory):
+def tiny_gptq(tmp_path_factory):
+    """Random 4-bit weights of a tiny recipe (`serve --load-format dummy --quantization gptq`),
+    started first so that it loads while the other two do."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    recipe = tmp / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    proc, url = start_server(tmp / "serve.log", "--load-format", "dummy", "--quantization", "gptq", model=str(recipe))
+    try:
+        yield proc, url, tmp / "serve.log"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory, tiny_gptq):
     """Two servers, loaded in parallel: the second runs one sequence at a time."""
     with servers(tmp_path_factory.mktemp("bench"), ("--max-num-seqs", "8"), ("--max-num-seqs", "1")) as urls:
         yield urls
@@ -266,23 +281,14 @@ model:
 """
 
 
-def test_serve_dummy_gptq_weights_of_a_recipe(tmp_path):
+def test_serve_dummy_gptq_weights_of_a_recipe(tiny_gptq):
     """`llmctl serve RECIPE --load-format dummy --quantization gptq`: random 4-bit weights of
     shapes with no files, a vocabulary larger than the stand-in tokenizer's; prompts keep
     their exact lengths and every sampled token streams as text (one chunk each)."""
-    from bench_serve_helpers import start_server, wait_up
-
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(TINY_RECIPE)
-    args = ["--load-format", "dummy", "--quantization", "gptq"]
-    proc, url = start_server(tmp_path / "serve.log", *args, model=str(recipe))
-    try:
-        wait_up(proc, url, tmp_path / "serve.log")
-        report = benchmark(_cfg(url, num_prompts=3, input_len=30, output_len=6))
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    assert "placeholder tokens up to the vocabulary of 50,000" in " ".join((tmp_path / "serve.log").read_text().split())
+    proc, url, log = tiny_gptq
+    wait_up(proc, url, log)
+    report = benchmark(_cfg(url, num_prompts=3, input_len=30, output_len=6))
+    assert "placeholder tokens up to the vocabulary of 50,000" in " ".join(log.read_text().split())
     assert report["completed"] == 3, report["errors"]
     assert all(r["prompt_len"] == r["expected_prompt_len"] == 30 for r in report["requests"])
     assert all(r["output_len"] == 6 and len(r["itl"]) == 5 for r in report["requests"])
