@@ -1,7 +1,8 @@
 """GuideLLM and `llmctl bench serve` against one running server, one after the other, at the
 same constant rate with the same fixed lengths: request throughput, median TTFT and median
-TPOT of each, and their ratios (the issue asks for 10%). For a quiet machine (a GPU host);
-on a busy one, tests/test_bench_serve_peer.py runs both at once.
+TPOT of each, and their ratios (the issue asks for 10%); `--rounds N` alternates the order.
+For a quiet machine (a GPU host); on a busy one, tests/test_bench_serve_peer.py runs both
+at once.
 
     python benchmarks/serve_peer.py --base-url http://127.0.0.1:8001 --output-json peer.json
 GuideLLM can come from another folder (`--peer-path`, put first on its PYTHONPATH)."""
@@ -40,10 +41,10 @@ def run_guidellm(args, model: str, out: Path) -> dict:
     return read_guidellm(out)
 
 
-def run_llmctl(args, model: str) -> dict:
+def run_llmctl(args, model: str, seed: int) -> dict:
     s = benchmark(ServeBenchConfig(base_url=args.base_url, model=model, api_key=args.api_key, num_prompts=args.num,
                                    input_len=args.input_len, output_len=args.output_len, request_rate=args.rate,
-                                   arrival="constant", seed=args.seed))
+                                   arrival="constant", seed=seed))
     return {k: s.get(k) for k in KEYS if k in s} | {"mean_prompt_len": s["workload"]["mean_prompt_len"],
                                                      "mean_output_len": s["total_output_tokens"] / max(1, s["completed"])}
 
@@ -60,26 +61,37 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", default=str(default_model_dir()), help="GuideLLM's tokenizer dir")
     ap.add_argument("--peer-path", help="folder with GuideLLM, first on its PYTHONPATH")
-    ap.add_argument("--timeout", type=float, default=80.0)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of each client, the order reversed every round (GuideLLM repeats its prompts: "
+                         "more than one round wants a server without the prefix cache)")
+    ap.add_argument("--timeout", type=float, default=80.0, help="seconds for one GuideLLM run")
     ap.add_argument("--output-json", type=Path)
     args = ap.parse_args()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     model = args.model or httpx.get(args.base_url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    runs: dict[str, list[dict]] = {"guidellm": [], "llmctl": []}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {"guidellm": run_guidellm(args, model, Path(tmp) / "guidellm.json")}
-    print("guidellm:", json.dumps(runs["guidellm"]), flush=True)  # kept if the second run is cut short
-    runs["llmctl"] = run_llmctl(args, model)
-    ratios = {k: runs["llmctl"][k] / runs["guidellm"][k] for k in KEYS[:3] if runs["guidellm"].get(k)}
+        for k in range(args.rounds):
+            for who in ("guidellm", "llmctl") if k % 2 == 0 else ("llmctl", "guidellm"):
+                run = (run_guidellm(args, model, Path(tmp) / f"guidellm{k}.json") if who == "guidellm"
+                       else run_llmctl(args, model, args.seed + k))
+                runs[who].append(run)
+                print(f"round {k} {who}:", json.dumps(run), flush=True)  # kept if a later run is cut short
+    mean = {who: {k: sum(r[k] for r in rs) / len(rs) for k in KEYS if all(r.get(k) is not None for r in rs)}
+            for who, rs in runs.items()}
+    ratios = {k: mean["llmctl"][k] / mean["guidellm"][k] for k in KEYS[:3] if mean["guidellm"].get(k)}
     print(f"constant {args.rate:g} req/s, {args.num} requests of {args.input_len} prompt / {args.output_len} output "
-          f"tokens, {args.base_url} ({model}); GuideLLM first, then llmctl")
+          f"tokens, {args.base_url} ({model}); {args.rounds} round(s), one client at a time, GuideLLM first in "
+          f"even rounds; means over the rounds")
     print(f"{'metric':<20} {'GuideLLM':>10} {'llmctl':>10} {'llmctl/GuideLLM':>16}")
     for k in KEYS:
-        g, o = runs["guidellm"].get(k), runs["llmctl"].get(k)
+        g, o = mean["guidellm"].get(k), mean["llmctl"].get(k)
         r = f"{ratios[k]:.3f}" if k in ratios else ""
         print(f"{k:<20} {g if g is None else f'{g:.2f}':>10} {o if o is None else f'{o:.2f}':>10} {r:>16}")
     if args.output_json:
         args.output_json.write_text(json.dumps({"config": vars(args) | {"output_json": str(args.output_json)},
-                                                "model": model, "runs": runs, "ratios": ratios}, indent=1))
+                                                "model": model, "runs": runs, "mean": mean, "ratios": ratios},
+                                               indent=1))
 
 
 if __name__ == "__main__":
