@@ -7,6 +7,7 @@
 # Each server gets a fixed KV budget: an engine sizes its cache from what is free after loading, so the
 # second of two engines on one GPU would count the first one's memory as its own.
 # Writes three files into $OUT: serve_ab.txt (tables and logs), serve_ab.json, serve_ab_plots.tar.gz.
+# Needs the GPU to itself: about 110 GiB of it (40 GiB of KV cache each, 15 + 5.7 GiB of weights, graphs).
 # About 5 minutes on one H200 (servers ~60-90 s, sweeps ~3 min, GuideLLM ~40 s); from the repository root:
 #   OUT=/tmp/ab bash benchmarks/serve_ab_gpu.sh
 # Everything below can be shrunk through the environment, e.g. a CPU dry run (see docs/benchmarks.md).
@@ -26,7 +27,7 @@ CHAT_RATES=${CHAT_RATES:-20,50,80}  CHAT_NUM=${CHAT_NUM:-160}  CHAT_ARGS=${CHAT_
 # over-saturation is left off (SAT_AFTER past every point's sending time): while the chat mix's long
 # outputs fill the batch, requests in flight grow for seconds at rates the server holds.
 ROUNDS=${ROUNDS:-1}  SAT_AFTER=${SAT_AFTER:-30}  WARM_NUM=${WARM_NUM:-16}
-START_S=${START_S:-300}  SWEEP_S=${SWEEP_S:-150}   # limits: server start, each sweep
+START_S=${START_S:-240}  SWEEP_S=${SWEEP_S:-150}   # limits: server start, each sweep
 A_NAME=${A_NAME:-fp16}  B_NAME=${B_NAME:-gptq}
 PEER=${PEER:-1}  PEER_ARGS=${PEER_ARGS:-}  PEER_SKIP_AFTER=${PEER_SKIP_AFTER:-330}  PEER_S=${PEER_S:-100}
 PY=${PY:-python3}
