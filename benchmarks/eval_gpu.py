@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 RECIPE = ROOT / "recipes" / "llama3-8b.yaml"
+# Measurements as they happen: what the output file gets if a later stage fails.
+NOTES: list[str] = []
 TINY_ARCH = {"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64}
 
@@ -48,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--check-windows", type=int, default=2, help="windows of the llmctl vs transformers check")
     p.add_argument("--hf-batch", type=int, default=None, help="windows per transformers forward; default 4 (tiny: 2)")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--kv-cache-memory", default="8GiB")
+    p.add_argument("--kv-cache-memory", default=None, help="default 8GiB (tiny: 64MiB)")
     p.add_argument("--commit", default=os.environ.get("LLMCTL_COMMIT", "unknown"))
     p.add_argument("--out", default=None, help="default $OUT/eval_gpu.txt (or ./eval_gpu.txt)")
     args = p.parse_args()
@@ -56,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     args.window_len = args.window_len or (128 if args.tiny else 2048)
     args.exact_windows = (2 if args.tiny else 4) if args.exact_windows is None else args.exact_windows
     args.hf_batch = args.hf_batch or (2 if args.tiny else 4)
+    args.kv_cache_memory = args.kv_cache_memory or ("64MiB" if args.tiny else "8GiB")
     args.out = Path(args.out or Path(os.environ.get("OUT", ".")) / "eval_gpu.txt")
     return args
 
@@ -182,6 +185,10 @@ def run(args) -> tuple[list[str], bool]:
     lines = []
     t_start = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - t_start:6.1f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+
+    def note(what: str, seconds: float, n: int) -> None:
+        NOTES.append(f"{what}: {n} tokens in {seconds:.2f} s, {n / seconds:,.0f} scored tok/s")
+        log(NOTES[-1])
     with tempfile.TemporaryDirectory() as tmp:
         recipe = recipe_path(args.tiny, Path(tmp))
 
@@ -203,11 +210,18 @@ def run(args) -> tuple[list[str], bool]:
         log("llmctl: baseline pass (warm-up, then timed)")
         base_backend.baseline_rows(first_windows(windows, 2), args.top_k)
         rows, t_base = timed(device, lambda: base_backend.baseline_rows(windows, args.top_k))
+        note("llmctl baseline pass", t_base, num_tokens)
         ppl_base = perplexity_stats(rows["logprob"])
         check = check_same_weights(base_llm, hf_base, windows, args.check_windows, device)
+        NOTES.append(f"llmctl vs transformers, same weights: {check}")
         exact_w = first_windows(windows, args.exact_windows) if args.exact_windows else None
         if exact_w is not None:
-            exact_rows, t_base_exact = timed(device, lambda: base_backend.baseline_rows(exact_w, vocab))
+            try:
+                exact_rows, t_base_exact = timed(device, lambda: base_backend.baseline_rows(exact_w, vocab))
+                note("llmctl baseline pass, exact", t_base_exact, exact_w.num_scored)
+            except Exception as err:  # e.g. out of memory: the main comparison goes on without it
+                NOTES.append(f"exact baseline pass failed: {type(err).__name__}: {err}")
+                exact_w = None
         base_llm.shutdown()
         base_backend = base_llm = None  # frees the engine
 
@@ -216,10 +230,16 @@ def run(args) -> tuple[list[str], bool]:
         cand_backend = EngineBackend(cand_llm)
         cand_backend.window_scores(first_windows(windows, 2), base_slice(rows, windows, 2))
         scores, t_cand = timed(device, lambda: cand_backend.window_scores(windows, rows))
+        note("llmctl candidate pass", t_cand, num_tokens)
         stats = kld_stats(scores["kld"], rows["logprob"], scores["logprob"], scores["same_top1"])
         if exact_w is not None:
-            exact_scores, t_cand_exact = timed(device, lambda: cand_backend.window_scores(exact_w, exact_rows))
-            topk_scores = cand_backend.window_scores(exact_w, base_slice(rows, windows, args.exact_windows))
+            try:
+                exact_scores, t_cand_exact = timed(device, lambda: cand_backend.window_scores(exact_w, exact_rows))
+                note("llmctl candidate pass, exact", t_cand_exact, exact_w.num_scored)
+                topk_scores = cand_backend.window_scores(exact_w, base_slice(rows, windows, args.exact_windows))
+            except Exception as err:
+                NOTES.append(f"exact candidate pass failed: {type(err).__name__}: {err}")
+                exact_w = None
             del exact_rows
         cand_llm.shutdown()
         cand_backend = cand_llm = None
@@ -230,7 +250,9 @@ def run(args) -> tuple[list[str], bool]:
         hf_cand = load_hf(arch, dtype, device, seed=2)
         hf_pass(hf_base, hf_cand, first_windows(windows, args.hf_batch), args.hf_batch, device)  # warm-up
         _, t_hf_base = timed(device, lambda: hf_pass(hf_base, None, windows, args.hf_batch, device))
+        note("transformers baseline pass", t_hf_base, num_tokens)
         hf, t_hf_both = timed(device, lambda: hf_pass(hf_base, hf_cand, windows, args.hf_batch, device))
+        note("transformers both models + KLD", t_hf_both, num_tokens)
         nll_diff = float((rows["logprob"] + hf["nll_base"]).abs().max())
 
     rate = lambda seconds, n=num_tokens: n / seconds  # noqa: E731
@@ -278,11 +300,23 @@ def run(args) -> tuple[list[str], bool]:
 
 
 def main() -> int:
+    import signal
+
     args = parse_args()
-    lines, ok = run(args)
-    text = "\n".join(lines) + "\n"
-    print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))  # a `timeout` still leaves what was measured
+    try:
+        lines, ok = run(args)
+    except BaseException:
+        import traceback
+
+        text = "\n".join([f"eval_gpu.py failed (commit {args.commit}); measured before the failure:", *NOTES,
+                          "", traceback.format_exc()])
+        args.out.write_text(text)
+        print(text, file=sys.stderr)
+        return 1
+    text = "\n".join(lines + ["", "as measured:", *NOTES]) + "\n"
+    print(text)
     args.out.write_text(text)
     return 0 if ok else 1
 
