@@ -1,14 +1,17 @@
 """`EngineRequest`: what the engine keeps per request beside the scheduler's sequences:
 per-sample detokenizers, generators, logprobs, the prompt's logprobs and timings; and
-how it turns them into the cumulative `RequestOutput` of each step."""
+how it turns them into the cumulative `RequestOutput` of each step. `step_state`: what of
+them a step passes to the model runner."""
 
 from __future__ import annotations
+
+from typing import Mapping
 
 import torch
 
 from llmctl.engine.detokenizer import IncrementalDetokenizer
 from llmctl.engine.outputs import CompletionOutput, Logprobs, RequestMetrics, RequestOutput
-from llmctl.engine.scoring import PromptScorer
+from llmctl.engine.scoring import PromptScorer, score_dense
 from llmctl.engine.sequence import Sequence, SequenceStatus
 from llmctl.layers.sampler import make_generator
 
@@ -116,3 +119,34 @@ class EngineRequest:
             num_cached_tokens=self.seqs[0].num_cached_tokens, error=self.error,
             prompt_scores=self.prompt_scores if self.scorer is not None else None,
         )
+
+
+def step_state(out, requests: Mapping[int, EngineRequest], model, device: torch.device
+               ) -> tuple[dict, dict, dict]:
+    """What the step `out` (a SchedulerOutput) passes to the runner beyond its sequences, each
+    by seq_id: the generator of a seeded sample, the first prompt position whose logprobs are
+    missing, and (scorer, first prompt token to score). Prompt tokens a scorer has not seen that
+    the prefix cache served are scored now, by a dense forward of `model`."""
+    generators, prompt_lp_from, scorers = {}, {}, {}
+    for e in out.scheduled:
+        seq = e.seq
+        request = requests[seq.seq_id]
+        gen = request.generators.get(seq.seq_id)
+        if gen is not None:
+            generators[seq.seq_id] = gen
+        first = request.prompt_logprobs_missing_from(seq)
+        if first is not None:
+            # A sequence with prompt logprobs never reads the prefix cache
+            # (Sequence.reads_prefix_cache), so every missing position runs in a step.
+            assert first >= e.start_pos, (first, e.start_pos)
+            prompt_lp_from[seq.seq_id] = first
+        first = request.scoring_from(seq)
+        if first is None:
+            continue
+        if first - 1 < e.start_pos:  # the prefix cache served positions nobody scored yet
+            chunks = score_dense(model, device, seq.prompt_token_ids, first, e.start_pos + 1, request.scorer)
+            request.add_prompt_scores(chunks, e.start_pos + 1)
+            first = e.start_pos + 1
+        scorers[seq.seq_id] = (request.scorer, first)
+    return generators, prompt_lp_from, scorers
+

@@ -10,7 +10,6 @@ object from one thread through `AsyncEngine`; the offline `LLM` drives it to the
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,14 +17,15 @@ import torch
 from llmctl.config import EngineConfig
 from llmctl.engine.admission import AdmissionLimits, check_request
 from llmctl.engine.block_manager import BlockManager
-from llmctl.engine.engine_request import EngineRequest
+from llmctl.engine.engine_request import EngineRequest, step_state
 from llmctl.engine.faults import engine_dead, execute_isolated, is_request_fault, request_error
 from llmctl.engine.kv_budget import KVPlan, plan_kv
 from llmctl.engine.model_runner import ModelRunner, ModelRunnerOutput
 from llmctl.engine.outputs import RequestOutput
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
-from llmctl.engine.scoring import PromptScorer, score_dense
+from llmctl.engine.scoring import PromptScorer
 from llmctl.engine.sequence import SequenceStatus
+from llmctl.engine.stats import EngineStats, StepCounters
 from llmctl.engine.step_batch import StepBatch, build_step_batch
 from llmctl.engine.stop import model_eos_token_ids, read_generation_config, sampling_defaults
 from llmctl.errors import ConfigError, InvalidRequestError
@@ -35,25 +35,6 @@ from llmctl.sampling_params import RequestOutputKind, SamplingParams
 # (event, info): "load" / "kv_plan" / "ready", info["message"] a line of text; "kv_plan"
 # also carries info["plan"] (a KVPlan) so a CLI can draw the table. The engine never draws.
 ProgressCallback = Callable[[str, dict], None]
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_preemptions: int
-    kv_cache_usage: float  # fraction of blocks held by sequences
-    num_free_blocks: int
-    num_total_blocks: int
-    prefix_cache_queries: int  # tokens
-    prefix_cache_hits: int  # tokens
-    num_prompt_tokens: int  # prompt tokens run through the model (cache hits excluded)
-    num_generation_tokens: int
-    num_steps: int
-    num_partial_prefills: int  # prefill chunks that stopped short of the prompt's end (chunked prefill)
-    max_num_running: int
-    kv_waste: float  # now: share of allocated slots that hold no token
-    kv_waste_mean: float  # mean over the steps that held blocks
 
 
 class LLMEngine:
@@ -133,10 +114,7 @@ class LLMEngine:
         self._seq_to_request: dict[int, EngineRequest] = {}
         # Live requests with generators, prompt logprobs or a scorer: while none, a step looks none up.
         self._num_with_step_state = 0
-        self._num_prompt_tokens = self._num_generation_tokens = self._num_steps = self._max_num_running = 0
-        self._num_partial_prefills = 0
-        self._kv_waste = self._kv_waste_sum = 0.0
-        self._kv_waste_steps = 0
+        self.counters = StepCounters()
         self.progress("ready", {"message": f"engine ready: {self.kv_plan.num_blocks} KV blocks"})
 
     def on_fatal(self, callback: Callable[[BaseException], None]) -> None:
@@ -248,9 +226,10 @@ class LLMEngine:
         if out.is_empty:
             return []
         now = time.time()
-        self._record_schedule(out, now)
-        generators, prompt_lp_from = self._sampling_state(out)
-        result, failures = self._execute(out, generators, prompt_lp_from, self._scorers(out))
+        self.counters.record_schedule(out, self.scheduler.running, self.block_manager, self._seq_to_request, now)
+        generators, prompt_lp_from, scorers = (step_state(out, self._seq_to_request, self.model, self.device)
+                                               if self._num_with_step_state else ({}, {}, {}))
+        result, failures = self._execute(out, generators, prompt_lp_from, scorers)
         touched: dict[str, EngineRequest] = {}
         for request_id, err in failures.items():
             touched[request_id] = self._fail(request_id, err)
@@ -276,7 +255,7 @@ class LLMEngine:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED, stop_str)
                 request.mark_stopped_by_string(seq, stop_str)
             touched[request.request_id] = request
-        self._num_generation_tokens += len(updated)
+        self.counters.num_generation_tokens += len(updated)
         outputs = [r.make_output(now) for r in touched.values()
                    if r.params.output_kind is RequestOutputKind.CUMULATIVE or r.finished]
         for output in outputs:
@@ -297,41 +276,6 @@ class LLMEngine:
         request.error = request_error(err)
         return request
 
-    def _sampling_state(self, out: SchedulerOutput) -> tuple[dict, dict]:
-        generators, prompt_lp_from = {}, {}
-        if not self._num_with_step_state:
-            return generators, prompt_lp_from
-        for e in out.scheduled:
-            request = self._seq_to_request[e.seq.seq_id]
-            gen = request.generators.get(e.seq.seq_id)
-            if gen is not None:
-                generators[e.seq.seq_id] = gen
-            first = request.prompt_logprobs_missing_from(e.seq)
-            if first is not None:
-                # A sequence with prompt logprobs never reads the prefix cache
-                # (Sequence.reads_prefix_cache), so every missing position runs in a step.
-                assert first >= e.start_pos, (first, e.start_pos)
-                prompt_lp_from[e.seq.seq_id] = first
-        return generators, prompt_lp_from
-
-    def _scorers(self, out: SchedulerOutput) -> dict:
-        """seq_id -> (scorer, first prompt token to score) for the scoring requests in this step."""
-        scorers = {}
-        if not self._num_with_step_state:
-            return scorers
-        for e in out.scheduled:
-            request = self._seq_to_request[e.seq.seq_id]
-            first = request.scoring_from(e.seq)
-            if first is None:
-                continue
-            if first - 1 < e.start_pos:  # the prefix cache served positions nobody scored yet
-                chunks = score_dense(self.model, self.device, e.seq.prompt_token_ids, first, e.start_pos + 1,
-                                     request.scorer)
-                request.add_prompt_scores(chunks, e.start_pos + 1)
-                first = e.start_pos + 1
-            scorers[e.seq.seq_id] = (request.scorer, first)
-        return scorers
-
     def _run_batch(self, batch: StepBatch) -> ModelRunnerOutput:
         """The runner's step; under tensor parallelism a rank that died (before or during the
         step) is an EngineDeadError naming it, whatever error the collective raised."""
@@ -344,35 +288,5 @@ class LLMEngine:
             self.tp_runtime.check_ranks(err)
             raise
 
-    def _record_schedule(self, out: SchedulerOutput, now: float) -> None:
-        self._num_steps += 1
-        num_running = len(self.scheduler.running)
-        self._max_num_running = max(self._max_num_running, num_running)
-        for e in out.scheduled:
-            request = self._seq_to_request[e.seq.seq_id]
-            if request.metrics.first_scheduled_time is None:
-                request.metrics.first_scheduled_time = now
-            if e.start_pos < e.seq.num_prompt_tokens:
-                self._num_prompt_tokens += min(e.num_new_tokens, e.seq.num_prompt_tokens - e.start_pos)
-            self._num_partial_prefills += not e.do_sample
-        bs = self.block_manager.block_size
-        allocated = (self.block_manager.num_blocks - self.block_manager.num_free_blocks) * bs
-        if allocated:
-            empty = sum(len(s.block_table) * bs - s.num_tokens for s in self.scheduler.running)
-            self._kv_waste = max(0, empty) / allocated
-            self._kv_waste_sum += self._kv_waste
-            self._kv_waste_steps += 1
-
-    # ---- stats -----------------------------------------------------------------
     def get_stats(self) -> EngineStats:
-        s = self.scheduler.get_stats()
-        bm = self.block_manager
-        return EngineStats(
-            num_running=s.num_running, num_waiting=s.num_waiting, num_preemptions=s.num_preemptions,
-            kv_cache_usage=s.kv_cache_usage, num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
-            prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
-            num_prompt_tokens=self._num_prompt_tokens, num_generation_tokens=self._num_generation_tokens,
-            num_steps=self._num_steps, num_partial_prefills=self._num_partial_prefills,
-            max_num_running=self._max_num_running, kv_waste=self._kv_waste,
-            kv_waste_mean=self._kv_waste_sum / self._kv_waste_steps if self._kv_waste_steps else 0.0,
-        )
+        return self.counters.stats(self.scheduler.get_stats(), self.block_manager)
