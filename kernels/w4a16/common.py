@@ -1,5 +1,6 @@
 """Pieces every W4A16 kernel shares: scales and zero points of a group, exact int-to-float by a
-magic number, packing two halves into one 32-bit word, and the store of a (split-K) output tile."""
+magic number, packing two halves into one 32-bit word, a GEMM tile's ranges, and the store of a
+(split-K) output tile."""
 
 from __future__ import annotations
 
@@ -36,6 +37,15 @@ def half_pair(lo, hi):
     lo_bits = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     hi_bits = hi.to(tl.int16, bitcast=True).to(tl.int32)
     return lo_bits | (hi_bits << 16)
+
+
+@triton.jit
+def tile_ranges(pid_m, pid_n, pid_k, M, N, K, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A GEMM program's rows and features (offsets and in-range masks) and its split's K range."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = pid_k * k_per_split
+    return offs_m, offs_n, offs_m < M, offs_n < N, k_start, tl.minimum(k_start + k_per_split, K)
 
 
 @triton.jit

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from llmctl_kernels.launch import interpreting, pdl_signal, pdl_wait
-from llmctl_kernels.w4a16.common import scale_and_zero, store_output
+from llmctl_kernels.w4a16.common import scale_and_zero, store_output, tile_ranges
 from llmctl_kernels.w4a16.config import KernelConfig
 from llmctl_kernels.w4a16.frag_tiles import (
     frag_block_k,
@@ -50,12 +50,8 @@ def _frag_gemm_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
+    offs_m, offs_n, m_mask, n_mask, k_start, k_end = tile_ranges(pid_m, pid_n, pid_k, M, N, K, k_per_split,
+                                                                 BLOCK_M, BLOCK_N)
     pdl_wait(PDL)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)

@@ -13,14 +13,16 @@ import triton
 import triton.language as tl
 
 from llmctl_kernels.launch import interpreting
-from llmctl_kernels.w4a16.common import BITS_OF_2_23, scale_and_zero
+from llmctl_kernels.w4a16.common import BITS_OF_2_23, scale_and_zero, store_output, tile_ranges
 from llmctl_kernels.w4a16.config import KernelConfig
 from llmctl_kernels.w4a16.gptq_tiles import (
     codes_as_half,
     codes_fp32,
     codes_minus_zero_pairs,
     dequant_words,
+    gather_x_up_front,
     load_words,
+    optional_operands,
 )
 from llmctl_kernels.w4a16.layout import W4A16Weights
 from llmctl_kernels.w4a16.scratch import SplitKScratch, finish_split_k, split_k_target
@@ -95,12 +97,8 @@ def _w4a16_gemm_kernel(
     group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group_rows)
     pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
+    offs_m, offs_n, m_mask, n_mask, k_start, k_end = tile_ranges(pid_m, pid_n, pid_k, M, N, K, k_per_split,
+                                                                 BLOCK_M, BLOCK_N)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -169,11 +167,7 @@ def _w4a16_gemm_kernel(
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask, sem="relaxed")
+    store_output(acc, out_ptrs, m_mask[:, None] & n_mask[None, :], SPLIT_K > 1)
 
 
 def w4a16_gemm(
@@ -194,21 +188,15 @@ def w4a16_gemm(
     split_k = triton.cdiv(k, k_per_split)
     launch = {"PDL": False}
     target = split_k_target(out, split_k, launch, scratch)
-    perm = w.perm
-    if perm is not None and not config.GATHER_X:
-        # One gather of x up front beats per-tile gathers of scattered columns inside the kernel.
-        x = x.index_select(1, perm)
-        perm = None
+    # One gather of x up front beats per-tile gathers of scattered columns inside the kernel.
+    x, perm = gather_x_up_front(x, w, config)
     # fp16 holds 1024 + q exactly for q < 1024, bf16 128 + q for q < 128 (so up to 4-bit codes).
     half_magic = 1024 if x.dtype == torch.float16 else 128
     int_dot = (bool(config.INT_DOT) and w.g_idx is None and w.group_size % block_k == 0
                and (1 << w.bits) <= half_magic)
     grid = (triton.cdiv(m, config.BLOCK_M) * triton.cdiv(n, config.BLOCK_N), split_k)
-    dummy = w.qweight
     _w4a16_gemm_kernel[grid](
-        x, w.qweight, w.scales, w.qzeros,
-        perm if perm is not None else dummy, w.g_idx if w.g_idx is not None else dummy,
-        bias if bias is not None else dummy, target,
+        x, w.qweight, w.scales, w.qzeros, *optional_operands(w, perm, bias), target,
         m, n, k, k_per_split, BITS_OF_2_23, 0x6400 if x.dtype == torch.float16 else 0x4300,
         x.stride(0), target.stride(0),
         BITS=w.bits, GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset,

@@ -13,8 +13,16 @@ import triton
 import triton.language as tl
 
 from llmctl_kernels.launch import interpreting
-from llmctl_kernels.w4a16.common import BITS_OF_2_23, BITS_OF_ONE, half_pair, magic_to_float, scale_and_zero
+from llmctl_kernels.w4a16.common import (
+    BITS_OF_2_23,
+    BITS_OF_ONE,
+    half_pair,
+    magic_to_float,
+    scale_and_zero,
+    store_output,
+)
 from llmctl_kernels.w4a16.config import KernelConfig
+from llmctl_kernels.w4a16.gptq_tiles import gather_x_up_front, optional_operands
 from llmctl_kernels.w4a16.layout import W4A16Weights
 from llmctl_kernels.w4a16.ptx import WORD_DOT_FP16
 from llmctl_kernels.w4a16.scratch import SplitKScratch, finish_split_k, split_k_target
@@ -175,11 +183,7 @@ def _w4a16_gemv_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         out += tl.where(pid_k == 0, bias, 0.0)
-    out_ptrs = out_ptr + pid_m * stride_om + offs_n
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.atomic_add(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=n_mask, sem="relaxed")
+    store_output(out, out_ptr + pid_m * stride_om + offs_n, n_mask, SPLIT_K > 1)
 
 
 def w4a16_gemv(
@@ -202,18 +206,12 @@ def w4a16_gemv(
     split_k = triton.cdiv(k_rows, rows_per_split)
     launch = {"PDL": False}
     target = split_k_target(out, split_k, launch, scratch)
-    perm = w.perm
-    if perm is not None and not config.GATHER_X:
-        # One gather of x up front (a tiny kernel) beats a perm load per code in the kernel.
-        x = x.index_select(1, perm)
-        perm = None
+    # One gather of x up front (a tiny kernel) beats a perm load per code in the kernel.
+    x, perm = gather_x_up_front(x, w, config)
     one_group = w.g_idx is None and w.group_size % (block_kw * vals) == 0
     grid = (triton.cdiv(n, config.BLOCK_N), split_k, m)
-    dummy = w.qweight
     _w4a16_gemv_kernel[grid](
-        x, w.qweight, w.scales, w.qzeros,
-        perm if perm is not None else dummy, w.g_idx if w.g_idx is not None else dummy,
-        bias if bias is not None else dummy, target,
+        x, w.qweight, w.scales, w.qzeros, *optional_operands(w, perm, bias), target,
         n, k, rows_per_split, BITS_OF_ONE, BITS_OF_2_23,
         x.stride(0), target.stride(0),
         BITS=w.bits, GROUP_SIZE=w.group_size, ZERO_OFFSET=w.zero_offset,

@@ -4,10 +4,13 @@ precision for the tensor cores)."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from llmctl_kernels.w4a16.common import half_pair, scale_and_zero
+from llmctl_kernels.w4a16.config import KernelConfig
+from llmctl_kernels.w4a16.layout import W4A16Weights
 from llmctl_kernels.w4a16.ptx import NIBBLES_TO_BF16, NIBBLES_TO_FP16
 
 
@@ -124,3 +127,17 @@ def dequant_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs
     w = load_words(qweight_ptr, k0, k_end, offs_n, n_mask, N, BITS, BLOCK_K, PACKED_LOAD)
     return dequant_words(w, scales_ptr, qzeros_ptr, g_idx_ptr, k0, k_end, offs_n, n_mask, N, big_bits,
                           BITS, GROUP_SIZE, ZERO_OFFSET, HAS_G_IDX, BLOCK_K, PACKED_LOAD)
+
+
+def gather_x_up_front(x: torch.Tensor, w: W4A16Weights, config: KernelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, the permutation the kernel gathers through): act-order's x gathered once here unless
+    config.GATHER_X asks the kernel to gather it (then x as given and w.perm)."""
+    if w.perm is None or config.GATHER_X:
+        return x, w.perm
+    return x.index_select(1, w.perm), None
+
+
+def optional_operands(w: W4A16Weights, perm: torch.Tensor | None, bias: torch.Tensor | None) -> tuple:
+    """perm, g_idx and bias as the checkpoint layout's kernels take them: a tensor whatever the case
+    (w.qweight stands in where the kernel's HAS_* flag says it is absent)."""
+    return tuple(t if t is not None else w.qweight for t in (perm, w.g_idx, bias))
