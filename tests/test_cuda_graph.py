@@ -115,7 +115,9 @@ def test_graph_replay_matches_eager(tmp_path, quantization, max_num_batched_toke
     recipe = tmp_path / "small.yaml"
     recipe.write_text(ARCH_RECIPE)
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in (5, 37, 100, 16, 64)]
+    # 622 prompt tokens: one step of them replays the 768-token bucket (above the old 512 limit)
+    lengths = (5, 37, 100, 16, 64, 400)
+    prompts = [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in lengths]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
     runs = {}
     for eager in (True, False):
@@ -125,15 +127,16 @@ def test_graph_replay_matches_eager(tmp_path, quantization, max_num_batched_toke
         graphs = llm.engine.runner.decode_graphs
         prefill = llm.engine.runner.prefill_graphs
         assert (graphs is None) == eager and (prefill is None) == eager
-        # 5 prompts together, then 3 alone: batches of 5 and 3 replay the padded buckets 8 and 4.
+        # 6 prompts together, then 3 alone: batches of 6 and 3 replay the padded buckets 8 and 4.
         runs[eager] = llm.generate(prompts, params) + llm.generate(prompts[:3], params)
         if not eager:
             assert graphs.sizes == [1, 2, 4, 8] and prefill.seq_sizes == [1, 2, 4, 8]
-            assert prefill.max_tokens == min(max_num_batched_tokens, 512)
-            if max_num_batched_tokens > 256:  # each call's prompts in one replayed prefill step
+            assert prefill.max_tokens == min(max_num_batched_tokens, 2048)
+            if max_num_batched_tokens > 622:  # each call's prompts in one replayed prefill step
+                assert 768 in prefill.token_sizes
                 assert graphs.num_replays >= 2 * 39 and prefill.num_replays == 2
-            else:  # 222 prompt tokens in chunks of at most 48, beside decodes
-                assert prefill.num_replays >= 222 // 48 + 1
+            else:  # 622 prompt tokens in chunks of at most 48, beside decodes
+                assert prefill.num_replays >= sum(lengths) // 48 + 1
         llm.shutdown()
     for i, (a, b) in enumerate(zip(runs[True], runs[False])):
         _assert_same_or_tie(a.outputs[0], b.outputs[0], f"request {i}")
