@@ -1,7 +1,8 @@
 """Prefill and throughput on one GPU, fp16 against GPTQ 4-bit, in one call (issue: prefill).
 
-    python benchmarks/prefill_gpu.py --commit $(git rev-parse --short HEAD)   # writes $OUT/prefill_gpu.txt
-    python benchmarks/prefill_gpu.py --tiny                                    # the same code on the CPU, small
+    python benchmarks/prefill_gpu.py --commit <sha>    # one H200: about 4.5-5.5 min; writes $OUT/prefill_gpu.txt
+    python benchmarks/prefill_gpu.py --commit <sha> --num-prompts 500   # about a minute less
+    python benchmarks/prefill_gpu.py --tiny             # the same code on the CPU, small (2-6 min)
 
 Llama-3-8B shapes with random weights (`--load-format dummy`, recipes/llama3-8b.yaml), fp16
 activations, prefix caching off. Each case runs in a fresh process and prints JSON lines; this
