@@ -61,14 +61,17 @@ def test_prefill_graph_bucket_pads_fewer_than_256_tokens_above_512():
     """A step replays the smallest bucket that holds it: past 512 tokens it pads fewer than 256
     tokens, under 25% of the step from 1,024 on (a 1,025-token prompt computes 1,280 rows, not
     2,048)."""
+    from llmctl.engine.graph_buckets import smallest_holding
     from llmctl.engine.prefill_graph import prefill_capture_sizes
 
     tokens, _ = prefill_capture_sizes(8192, 8, 2048)
     for n in range(513, 2049):
-        bucket = next(t for t in tokens if t >= n)
+        bucket = smallest_holding(tokens, n)
         assert 0 <= bucket - n < 256
         assert n < 1024 or (bucket - n) / n < 0.25
-    assert next(t for t in tokens if t >= 1025) == 1280
+    assert smallest_holding(tokens, 1025) == 1280
+    assert smallest_holding(tokens, 16) == 16 and smallest_holding(tokens, 17) == 32
+    assert smallest_holding(tokens, 2049) is None  # runs eagerly
 
 
 def test_prefill_graph_inputs_pad_tokens_and_sequences():

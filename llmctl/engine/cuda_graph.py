@@ -26,7 +26,7 @@ import time
 import torch
 from torch import nn
 
-from llmctl.engine.graph_buckets import capture_sizes
+from llmctl.engine.graph_buckets import capture_sizes, smallest_holding
 from llmctl.layers.attention import AttentionMetadata, attention_metadata
 
 __all__ = ["DecodeGraphs", "capture_sizes", "reserved_after_release"]
@@ -73,7 +73,7 @@ class DecodeGraphs:
         self.num_replays = 0
 
     def bucket(self, batch: int) -> int | None:
-        return next((b for b in self.sizes if b >= batch), None)
+        return smallest_holding(self.sizes, batch)
 
     def _forward(self, b: int) -> torch.Tensor:
         meta = AttentionMetadata(

@@ -41,3 +41,9 @@ def prefill_capture_sizes(max_num_tokens: int, max_num_seqs: int,
         if b >= max_num_seqs:
             break
     return tokens, seqs
+
+
+def smallest_holding(sizes: list[int], n: int) -> int | None:
+    """The bucket a step of n replays: the smallest of `sizes` (ascending) that holds n; None
+    when n exceeds them all (the step runs eagerly)."""
+    return next((s for s in sizes if s >= n), None)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from llmctl.engine.cuda_graph import reserved_after_release
-from llmctl.engine.graph_buckets import DEFAULT_MAX_GRAPH_TOKENS, prefill_capture_sizes
+from llmctl.engine.graph_buckets import DEFAULT_MAX_GRAPH_TOKENS, prefill_capture_sizes, smallest_holding
 from llmctl.layers.attention import AttentionMetadata, attention_metadata
 
 __all__ = ["PrefillGraphs", "prefill_capture_sizes", "stage_inputs"]
@@ -71,8 +71,8 @@ class PrefillGraphs:
         self.num_replays = 0
 
     def buckets(self, num_tokens: int, num_seqs: int) -> tuple[int, int] | None:
-        t = next((s for s in self.token_sizes if s >= num_tokens), None)
-        b = next((s for s in self.seq_sizes if s >= num_seqs), None)
+        t = smallest_holding(self.token_sizes, num_tokens)
+        b = smallest_holding(self.seq_sizes, num_seqs)
         return None if t is None or b is None else (t, b)
 
     def _forward(self, t: int, b: int) -> torch.Tensor:
