@@ -183,13 +183,19 @@ def _one_red_line(proc, *words: str) -> None:
 
 
 def test_first_contact_errors_are_one_line_with_a_hint(server):
+    from concurrent.futures import ThreadPoolExecutor
+
     nobody = f"http://127.0.0.1:{free_port()}"
-    _one_red_line(run_cli("bench", "serve", "--base-url", nobody), "no server answers", "llmctl serve")
-    _one_red_line(run_cli("bench", "serve", "--base-url", server), "API key", "--api-key")
-    _one_red_line(run_cli("bench", "serve", "--base-url", server.removeprefix("http://")), "http://")
-    _one_red_line(run_cli("bench", "serve", "--base-url", server, "--model", "nope"), "API key")
-    wrong = run_cli("bench", "serve", "--base-url", server, "--model", "nope", env={"LLMCTL_API_KEY": API_KEY})
-    _one_red_line(wrong, "(HTTP 4", "`nope` does not exist", "default")
+    cases = [(("--base-url", nobody), None, ("no server answers", "llmctl serve")),
+             (("--base-url", server), None, ("API key", "--api-key")),
+             (("--base-url", server.removeprefix("http://")), None, ("http://",)),
+             (("--base-url", server, "--model", "nope"), None, ("API key",)),
+             (("--base-url", server, "--model", "nope"), {"LLMCTL_API_KEY": API_KEY},
+              ("(HTTP 4", "`nope` does not exist", "default"))]
+    with ThreadPoolExecutor(len(cases)) as pool:  # separate CLI processes, started at once
+        procs = list(pool.map(lambda c: run_cli("bench", "serve", *c[0], env=c[1]), cases))
+    for proc, (_, _, words) in zip(procs, cases):
+        _one_red_line(proc, *words)
 
 
 def _assert_png(path) -> None:
