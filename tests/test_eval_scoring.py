@@ -157,16 +157,29 @@ def test_perplexity_and_every_kld_statistic_equal_an_independent_computation(pea
     assert lo < metrics["ppl"] < hi
 
 
-def test_top_k_kld_is_a_lower_bound_of_the_exact_one(peaked_pair, tmp_path):
+def test_top_k_kld_is_a_lower_bound_of_the_exact_one_and_whole_rows_are_exact(peaked_pair, tmp_path):
     """Coarsening both distributions to K + 1 buckets never raises KL (log-sum inequality). This
     toy model spreads a third of its mass thinly over 49k tokens, so K = 256 sees a quarter of
-    the exact value; the default model's gap is in docs/benchmarks.md."""
+    the exact value; the default model's gap is in docs/benchmarks.md. --kld-top-k 0 keeps whole
+    rows (half the bytes of K = V's sorted log-probs and ids, no sort): every statistic and every
+    token's KLD equal K = V's, which the independent computation above checks."""
     from llmctl.eval.run import evaluate
 
-    exact = evaluate(_plan(*peaked_pair, tmp_path, kld_top_k=49152))["candidates"][0]["metrics"]
+    exact = evaluate(_plan(*peaked_pair, tmp_path, kld_top_k=49152))
     top = evaluate(_plan(*peaked_pair, tmp_path, kld_top_k=256))["candidates"][0]["metrics"]
-    assert 0 < top["kld_mean"] <= exact["kld_mean"] + 1e-9
-    assert top["same_top1"] == exact["same_top1"] and top["ppl"] == exact["ppl"]
+    want = exact["candidates"][0]["metrics"]
+    assert 0 < top["kld_mean"] <= want["kld_mean"] + 1e-9
+    assert top["same_top1"] == want["same_top1"] and top["ppl"] == want["ppl"]
+
+    whole = evaluate(_plan(*peaked_pair, tmp_path, kld_top_k=0))
+    assert whole["baseline"]["cache"]["path"] != exact["baseline"]["cache"]["path"]
+    got = whole["candidates"][0]["metrics"]
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    tokens, want_tokens = whole["_runs"][0].tokens, exact["_runs"][0].tokens
+    assert torch.equal(tokens["same_top1"], want_tokens["same_top1"])
+    torch.testing.assert_close(tokens["kld"], want_tokens["kld"], rtol=1e-9, atol=1e-12)
 
 
 def test_cached_baseline_gives_the_same_numbers_as_a_fresh_one(tiny_llama_dir, tiny_gptq_dir, tmp_path):

@@ -87,7 +87,8 @@ class EngineBackend:
         return [finished[rid] for rid in ids]
 
     def baseline_rows(self, windows: Windows, top_k: int, progress: Progress | None = None) -> dict:
-        """Per scored token, concatenated over windows: logprob [N], top_lp [N, K], top_id [N, K]."""
+        """Per scored token, concatenated over windows: logprob [N], top_lp [N, K], top_id [N, K]
+        (top_k 0: logprob [N], rows [N, V], argmax [N])."""
         scorer = baseline_scorer(top_k)
         return _concat(self._score(windows, [scorer] * windows.ids.shape[0], progress))
 
@@ -96,7 +97,7 @@ class EngineBackend:
         offsets = window_offsets(windows)
         scorers = []
         for i, first in enumerate(windows.score_from):
-            rows = None if base is None else {k: base[k][offsets[i]:offsets[i + 1]] for k in ("top_lp", "top_id")}
+            rows = None if base is None else {k: v[offsets[i]:offsets[i + 1]] for k, v in base.items() if k != "logprob"}
             scorers.append(candidate_scorer(rows, first, self.device))
         return _concat(self._score(windows, scorers, progress))
 

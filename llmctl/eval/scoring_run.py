@@ -130,7 +130,8 @@ class ModelRun:
             if rows is not None:
                 self.cache = {"path": str(path), "hit": True, "weights_sha256": key["weights"]}
                 return rows
-        advance = self._progress(f"baseline rows (top-{cfg.kld_top_k})", self.windows.ids.shape[0])
+        kept = f"top-{cfg.kld_top_k}" if cfg.kld_top_k else "whole rows"
+        advance = self._progress(f"baseline rows ({kept})", self.windows.ids.shape[0])
         rows = self.backend().baseline_rows(self.windows, cfg.kld_top_k, advance)
         if path is not None:
             baseline_cache.save(path, rows, key)
