@@ -217,7 +217,7 @@ def run(args) -> tuple[list[str], bool]:
         exact_w = first_windows(windows, args.exact_windows) if args.exact_windows else None
         if exact_w is not None:
             try:
-                exact_rows, t_base_exact = timed(device, lambda: base_backend.baseline_rows(exact_w, vocab))
+                exact_rows, t_base_exact = timed(device, lambda: base_backend.baseline_rows(exact_w, 0))
                 note("llmctl baseline pass, exact", t_base_exact, exact_w.num_scored)
             except Exception as err:  # e.g. out of memory: the main comparison goes on without it
                 NOTES.append(f"exact baseline pass failed: {type(err).__name__}: {err}")
@@ -268,7 +268,7 @@ def run(args) -> tuple[list[str], bool]:
              ("llmctl eval, both passes", t_base + t_cand, num_tokens)]
     if exact_w is not None:
         n_exact = exact_w.num_scored
-        table += [(f"llmctl baseline pass, exact (K = V), {args.exact_windows} windows", t_base_exact, n_exact),
+        table += [(f"llmctl baseline pass, exact (whole rows, --kld-top-k 0), {args.exact_windows} windows", t_base_exact, n_exact),
                   (f"llmctl candidate pass, exact KLD, {args.exact_windows} windows", t_cand_exact, n_exact),
                   ("llmctl eval exact, both passes", t_base_exact + t_cand_exact, n_exact)]
     table += [(f"transformers baseline pass ({dt}: NLL)", t_hf_base, num_tokens),
