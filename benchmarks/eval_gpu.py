@@ -108,7 +108,10 @@ def make_llm(recipe: Path, args, dtype: str, quantization: str | None, seed: int
 
     return LLM(str(recipe), load_format="dummy", device=args.device, dtype=dtype, quantization=quantization,
                seed=seed, max_model_len=args.window_len + 1, kv_cache_memory=args.kv_cache_memory,
-               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False)
+               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
+               # scoring steps never replay a CUDA graph (prompt rows need every position's logits),
+               # so capturing them would only cost start-up time
+               enforce_eager=True)
 
 
 # ---- transformers: the same windows, both models, whole-vocabulary KLD ---------------------------
