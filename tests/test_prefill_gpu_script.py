@@ -77,6 +77,13 @@ def test_report_kernel_variants_table():
     text = mod.report(rows, [], {})
     assert "| o | 1 | gemm | 14.0 | 7.0 (2.00x) | 6.5 (2.15x) | 7.5 (1.87x) | 7.0 (2.00x) | 4.0e-04 |" in text
     assert "M=16 geomean speedup, EVICT 0 / 1 / 2 / 0 again: 2.00 / 2.15 / 1.87 / 2.00" in text
+    # a variant the compiler rejected: named, its shape left out of the table and the geomean
+    failed = [r for r in rows if not (r["shape"] == "o" and r["m"] == 1 and r["evict"] == 1)]
+    failed.append(dict(case="kernel_error", shape="o", m=1, evict=1, error="CompilationError: x"))
+    text = mod.report(failed, [], {})
+    assert "kernel variant failed: o M=1 EVICT 1: CompilationError: x" in text
+    assert "| o | 1 |" not in text and "| qkv | 1 |" in text
+    assert "M=1 geomean speedup, EVICT 0 / 1 / 2 / 0 again: 2.00 / 2.15 / 1.87 / 2.00" in text
 
 
 @pytest.mark.slow
