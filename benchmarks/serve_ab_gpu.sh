@@ -21,9 +21,10 @@ B_ARGS=${B_ARGS:---quantization gptq}   # what the second server adds
 IN_LEN=${IN_LEN:-1024}  OUT_LEN=${OUT_LEN:-128}
 # 1,024 / 128 is prefill-bound: ~47 ms of fp16 prefill per request at ~22k tok/s puts saturation near
 # 18-20 req/s (offline: 19.4 req/s), so the rates bracket it. The chat mix is decode-bound: ~340 output
-# tokens at 6-10 ms a step with up to 256 sequences saturates somewhere between 50 and 85 req/s.
+# tokens at 6-10 ms a step with up to 256 sequences saturates somewhere between 50 and 85 req/s; a chat
+# point reaches its steady state after about one mean request (~3 s), hence 320 requests (~260 in flight at 90).
 RATES=${RATES:-8,12,16,20,24}  NUM=${NUM:-64}
-CHAT_RATES=${CHAT_RATES:-20,50,80}  CHAT_NUM=${CHAT_NUM:-160}  CHAT_ARGS=${CHAT_ARGS:-}
+CHAT_RATES=${CHAT_RATES:-30,60,90}  CHAT_NUM=${CHAT_NUM:-320}  CHAT_ARGS=${CHAT_ARGS:-}
 # One round per point (A, then B): a round ends with its slowest request (~1.5 s at 1,024 / 128, ~10 s
 # for the chat mix's long outputs), which a second round would pay again. The early stop at
 # over-saturation is left off (SAT_AFTER past every point's sending time): while the chat mix's long
