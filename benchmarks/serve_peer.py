@@ -24,7 +24,8 @@ from llmctl.bench.peer import guidellm_command, read_guidellm
 from llmctl.bench.serve_client import ServeBenchConfig, benchmark
 from llmctl.models.default import default_model_dir
 
-KEYS = ("request_throughput", "median_ttft_ms", "median_tpot_ms", "completed", "mean_prompt_len", "mean_output_len")
+KEYS = ("request_throughput", "median_ttft_ms", "median_tpot_ms", "completed", "mean_prompt_len", "mean_output_len",
+        "incomplete", "errored")
 
 
 def run_guidellm(args, model: str, out: Path) -> dict:

@@ -28,7 +28,9 @@ def read_guidellm(path: str | Path) -> dict:
     bench = json.loads(Path(path).read_text())["benchmarks"][0]
     m = bench["metrics"]
     done = m["request_totals"]["successful"]
+    totals = m["request_totals"]
     return {"request_throughput": done / bench["duration"], "completed": done, "duration_s": bench["duration"],
+            "incomplete": totals.get("incomplete"), "errored": totals.get("errored"),
             "median_ttft_ms": m["time_to_first_token_ms"]["successful"]["median"],
             "median_tpot_ms": m["inter_token_latency_ms"]["successful"]["median"],
             "mean_prompt_len": m["prompt_token_count"]["successful"]["mean"],
