@@ -88,7 +88,8 @@ def main() -> None:
     for k in KEYS:
         g, o = mean["guidellm"].get(k), mean["llmctl"].get(k)
         r = f"{ratios[k]:.3f}" if k in ratios else ""
-        print(f"{k:<20} {g if g is None else f'{g:.2f}':>10} {o if o is None else f'{o:.2f}':>10} {r:>16}")
+        g, o = ("-" if v is None else f"{v:.2f}" for v in (g, o))
+        print(f"{k:<20} {g:>10} {o:>10} {r:>16}")
     if args.output_json:
         args.output_json.write_text(json.dumps({"config": vars(args) | {"output_json": str(args.output_json)},
                                                 "model": model, "runs": runs, "mean": mean, "ratios": ratios},
