@@ -70,12 +70,17 @@ def load_dummy_model(arch: ModelArch, dtype: torch.dtype, device: torch.device |
     for name, param in model.named_parameters():
         if name.endswith("g_idx"):
             continue  # groups in order, as create_weights set them
-        if name.endswith(("qweight", "qzeros")):
+        if name.endswith("qweight"):
             lo, hi = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
             param.copy_(torch.randint(lo, hi, param.shape, generator=generator, device=param.device,
                                       dtype=torch.int64).to(torch.int32))
+        elif name.endswith("qzeros"):
+            # The symmetric grid's zero point in every group, as a sym checkpoint stores it. Random
+            # zero points would give each group's weights a mean of (7.5 - zero) steps: sums along K
+            # that grow with the layer's width and overflow fp16 within a few layers (NaN logits).
+            param.fill_(_packed_sym_zeros(arch.quantization))
         elif name.endswith("scales"):
-            param.fill_(0.02 / 4.6)  # codes minus zero have a spread of about 4.6 steps
+            param.fill_(0.02 / 4.6)  # uniform codes minus the middle zero have a spread of about 4.6 steps
         elif name.endswith("bias"):
             param.zero_()
         elif param.dim() == 1:
@@ -87,6 +92,17 @@ def load_dummy_model(arch: ModelArch, dtype: torch.dtype, device: torch.device |
         if callable(hook):
             hook()
     return model.eval()
+
+
+def _packed_sym_zeros(config: GPTQConfig) -> int:
+    """One int32 of `qzeros` holding the symmetric zero point, 2**(bits-1), in every field."""
+    if 32 % config.bits:
+        raise ValueError(f"dummy GPTQ weights need a bit width that divides 32, got {config.bits}")
+    stored = (1 << (config.bits - 1)) - config.zero_offset
+    word = 0
+    for shift in range(0, 32, config.bits):
+        word |= stored << shift
+    return word - (1 << 32) if word >= 1 << 31 else word
 
 
 def stand_in_tokenizer(vocab_size: int):
