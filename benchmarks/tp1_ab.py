@@ -99,7 +99,7 @@ def worker(opts) -> None:
 
     if opts.tiny:
         torch.set_num_threads(1)
-    kw = {"quantization": "gptq"} if opts.quant == "gptq" else {}
+    kw = {"quantization": "gptq"} if opts.quant == ["gptq"] else {}  # a worker gets one: ["gptq"] or ["dense"]
     start = time.perf_counter()
     llm = LLM(opts.recipe, load_format="dummy", dtype=opts.dtype, device=opts.device, max_num_seqs=max(opts.batches),
               max_model_len=1024, kv_cache_memory=opts.kv_cache_memory, **kw)
@@ -118,7 +118,8 @@ def worker(opts) -> None:
     graphs = getattr(engine.runner, "decode_graphs", None)
     kernels = sys.modules.get("llmctl_kernels") or sys.modules.get("kernels")  # renamed between trees
     print(json.dumps({"ready": True, "llmctl": llmctl.__file__, "kernels": getattr(kernels, "__file__", None),
-                      "load_s": time.perf_counter() - start, "decode_graphs": graphs is not None}), flush=True)
+                      "load_s": time.perf_counter() - start, "decode_graphs": graphs is not None,
+                      "gptq": engine.arch.is_gptq}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd.get("quit"):
@@ -302,7 +303,7 @@ def _report(trees: dict, workers: dict, results: dict, opts, load_s: float, tota
              "cells: median over rounds"]
     for (name, q), w in workers.items():
         lines.append(f"{name} = {trees[name]} at {_commit(trees[name])}, {q}: llmctl from {w.info.get('llmctl')}, "
-                     f"kernels from {w.info.get('kernels')}, decode graphs {w.info.get('decode_graphs')}, "
+                     f"kernels from {w.info.get('kernels')}, decode graphs {w.info.get('decode_graphs')}, GPTQ weights {w.info.get('gptq')}, "
                      f"loaded in {w.info.get('load_s', 0):.0f} s" + (f"; FAILED {w.error}" if w.error else ""))
     lines += [""] + _table(results, list(trees), opts.quant, opts.batches, opts.tiny)
     lines += ["", "per-round ms (for the spread):"] + [
