@@ -71,16 +71,11 @@ def load_dummy_model(arch: ModelArch, dtype: torch.dtype, device: torch.device |
         if name.endswith("g_idx"):
             continue  # groups in order, as create_weights set them
         if name.endswith("qweight"):
-            lo, hi = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
-            param.copy_(torch.randint(lo, hi, param.shape, generator=generator, device=param.device,
-                                      dtype=torch.int64).to(torch.int32))
+            param.copy_(_centred_codes(arch.quantization.bits, param.shape, generator))
         elif name.endswith("qzeros"):
-            # The symmetric grid's zero point in every group, as a sym checkpoint stores it. Random
-            # zero points would give each group's weights a mean of (7.5 - zero) steps: sums along K
-            # that grow with the layer's width and overflow fp16 within a few layers (NaN logits).
             param.fill_(_packed_sym_zeros(arch.quantization))
         elif name.endswith("scales"):
-            param.fill_(0.02 / 4.6)  # uniform codes minus the middle zero have a spread of about 4.6 steps
+            param.fill_(0.02 / _CODE_SPREAD[arch.quantization.bits])  # the dense weights' N(0, 0.02) spread
         elif name.endswith("bias"):
             param.zero_()
         elif param.dim() == 1:
@@ -94,10 +89,28 @@ def load_dummy_model(arch: ModelArch, dtype: torch.dtype, device: torch.device |
     return model.eval()
 
 
+# Random codes must be centred on the zero point, as a trained model's are: uniform codes 0..15
+# around the zero 8 have a mean of -0.5 steps, the same sign in every weight, and through a
+# Llama-3-8B's widths that offset feeds on itself (a uniform part of the residual, normalized,
+# sums coherently along K in the next layer) until fp16 overflows: NaN logits. So codes are drawn
+# from 1 .. 2**bits - 1, symmetric around 2**(bits-1), with the symmetric zero in every group.
+_CODE_SPREAD = {b: (((2**b - 1) ** 2 - 1) / 12) ** 0.5 for b in (2, 4, 8)}  # std of uniform 1 .. 2**b - 1
+
+
+def _centred_codes(bits: int, packed_shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """qweight int32 [K*bits/32, N] of codes uniform in 1 .. 2**bits - 1 (mean: the zero point)."""
+    from llmctl_kernels.reference import pack_qweight
+
+    k = packed_shape[0] * 32 // bits
+    codes = torch.randint(1, 2**bits, (k, packed_shape[1]), generator=generator, device=generator.device,
+                          dtype=torch.int32)
+    return pack_qweight(codes, bits)
+
+
 def _packed_sym_zeros(config: GPTQConfig) -> int:
     """One int32 of `qzeros` holding the symmetric zero point, 2**(bits-1), in every field."""
-    if 32 % config.bits:
-        raise ValueError(f"dummy GPTQ weights need a bit width that divides 32, got {config.bits}")
+    if config.bits not in _CODE_SPREAD:
+        raise ValueError(f"dummy GPTQ weights need 2, 4 or 8 bits, got {config.bits}")
     stored = (1 << (config.bits - 1)) - config.zero_offset
     word = 0
     for shift in range(0, 32, config.bits):
