@@ -69,7 +69,7 @@ ALL_FIELDS: tuple[str, ...] = tuple(f"{s}.{name}" for s in SECTIONS for name in 
 @dataclass(frozen=True)
 class Setting:
     value: Any
-    source: str  # "flag" | "recipe" | "default"
+    source: str  # "flag" | "recipe" | "default" (eval: also "checkpoint", a gate the checkpoint records)
 
 
 @dataclass(frozen=True)

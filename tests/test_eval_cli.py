@@ -62,6 +62,24 @@ def test_gate_fail_exits_with_its_own_code_and_serve_shows_the_failing_metric(ti
     assert check.passed is False and "FAILED: kld_mean" in check.lines[1]
 
 
+def test_a_checkpoint_is_checked_again_with_the_gate_it_records(tiny_llama_dir, gptq_copy):
+    """`quantize` checks with its recipe's gate and records it in llmctl_eval.json; a later
+    `llmctl eval` of that checkpoint applies the same thresholds, not the defaults (the README's
+    walk passed at quantize and failed at eval), and a flag still overrides them."""
+    recorded = {"max_ppl_increase": None, "max_kld": 0.0, "min_top1_agreement": None, "min_recovery": None}
+    (gptq_copy / "llmctl_eval.json").write_text(json.dumps({"passed": True, "thresholds": recorded}))
+    shown = _eval("-b", str(tiny_llama_dir), str(gptq_copy), "--show-config")
+    assert shown.exit_code == 0 and "checkpoint" in shown.stdout
+    result = _eval("-b", str(tiny_llama_dir), str(gptq_copy), *_FAST)
+    assert result.exit_code == EXIT_GATE_FAILED, result.output
+    assert "kld_mean" in result.stderr  # the recorded KLD gate; the defaults have none
+    saved = json.loads((gptq_copy / "llmctl_eval.json").read_text())
+    assert saved["thresholds"] == recorded  # recorded again as it was checked
+    result = _eval("-b", str(tiny_llama_dir), str(gptq_copy), *_FAST, "--max-kld", "50", "--json")
+    assert result.exit_code == 0, result.output
+    assert [c["metric"] for c in json.loads(result.stdout)["candidates"][0]["checks"]] == ["kld_mean"]
+
+
 def test_no_baseline_means_no_gate(tiny_llama_dir):
     result = _eval(str(tiny_llama_dir), "--tasks", "ppl", "--num-windows", "2", "--window-len", "64",
                    "--device", "cpu", "--json")

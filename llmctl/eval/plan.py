@@ -3,10 +3,18 @@ llmctl.settings) to an `EvalPlan`. No torch here."""
 
 from __future__ import annotations
 
-from llmctl.config import EvalConfig
+import json
+from pathlib import Path
+
+from llmctl.config import EVAL_FILE, EvalConfig
 from llmctl.errors import ConfigError
 from llmctl.eval.run import EvalPlan
-from llmctl.settings import DEFAULT, ENGINE_SECTIONS, Settings, is_recipe, resolve
+from llmctl.settings import DEFAULT, ENGINE_SECTIONS, Setting, Settings, is_recipe, resolve
+
+# The thresholds an llmctl_eval.json records and the settings that give them.
+GATE_SETTINGS = {"max_ppl_increase": "eval.max_ppl_increase", "max_kld": "eval.max_kld",
+                 "min_top1_agreement": "eval.min_top1_agreement", "min_recovery": "eval.min_recovery"}
+CHECKPOINT = "checkpoint"  # a setting's source: the gate recorded in a checkpoint's llmctl_eval.json
 
 
 def parse_tasks(tasks: str | None, has_baseline: bool, config: EvalConfig) -> tuple[str, ...]:
@@ -31,9 +39,38 @@ def engine_args(settings: Settings) -> dict:
 
 
 def resolve_eval_settings(models: tuple[str, ...], recipe: str | None, flags: dict) -> Settings:
+    """Flags over the recipe over the gate the candidates' checkpoints record over the defaults."""
     if recipe is None:
         recipe = next((m for m in models if is_recipe(m)), None)
-    return resolve(None, flags, recipe=recipe)
+    settings = resolve(None, flags, recipe=recipe)
+    recorded = recorded_gate(models)
+    if not recorded:
+        return settings
+    values = dict(settings.values)
+    for name, value in recorded.items():
+        if values[name].source == DEFAULT:
+            values[name] = Setting(value, CHECKPOINT)
+    return Settings(values, settings.recipe)
+
+
+def recorded_gate(models: tuple[str, ...]) -> dict:
+    """The gate a checkpoint was last checked with (`quantize` records its recipe's there), as
+    settings: checking it again applies the same thresholds, not the defaults. Only when every
+    candidate that records one records the same; none, or a disagreement, gives {}."""
+    gates = []
+    for model in models:
+        path = Path(model) / EVAL_FILE
+        if not path.is_file():
+            continue
+        try:
+            thresholds = json.loads(path.read_text()).get("thresholds")
+        except (OSError, ValueError, AttributeError):
+            continue  # a torn report is rewritten by this run; it sets no gate
+        if isinstance(thresholds, dict):
+            gates.append({GATE_SETTINGS[k]: v for k, v in thresholds.items() if k in GATE_SETTINGS})
+    if not gates or any(g != gates[0] for g in gates[1:]):
+        return {}
+    return gates[0]
 
 
 def build_plan(models: tuple[str, ...], baseline: str | None, tasks: str | None, settings: Settings,
