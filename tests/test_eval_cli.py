@@ -146,3 +146,19 @@ def test_a_malformed_local_task_names_the_line(tiny_llama_dir, tmp_path, content
 def test_kld_without_a_baseline_is_refused(tiny_llama_dir):
     result = _eval(str(tiny_llama_dir), "--tasks", "kld")
     assert isinstance(result.exception, ConfigError) and "kld compares with a baseline" in str(result.exception)
+
+
+def test_a_torn_or_disagreeing_recorded_gate_sets_no_thresholds(tmp_path):
+    from llmctl.eval.plan import recorded_gate
+
+    a, b, torn = tmp_path / "a", tmp_path / "b", tmp_path / "torn"
+    for d in (a, b, torn):
+        d.mkdir()
+    gate = {"max_ppl_increase": 0.35, "max_kld": None, "min_top1_agreement": 0.7, "min_recovery": None}
+    (a / "llmctl_eval.json").write_text(json.dumps({"thresholds": gate}))
+    (b / "llmctl_eval.json").write_text(json.dumps({"thresholds": {**gate, "max_ppl_increase": 0.05}}))
+    (torn / "llmctl_eval.json").write_text('{"thresholds": {"max_kld"')
+    assert recorded_gate((str(a), str(torn))) == {"eval.max_ppl_increase": 0.35, "eval.max_kld": None,
+                                                  "eval.min_top1_agreement": 0.7, "eval.min_recovery": None}
+    assert recorded_gate((str(a), str(b))) == {}  # two gates: neither applies
+    assert recorded_gate((str(torn), "default")) == {}

@@ -67,15 +67,18 @@ def load_dummy_model(arch: ModelArch, dtype: torch.dtype, device: torch.device |
         model = LlamaForCausalLM(arch, dtype=dtype, tp=tp)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed + (tp.rank if tp is not None else 0))
+    quant = arch.quantization
+    if quant is not None and quant.bits not in _CODE_SPREAD:
+        raise ValueError(f"dummy GPTQ weights need 2, 3, 4 or 8 bits, got {quant.bits}")
     for name, param in model.named_parameters():
         if name.endswith("g_idx"):
             continue  # groups in order, as create_weights set them
         if name.endswith("qweight"):
-            param.copy_(_centred_codes(arch.quantization.bits, param.shape, generator))
+            param.copy_(_centred_codes(quant.bits, param.shape, generator))
         elif name.endswith("qzeros"):
-            param.fill_(_packed_sym_zeros(arch.quantization))
+            param.copy_(_sym_zeros(quant, param.shape, param.device))
         elif name.endswith("scales"):
-            param.fill_(0.02 / _CODE_SPREAD[arch.quantization.bits])  # the dense weights' N(0, 0.02) spread
+            param.fill_(0.02 / _CODE_SPREAD[quant.bits])  # the dense weights' N(0, 0.02) spread
         elif name.endswith("bias"):
             param.zero_()
         elif param.dim() == 1:
@@ -94,7 +97,7 @@ def load_dummy_model(arch: ModelArch, dtype: torch.dtype, device: torch.device |
 # Llama-3-8B's widths that offset feeds on itself (a uniform part of the residual, normalized,
 # sums coherently along K in the next layer) until fp16 overflows: NaN logits. So codes are drawn
 # from 1 .. 2**bits - 1, symmetric around 2**(bits-1), with the symmetric zero in every group.
-_CODE_SPREAD = {b: (((2**b - 1) ** 2 - 1) / 12) ** 0.5 for b in (2, 4, 8)}  # std of uniform 1 .. 2**b - 1
+_CODE_SPREAD = {b: (((2**b - 1) ** 2 - 1) / 12) ** 0.5 for b in (2, 3, 4, 8)}  # std of uniform 1 .. 2**b - 1
 
 
 def _centred_codes(bits: int, packed_shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
@@ -107,15 +110,13 @@ def _centred_codes(bits: int, packed_shape: torch.Size, generator: torch.Generat
     return pack_qweight(codes, bits)
 
 
-def _packed_sym_zeros(config: GPTQConfig) -> int:
-    """One int32 of `qzeros` holding the symmetric zero point, 2**(bits-1), in every field."""
-    if config.bits not in _CODE_SPREAD:
-        raise ValueError(f"dummy GPTQ weights need 2, 4 or 8 bits, got {config.bits}")
+def _sym_zeros(config: GPTQConfig, packed_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """qzeros int32 [G, N*bits/32] holding the symmetric zero point, 2**(bits-1), in every group."""
+    from llmctl_kernels.reference import pack_qzeros
+
+    n = packed_shape[1] * 32 // config.bits
     stored = (1 << (config.bits - 1)) - config.zero_offset
-    word = 0
-    for shift in range(0, 32, config.bits):
-        word |= stored << shift
-    return word - (1 << 32) if word >= 1 << 31 else word
+    return pack_qzeros(torch.full((packed_shape[0], n), stored, dtype=torch.int32, device=device), config.bits)
 
 
 def stand_in_tokenizer(vocab_size: int):
