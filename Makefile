@@ -34,7 +34,7 @@ test-gpu:
 	$(PY) -m pytest -q -m gpu
 
 lint:
-	$(VENV)/bin/ruff check llmctl kernels tests
+	$(VENV)/bin/ruff check llmctl llmctl_kernels tests
 
 bench:
 	$(VENV)/bin/llmctl bench throughput --num-prompts 64 --input-len 128 --output-len 128 --backend all --output-json bench-results/throughput.json

@@ -4,8 +4,8 @@ path as fast as before the tensor-parallel change?
     python benchmarks/tp1_ab.py --tree old=.tpab/old --tree new=. --out "$OUT/tp1_ab.txt"   # GPU
     python benchmarks/tp1_ab.py --tiny --tree old=.tpab/old --tree new=.                   # CPU, host work
 
-An old tree is `git archive COMMIT llmctl llmctl_kernels recipes` (kernels/ for trees before the
-rename) unpacked into an ignored folder, with the commit in a COMMIT file beside them.
+An old tree is `git archive COMMIT llmctl llmctl_kernels recipes` (plus kernels/, which the
+llmctl_kernels link pointed at, in older trees) unpacked into an ignored folder, with the commit in a COMMIT file beside them.
 
 Each tree gets one worker process per model (fp16 and GPTQ 4-bit g128, Llama-3-8B shapes with
 random weights, `--load-format dummy`, CUDA graphs on, a fixed KV budget so the workers share one

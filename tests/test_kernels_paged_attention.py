@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-# Read when the kernels are decorated, so it must be set before kernels/* import triton.
+# Read when the kernels are decorated, so it must be set before llmctl_kernels/* import triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,4 +1,4 @@
-"""The fused sampling kernel (kernels/sampling.py): under the CPU interpreter here (few rows: each
+"""The fused sampling kernel (llmctl_kernels/sampling.py): under the CPU interpreter here (few rows: each
 program is interpreted), through the Sampler on CUDA where present (many rows, frequencies)."""
 
 from __future__ import annotations

@@ -223,7 +223,7 @@ def test_v2_zeros_no_bias_and_default_dispatch() -> None:
         _check(1, 128, 32, 64, True, path, None, seed=seed + 6, layout="frag")
 
 
-# The fragment layout (kernels/w4a16/layout.py): K and groups multiples of 64, N of 16.
+# The fragment layout (llmctl_kernels/w4a16/layout.py): K and groups multiples of 64, N of 16.
 FRAG_GEMV_SMALL = dict(BLOCK_N=32, BLOCK_K=128, num_warps=1, num_stages=1)
 FRAG_GEMM_SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=1, num_stages=1)
 FRAG_CASES = [

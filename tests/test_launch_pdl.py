@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (kernels/launch.py): off wherever it cannot run, and on a Hopper GPU
+"""Programmatic dependent launch (llmctl_kernels/launch.py): off wherever it cannot run, and on a Hopper GPU
 (`-m gpu`) a chain of dependent kernels captured in a CUDA graph gives the same result with it as
 without it (a kernel that read its input before the previous kernel finished would not)."""
 

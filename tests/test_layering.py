@@ -33,7 +33,7 @@ _BASE = {"llmctl.version", "llmctl.errors", "llmctl.config", "llmctl.paths", "ll
 
 def _modules() -> dict[str, Path]:
     mods = {}
-    for folder, package in (("llmctl", "llmctl"), ("kernels", "llmctl_kernels")):
+    for folder, package in (("llmctl", "llmctl"), ("llmctl_kernels", "llmctl_kernels")):
         for path in (ROOT / folder).rglob("*.py"):
             parts = [package, *path.relative_to(ROOT / folder).with_suffix("").parts]
             mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path

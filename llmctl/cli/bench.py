@@ -104,7 +104,7 @@ def kernels(
     reps: Annotated[int, typer.Option(help="CUDA-graph replays per timing (the median is kept).")] = 20,
     eager: Annotated[bool, typer.Option(help="Also time eager launches (host overhead included).")] = True,
     tune: Annotated[bool, typer.Option(help="First sweep every kernel configuration and write this GPU's table "
-                                            "to kernels/w4a16/tables.json.")] = False,
+                                            "to llmctl_kernels/w4a16/tables.json.")] = False,
     output_json: Annotated[Optional[Path], typer.Option(help="Write all rows and the summary here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
 ) -> None:
@@ -134,7 +134,7 @@ def kernels(
             raise DeviceUnavailableError("--tune needs a CUDA device", hint="run it on a machine with an NVIDIA GPU")
         records = sweep([(n, k) for _, k, n in cfg.shapes], list(ms), group_size, log=err.print)
         write_table(build_table(records), torch.device("cuda"))
-        err.print("wrote kernels/w4a16/tables.json")
+        err.print("wrote llmctl_kernels/w4a16/tables.json")
     result = run_kernel_bench(cfg, log=err.print)
     if records is not None:
         result["tune_records"] = records

@@ -136,7 +136,7 @@ class GPTQLinearMethod(LinearMethodBase):
             layer.qweight.data = layer.qweight.data.new_empty(0)
 
     def allocate_workspace(self, max_num_tokens: int, device: torch.device) -> int:
-        """The split-K scratch every layer's kernels share (kernels/w4a16/scratch.py); returns its
+        """The split-K scratch every layer's kernels share (llmctl_kernels/w4a16/scratch.py); returns its
         bytes. It holds SPLIT_K_MAX_M rows whatever max_num_tokens is: a graph's padded batch
         (a bucket) may have more rows than a step's token budget."""
         if self.scratch is not None or self._max_out_features == 0 or device.type != "cuda":

@@ -19,7 +19,7 @@ only when that sequence samples, so its tokens do not depend on the rest of the 
 Order of operations (vLLM's): raw logprobs (log-softmax of the model's logits, what
 clients compare) -> penalties -> logit_bias -> min_tokens mask -> greedy argmax for temperature-0 rows ->
 temperature -> min-p -> top-k -> top-p -> exponential-race sample. On CUDA the steps from
-temperature on are one kernel (kernels/sampling.py: top-p by rejection, no sort of the
+temperature on are one kernel (llmctl_kernels/sampling.py: top-p by rejection, no sort of the
 vocabulary; a topk finds top-k's threshold); on the CPU they are the torch ops of
 `logits_processors`. Both draw from the same distribution, with different random streams.
 
@@ -260,7 +260,7 @@ class Sampler(nn.Module):
     def sample(logits: torch.Tensor, metadata: SamplingMetadata, fused: bool = False) -> torch.Tensor:
         """logits: [B, V] fp32 after penalties (modified in place unless `fused`). Returns [B] int64.
 
-        fused: temperature, min-p, top-k and top-p in one kernel (kernels/sampling.py, on CUDA):
+        fused: temperature, min-p, top-k and top-p in one kernel (llmctl_kernels/sampling.py, on CUDA):
         the same distribution without sorting the vocabulary (top-k's threshold is a topk)."""
         greedy = None if metadata.all_random else logits.argmax(dim=-1)
         if metadata.all_greedy:
@@ -281,7 +281,7 @@ class Sampler(nn.Module):
 
 
 def _fused(logits: torch.Tensor, metadata: SamplingMetadata) -> bool:
-    """Whether this batch samples with kernels/sampling.py: on CUDA, where some row samples at
+    """Whether this batch samples with llmctl_kernels/sampling.py: on CUDA, where some row samples at
     random. Every such batch does, so a seeded row's tokens never depend on its neighbours."""
     return logits.is_cuda and not metadata.all_greedy
 

@@ -1,6 +1,6 @@
 """GPTQ results <-> the tensors of an AutoGPTQ/GPTQModel checkpoint (one linear each).
 
-The bit layout itself lives in `kernels/reference.py`; this module decides what is
+The bit layout itself lives in `llmctl_kernels/reference.py`; this module decides what is
 stored: codes along K, zeros along N, v1 (`gptq`, stores zero-1) or v2
 (`gptq_v2`, stores the zero), and splits fused projections back into the
 per-projection tensors every loader expects.

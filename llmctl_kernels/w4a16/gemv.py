@@ -3,7 +3,7 @@
 Decode is memory-bound, so the kernel's only job is to keep enough packed-weight loads in flight:
 the grid is (N / BLOCK_N) x SPLIT_K x M and each program streams a [BLOCK_KW, BLOCK_N] tile of
 int32 words per step. The dequantized weight never leaves registers; partial sums of the SPLIT_K
-programs meet as kernels/w4a16/scratch.py says.
+programs meet as llmctl_kernels/w4a16/scratch.py says.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from llmctl_kernels.w4a16.layout import W4A16Weights
 from llmctl_kernels.w4a16.ptx import WORD_DOT_FP16
 from llmctl_kernels.w4a16.scratch import SplitKScratch, finish_split_k, split_k_target
 
-# The configurations the tuner sweeps (kernels/w4a16/tables.json records the winners per GPU).
+# The configurations the tuner sweeps (llmctl_kernels/w4a16/tables.json records the winners per GPU).
 GEMV_CONFIGS = [
     dict(BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=sk, PREFETCH=0, HALF2=h2, num_warps=nw, num_stages=1)
     for bn, bkw, nw in ((128, 16, 4), (256, 16, 4), (256, 8, 4), (512, 8, 4), (512, 8, 8), (128, 32, 8))
@@ -194,7 +194,7 @@ def w4a16_gemv(
     config: KernelConfig,
     scratch: SplitKScratch | None,
 ) -> torch.Tensor:
-    """Launch the GEMV kernel; split-K partials meet as kernels/w4a16/scratch.py says."""
+    """Launch the GEMV kernel; split-K partials meet as llmctl_kernels/w4a16/scratch.py says."""
     config.require("BLOCK_N", "BLOCK_KW")
     assert w.layout == "gptq", f"the checkpoint-layout GEMV got {w.layout} weights"
     m, k = x.shape

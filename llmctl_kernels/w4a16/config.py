@@ -1,5 +1,5 @@
 """The launch configuration of a W4A16 product, one field per knob with one default, and the
-per-GPU dispatch tables (tables.json, written by kernels/w4a16/tune.py) that pick a path and a
+per-GPU dispatch tables (tables.json, written by llmctl_kernels/w4a16/tune.py) that pick a path and a
 configuration by M."""
 
 from __future__ import annotations

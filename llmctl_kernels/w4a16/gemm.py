@@ -178,7 +178,7 @@ def w4a16_gemm(
     config: KernelConfig,
     scratch: SplitKScratch | None,
 ) -> torch.Tensor:
-    """Launch the tiled GEMM (split-K when config.SPLIT_K > 1; kernels/w4a16/scratch.py)."""
+    """Launch the tiled GEMM (split-K when config.SPLIT_K > 1; llmctl_kernels/w4a16/scratch.py)."""
     config.require("BLOCK_M", "BLOCK_N", "BLOCK_K")
     assert w.layout == "gptq", f"the checkpoint-layout GEMM got {w.layout} weights"
     m, k = x.shape

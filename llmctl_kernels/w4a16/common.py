@@ -51,7 +51,7 @@ def tile_ranges(pid_m, pid_n, pid_k, M, N, K, k_per_split, BLOCK_M: tl.constexpr
 @triton.jit
 def store_output(out, out_ptrs, mask, ATOMIC: tl.constexpr):
     """Store a program's fp32 output tile; with split-K the partial sums meet through atomic adds
-    into the zeroed target of kernels/w4a16/scratch.py. (A scratch buffer with per-tile arrival
+    into the zeroed target of llmctl_kernels/w4a16/scratch.py. (A scratch buffer with per-tile arrival
     counters, the last split adding the partials, needs no zeroing launch but measured slower on
     the H200: docs/benchmarks.md.)"""
     if ATOMIC:

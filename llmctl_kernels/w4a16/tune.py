@@ -1,6 +1,6 @@
 """Measure every W4A16 path and configuration on a GPU and record the per-M winners.
 
-The result is the dispatch table of kernels/w4a16/tables.json: for each GPU name, rows of
+The result is the dispatch table of llmctl_kernels/w4a16/tables.json: for each GPU name, rows of
 {max_m, path, config} (one list for the benchmark's layer shapes, keyed "NxK", and a "default"
 list that is best by geometric mean over them). Thresholds between paths come out of this
 measurement, not out of guesses.
