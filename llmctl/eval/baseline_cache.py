@@ -4,8 +4,9 @@ Key: sha256 of the baseline's weights (content of its safetensors files and conf
 its tokenizer files, the windows (token ids and scored ranges), K, dtype and device kind.
 Stored as safetensors (never pickle) under `$LLMCTL_HOME/eval-cache/`: per scored token the
 correct token's log-prob (fp32), the top-K log-probs (fp32) and ids (int32), 8K + 4 bytes a
-token: 33 MB for 16 windows of 1,024 tokens at K = 256; K = 0 keeps the whole row and its
-argmax instead, 4V + 8 bytes a token. Read back, the rows are bit-identical
+token: 33 MB for 16 windows of 1,024 tokens at K = 256; K = 0 keeps the whole row as 16-bit
+codes (llmctl.eval.kld.pack_rows) with its maximum and argmax instead, 2V + 12 bytes a token.
+Read back, the rows are bit-identical
 to a fresh run's, so cached and fresh comparisons give the same numbers.
 """
 
@@ -19,7 +20,7 @@ import torch
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                     "merges.txt", "tokenizer.model")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: whole rows as 16-bit codes
 
 
 def _hash_file(h, path: Path) -> None:

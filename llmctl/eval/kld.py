@@ -12,8 +12,16 @@ KL between the two distributions coarsened to K + 1 buckets, which by the log-su
 never exceeds the exact value and differs from it only inside the tail (docs/benchmarks.md
 has the measured gap on the default model: 5.7% low on the mean at K = 256).
 
-K = 0 keeps whole rows instead (in vocabulary order, with their argmax): the exact KL at
-4 bytes per vocabulary entry, half of what K = V's sorted log-probs and ids take, and no sort.
+K = 0 keeps whole rows, each log-prob as a 16-bit code (the idea of llama.cpp's KLD base file):
+the row's distance below its maximum, clamped at ROW_RANGE nats and rounded to 65,536 steps
+of ROW_STEP. 2 bytes per vocabulary entry (a quarter of K = V's sorted fp32 log-probs and int32
+ids, half of fp32 rows, no sort), which halves what crosses between device and host, and
+the KLD it gives is within ROW_ERR x (1 + sum_v p_v |log p_v - log q_v|) nats of the exact
+value per token: each log p is off by at most ROW_ERR (half a step, and the fp32 rounding of
+the distance), and the probabilities below
+e^-ROW_RANGE (1.3e-14) of the row's largest are raised to that floor, which adds at most
+1.3e-14 x V x max|log q|, about 1e-7 nats at a 128k vocabulary. The correct token's log-prob
+and the argmax are kept exact beside the codes, so perplexity, Δp and same-top-1 are exact.
 """
 
 from __future__ import annotations
@@ -21,6 +29,22 @@ from __future__ import annotations
 import torch
 
 _TAIL_FLOOR = 1e-7
+ROW_RANGE = 32.0  # nats below a row's largest log-prob that its 16-bit codes cover
+ROW_STEP = ROW_RANGE / 65535  # 4.9e-4 nats per code
+ROW_ERR = ROW_STEP / 2 + 4e-6  # the most a coded log-prob is off: half a step, fp32 rounding
+
+
+def pack_rows(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logprobs [R, V] fp32 -> (codes [R, V] int16, row_max [R] fp32); see unpack_rows."""
+    row_max = logprobs.amax(-1)
+    steps = ((row_max[:, None] - logprobs).clamp_(max=ROW_RANGE) / ROW_STEP).round_()
+    return (steps - 32768).to(torch.int16), row_max
+
+
+def unpack_rows(codes: torch.Tensor, row_max: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """The log-probs pack_rows coded, each within ROW_ERR (or floored at ROW_RANGE below
+    the row's largest)."""
+    return row_max.to(dtype)[:, None] - (codes.to(dtype) + 32768) * ROW_STEP
 
 
 def baseline_scorer(top_k: int):
@@ -30,7 +54,9 @@ def baseline_scorer(top_k: int):
         # logprobs: [R, V] fp32, targets: [R]
         logprob = logprobs.gather(-1, targets[:, None])[:, 0]
         if top_k == 0:
-            return {"logprob": logprob, "rows": logprobs, "argmax": logprobs.argmax(-1).to(torch.int32)}
+            codes, row_max = pack_rows(logprobs)
+            return {"logprob": logprob, "rows": codes, "row_max": row_max,
+                    "argmax": logprobs.argmax(-1).to(torch.int32)}
         k = min(top_k, logprobs.shape[-1])
         top_lp, top_id = logprobs.topk(k, dim=-1)  # [R, K], sorted: column 0 is the argmax
         return {"logprob": logprob, "top_lp": top_lp, "top_id": top_id.to(torch.int32)}
@@ -52,25 +78,30 @@ def kld_rows(base_top_lp: torch.Tensor, base_top_id: torch.Tensor, logprobs: tor
     return (head + p_tail * (p_tail.log() - q_tail.log())).clamp_min(0.0)
 
 
-def kld_whole_rows(base_rows: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-    """base_rows, logprobs: [R, V] -> the exact KL(base || candidate) per row [R] (fp64)."""
-    p_lp = base_rows.double()
+def kld_whole_rows(codes: torch.Tensor, row_max: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """codes [R, V], row_max [R] (pack_rows of the baseline), logprobs [R, V] the candidate's
+    -> KL(base || candidate) per row [R] (fp64), within the bound of the module's docstring."""
+    p_lp = unpack_rows(codes, row_max)
     return (p_lp.exp() * (p_lp - logprobs.double())).sum(-1).clamp_min(0.0)
 
 
 def candidate_scorer(base: dict[str, torch.Tensor] | None, score_from: int, device: torch.device):
     """Scorer for a candidate: its correct-token log-prob and argmax, and with the baseline's
-    rows of this window (`base`, indexed from `score_from`), the KLD and same-top-1 per token."""
-    if base is not None:
+    rows of this window (`base`, indexed from `score_from`), the KLD and same-top-1 per token.
+    Top-K rows (2 KiB a token) go to the device with the scorer; whole rows stay where they are
+    and cross one chunk at a time, so the device holds a chunk of them, never a window's."""
+    whole = base is not None and "rows" in base
+    if base is not None and not whole:
         base = {k: v.to(device) for k, v in base.items()}
 
     def score(logprobs: torch.Tensor, targets: torch.Tensor, first: int) -> dict[str, torch.Tensor]:
         out = {"logprob": logprobs.gather(-1, targets[:, None])[:, 0], "argmax": logprobs.argmax(-1)}
         if base is not None:
             lo, hi = first - score_from, first - score_from + logprobs.shape[0]
-            if "rows" in base:  # whole rows (top_k 0)
-                out["kld"] = kld_whole_rows(base["rows"][lo:hi], logprobs)
-                out["same_top1"] = out["argmax"] == base["argmax"][lo:hi].long()
+            if whole:
+                codes, row_max, argmax = (base[k][lo:hi].to(device) for k in ("rows", "row_max", "argmax"))
+                out["kld"] = kld_whole_rows(codes, row_max, logprobs)
+                out["same_top1"] = out["argmax"] == argmax.long()
             else:
                 top_lp, top_id = base["top_lp"][lo:hi], base["top_id"][lo:hi]
                 out["kld"] = kld_rows(top_lp, top_id, logprobs)
