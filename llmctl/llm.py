@@ -129,14 +129,4 @@ class LLM:
 
     def shutdown(self) -> None:
         """Release the KV cache and the model (their memory goes back to the device)."""
-        import torch
-
-        engine = self.engine
-        engine.abort_request(list(engine._requests))
-        engine.runner.kv_cache = None
-        for layer in engine.runner.attn_layers:
-            layer.k_cache = layer.v_cache = torch.empty(0)
-        engine.model = engine.runner.model = None
-        engine.shutdown()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        self.engine.release()

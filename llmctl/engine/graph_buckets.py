@@ -14,14 +14,15 @@ SEQ_BUCKETS = (1, 2, 4, 8)
 DEFAULT_MAX_GRAPH_TOKENS = 2048
 
 
+def _up_to_holding(buckets: tuple[int, ...] | list[int], n: int) -> list[int]:
+    """The buckets (ascending) up to and including the first that holds n (all when none does)."""
+    holding = smallest_holding(list(buckets), n)
+    return [b for b in buckets if holding is None or b <= holding]
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """Decode buckets up to the first one that holds max_num_seqs (at most 256)."""
-    sizes = []
-    for b in BUCKETS:
-        sizes.append(b)
-        if b >= max_num_seqs:
-            break
-    return sizes
+    return _up_to_holding(BUCKETS, max_num_seqs)
 
 
 def prefill_capture_sizes(max_num_tokens: int, max_num_seqs: int,
@@ -35,12 +36,7 @@ def prefill_capture_sizes(max_num_tokens: int, max_num_seqs: int,
         return [], []
     tokens = [t for t in TOKEN_BUCKETS if t < limit]
     tokens.append(limit)  # a step's whole budget, or the largest step that replays
-    seqs = []
-    for b in SEQ_BUCKETS:
-        seqs.append(b)
-        if b >= max_num_seqs:
-            break
-    return tokens, seqs
+    return tokens, _up_to_holding(SEQ_BUCKETS, max_num_seqs)
 
 
 def smallest_holding(sizes: list[int], n: int) -> int | None:

@@ -205,6 +205,20 @@ class LLMEngine:
             self._drop(rid)
         return aborted
 
+    def release(self) -> None:
+        """Abort every request, let go of the KV cache and the model (their memory goes back
+        to the device) and stop the other ranks: the engine serves nothing after this."""
+        import torch
+
+        self.abort_request(list(self._requests))
+        self.runner.kv_cache = None
+        for layer in self.runner.attn_layers:
+            layer.k_cache = layer.v_cache = torch.empty(0)
+        self.model = self.runner.model = None
+        self.shutdown()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 

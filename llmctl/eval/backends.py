@@ -82,7 +82,7 @@ class EngineBackend:
                 if done:
                     tick(len(done))
         except BaseException:
-            engine.abort_request([rid for rid in ids if rid in engine._requests])
+            engine.abort_request(ids)  # the finished ones are skipped
             raise
         return [finished[rid] for rid in ids]
 
