@@ -171,3 +171,13 @@ def test_the_check_catches_an_upward_import(source, expected):
     probe = "llmctl.layers.linear"  # any layers module, with this source instead of its own
     found = _upward(probe, _imports(probe, source, False, mods), mods)
     assert {f.split(": ", 1)[1].split(" (")[0] for f in found} == ({expected} if expected else set())
+
+
+def test_the_repository_root_holds_no_package_but_ours():
+    """Run from the repository root (as `make test` is), the root is first on sys.path, so a
+    package there shadows an installed one of the same name: a `kernels/` folder once hid the
+    PyPI package `kernels`, which transformers imports on every `import transformers`, and no
+    transformers import worked. Folders without __init__.py lose to installed packages."""
+    top = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    top |= {p.stem for p in ROOT.glob("*.py")}
+    assert top <= {"llmctl", "llmctl_kernels"}, sorted(top)
