@@ -246,7 +246,7 @@ class EvalConfig:
     min_top1_agreement: float | None = 0.9  # share of tokens whose argmax matches the baseline's
     max_kld: float | None = None  # mean KL(baseline || candidate) per token, nats
     min_recovery: float | None = None  # candidate accuracy / baseline accuracy, each accuracy task
-    kld_top_k: int = 256  # baseline log-probs kept per token for KLD (the rest is one tail bucket); 0: whole rows
+    kld_top_k: int = 256  # baseline log-probs kept per token for KLD (the rest is one tail bucket); 0: whole rows as 16-bit codes
     tasks: tuple[str, ...] = ()
     num_fewshot: int = 0
     limit: int | None = None
@@ -261,7 +261,7 @@ class EvalConfig:
                "must be in [0, 1]")
         _check(self.max_kld is None or self.max_kld >= 0, "max_kld", "must be >= 0")
         _check(self.min_recovery is None or self.min_recovery >= 0, "min_recovery", "must be >= 0")
-        _check(self.kld_top_k >= 0, "kld_top_k", "must be 0 (whole rows: exact KLD) or a positive K")
+        _check(self.kld_top_k >= 0, "kld_top_k", "must be 0 (whole rows as 16-bit codes) or a positive K")
         _check(self.num_fewshot >= 0, "num_fewshot", "must be >= 0")
         _check(self.limit is None or self.limit > 0, "limit", "must be positive")
 

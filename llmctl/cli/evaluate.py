@@ -33,7 +33,7 @@ def evaluate(
     num_windows: Annotated[Optional[int], typer.Option(help="Windows scored for ppl and KLD. \\[default: 16]", rich_help_panel=_DATA)] = None,
     limit: Annotated[Optional[int], typer.Option(help="Documents per task (per subject for MMLU).", rich_help_panel=_DATA)] = None,
     num_fewshot: Annotated[Optional[int], typer.Option(help="Few-shot examples (MMLU: up to 5). \\[default: 0]", rich_help_panel=_DATA)] = None,
-    kld_top_k: Annotated[Optional[int], typer.Option(help="Baseline log-probs kept per token (the rest: one bucket); 0: whole rows, exact KLD. \\[default: 256]", rich_help_panel=_DATA)] = None,
+    kld_top_k: Annotated[Optional[int], typer.Option(help="Baseline log-probs kept per token (the rest: one bucket); 0: whole rows (16-bit codes), KLD within 2.5e-4. \\[default: 256]", rich_help_panel=_DATA)] = None,
     max_ppl_increase: Annotated[Optional[float], typer.Option(help="Relative ppl increase allowed. \\[default: 0.05]", rich_help_panel=_GATE)] = None,
     max_kld: Annotated[Optional[float], typer.Option(help="Mean KLD allowed, nats per token.", rich_help_panel=_GATE)] = None,
     min_top1: Annotated[Optional[float], typer.Option(help="Least share of tokens with the same top-1. \\[default: 0.9]", rich_help_panel=_GATE)] = None,
