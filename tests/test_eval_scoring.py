@@ -5,12 +5,14 @@ gives the same numbers as a fresh baseline."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from llmctl.config import EvalConfig
+from llmctl.errors import ConfigError
 from llmctl.eval.windows import sliding_windows
 
 
@@ -195,6 +197,42 @@ def test_whole_rows_give_the_kld_within_their_stated_bound(peaked_pair, tmp_path
     err = (tokens["kld"].double() - true_kld).abs()
     assert bool((err <= bound).all()), float((err - bound).max())
     assert got["kld_mean"] == pytest.approx(want["kld_mean"], rel=1e-3)
+
+
+def test_the_planned_size_of_the_baseline_rows_is_what_the_cache_holds(peaked_pair, tmp_path):
+    """check_baseline_fits sizes the rows before any model loads; the cache written after is
+    that size (plus its safetensors header), for top-K and for whole rows."""
+    from llmctl.eval.run import check_baseline_fits, evaluate
+
+    for top_k in (256, 0):
+        report = evaluate(_plan(*peaked_pair, tmp_path / str(top_k), kld_top_k=top_k))
+        windows = report["_runs"][0].windows
+        planned = check_baseline_fits(windows.num_scored, top_k, 49152, memory=1 << 50, disk=None)
+        written = Path(report["baseline"]["cache"]["path"]).stat().st_size
+        assert planned <= written <= planned + 4096, (top_k, planned, written)
+
+
+def test_baseline_rows_that_do_not_fit_fail_before_any_model_loads(peaked_pair, tmp_path, monkeypatch):
+    """Whole rows of a large vocabulary grow fast (250 KiB a token at 128k): a run whose rows
+    would not fit twice in memory, or once on the cache's disk, is refused up front with the
+    size and what to change."""
+    from llmctl.eval import run, scoring_run
+    from llmctl.eval.run import check_baseline_fits, evaluate
+
+    tokens, vocab = 32 * 2048, 128_256  # 32 windows of 2,048 tokens at Llama-3's vocabulary
+    assert check_baseline_fits(tokens, 0, vocab, memory=64 << 30, disk=None) == tokens * (2 * vocab + 12)
+    with pytest.raises(ConfigError, match=r"whole rows of 128,256 for 65,536 tokens\) take 15\.66 GiB") as err:
+        check_baseline_fits(tokens, 0, vocab, memory=24 << 30, disk=None)
+    assert "--kld-top-k 256" in err.value.hint
+    check_baseline_fits(tokens, 256, vocab, memory=24 << 30, disk=None)  # top-256: 134 MB
+    with pytest.raises(ConfigError, match="free") as err:
+        check_baseline_fits(tokens, 256, vocab, memory=24 << 30, disk=100 << 20)
+    assert "--no-cache" in err.value.hint
+
+    monkeypatch.setattr(run, "available_host_memory", lambda: 1 << 20)  # a 1 MiB machine
+    monkeypatch.setattr(scoring_run, "ModelRun", None)  # nothing may load a model before the check
+    with pytest.raises(ConfigError, match="held twice"):
+        evaluate(_plan(*peaked_pair, tmp_path, kld_top_k=0))
 
 
 def test_row_codes_round_trip_within_half_a_step():

@@ -47,6 +47,15 @@ def unpack_rows(codes: torch.Tensor, row_max: torch.Tensor, dtype=torch.float64)
     return row_max.to(dtype)[:, None] - (codes.to(dtype) + 32768) * ROW_STEP
 
 
+def baseline_bytes_per_token(top_k: int, vocab_size: int) -> int:
+    """What the baseline keeps per scored token (baseline_scorer): the target's fp32 log-prob,
+    and K fp32 log-probs with their int32 ids, or (K = 0) V 16-bit codes, the row's fp32
+    maximum and its int32 argmax."""
+    if top_k == 0:
+        return 4 + 2 * vocab_size + 4 + 4
+    return 4 + 8 * min(top_k, vocab_size)
+
+
 def baseline_scorer(top_k: int):
     """Scorer for the baseline run: what the cache stores per scored token."""
 

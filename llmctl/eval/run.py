@@ -32,6 +32,12 @@ class EvalPlan:
     cache_dir: Path | None = None  # baseline rows; None: $LLMCTL_HOME/eval-cache
     use_cache: bool = True
 
+    @property
+    def baseline_cache_dir(self) -> Path:
+        from llmctl.paths import llmctl_home
+
+        return self.cache_dir or llmctl_home() / "eval-cache"
+
     def __post_init__(self) -> None:
         if not self.candidates:
             raise ConfigError("MODEL: name at least one model to evaluate")
@@ -95,6 +101,47 @@ def check_tokenizers(dirs: dict[str, Path]) -> object:
     return first_tok
 
 
+def available_host_memory() -> int:
+    """Bytes this process can still take: MemAvailable on Linux, else the physical memory."""
+    import os
+
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_baseline_fits(num_tokens: int, top_k: int, vocab_size: int, memory: int, disk: int | None) -> int:
+    """The baseline's rows for KLD, checked before any model loads: they are held twice while
+    the baseline's windows are joined, so twice their size must fit in `memory`, and once in
+    `disk` (the cache's free space; None: no cache). Returns their size in bytes."""
+    from llmctl.eval.kld import baseline_bytes_per_token
+    from llmctl.units import format_bytes
+
+    size = num_tokens * baseline_bytes_per_token(top_k, vocab_size)
+    kept = f"whole rows of {vocab_size:,}" if top_k == 0 else f"top-{top_k}"
+    what = f"kld: the baseline's rows ({kept} for {num_tokens:,} tokens) take {format_bytes(size)}"
+    smaller = "fewer --num-windows, a shorter --window-len" + (", or --kld-top-k 256" if top_k == 0 else "")
+    if 2 * size > memory:
+        raise ConfigError(f"{what}, held twice; {format_bytes(memory)} of memory is available",
+                          hint=smaller)
+    if disk is not None and size > disk:
+        raise ConfigError(f"{what}; the cache's disk has {format_bytes(disk)} free",
+                          hint=f"--no-cache, {smaller}, or LLMCTL_HOME on a larger disk")
+    return size
+
+
+def _free_disk(path: Path) -> int:
+    import shutil
+
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 def _no_stage(label: str, total: int) -> Callable[[int], None]:
     return lambda k: None
 
@@ -121,6 +168,11 @@ def evaluate(plan: EvalPlan, stage: StageFn | None = None) -> dict:
 
         cfg = plan.config
         windows = eval_windows(tokenizer, cfg.dataset, cfg.window_len, cfg.stride, cfg.num_windows)
+        if "kld" in tasks:
+            from llmctl.models.arch import load_arch
+
+            check_baseline_fits(windows.num_scored, cfg.kld_top_k, load_arch(dirs[plan.baseline]).vocab_size,
+                                available_host_memory(), _free_disk(plan.baseline_cache_dir) if plan.use_cache else None)
     base = None
     if plan.baseline is not None:
         base = ModelRun(plan, plan.baseline, dirs.get(plan.baseline), tokenizer, windows, tasks, stage)

@@ -118,14 +118,13 @@ class ModelRun:
 
     def _baseline_rows(self) -> dict:
         from llmctl.eval import baseline_cache
-        from llmctl.paths import llmctl_home
 
         plan, cfg = self.plan, self.plan.config
         key = path = None
         if plan.use_cache:
             dtype, device_kind = self._planned_dtype()
             key = baseline_cache.cache_key(self.model_dir, self.windows.digest(), cfg.kld_top_k, dtype, device_kind)
-            path = baseline_cache.cache_path(plan.cache_dir or llmctl_home() / "eval-cache", key)
+            path = baseline_cache.cache_path(plan.baseline_cache_dir, key)
             rows = baseline_cache.load(path)
             if rows is not None:
                 self.cache = {"path": str(path), "hit": True, "weights_sha256": key["weights"]}
