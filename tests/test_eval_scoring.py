@@ -241,7 +241,7 @@ def test_row_codes_round_trip_within_half_a_step():
     from llmctl.eval.kld import ROW_ERR, ROW_RANGE, pack_rows, unpack_rows
 
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(64, 5000, generator=gen) * torch.linspace(0.5, 12, 64)[:, None]
+    logits = torch.randn(150, 5000, generator=gen) * torch.linspace(0.5, 12, 150)[:, None]
     logprobs = torch.log_softmax(logits, -1)
     codes, row_max = pack_rows(logprobs)
     assert codes.dtype == torch.int16 and codes.shape == logprobs.shape
@@ -253,6 +253,12 @@ def test_row_codes_round_trip_within_half_a_step():
     floor = (row_max.double()[:, None] - ROW_RANGE).expand_as(lp)
     torch.testing.assert_close(back[~inside], floor[~inside], atol=1e-6, rtol=0)
     assert torch.equal(back.argmax(-1), logprobs.argmax(-1))
+    # KLD from the codes, which runs over rows in passes: every row as the formula gives it
+    from llmctl.eval.kld import kld_whole_rows
+
+    q = torch.log_softmax(logits + torch.randn(logits.shape, generator=gen), -1)
+    want = (back.exp() * (back - q.double())).sum(-1).clamp_min(0.0)
+    torch.testing.assert_close(kld_whole_rows(codes, row_max, q), want, rtol=1e-12, atol=1e-12)
 
 
 def test_cached_baseline_gives_the_same_numbers_as_a_fresh_one(tiny_llama_dir, tiny_gptq_dir, tmp_path):
