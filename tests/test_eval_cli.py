@@ -120,6 +120,7 @@ def test_a_dataset_too_short_for_the_windows_is_refused(tiny_llama_dir, tmp_path
                    "--device", "cpu")
     assert isinstance(result.exception, ConfigError)
     assert "short.txt has 6 tokens; 16 window(s) of 64" in str(result.exception)
+    assert "--num-windows" in result.exception.hint  # the flag that sets how many, a real one
 
 
 def test_an_unknown_task_is_one_red_line_and_exit_1(tiny_llama_dir):

@@ -56,7 +56,7 @@ def sliding_windows(token_ids: torch.Tensor, window_len: int, stride: int | None
         need = window_len + (max(count, 1) - 1) * stride
         raise ConfigError(f"dataset: {source or 'the text'} has {total} tokens; {max(count, 1)} window(s) of "
                           f"{window_len} every {stride} need {need}",
-                          hint="use a longer text, or fewer/shorter windows (--limit, --window-len)")
+                          hint="use a longer text, or fewer or shorter windows (--num-windows, --window-len)")
     ids = torch.stack([token_ids[i * stride:i * stride + window_len] for i in range(count)])
     score_from = tuple(1 if i == 0 else max(1, window_len - stride) for i in range(count))
     return Windows(ids=ids, score_from=score_from, source=source)
