@@ -123,6 +123,19 @@ def test_a_dataset_too_short_for_the_windows_is_refused(tiny_llama_dir, tmp_path
     assert "--num-windows" in result.exception.hint  # the flag that sets how many, a real one
 
 
+def test_a_device_that_is_not_here_is_refused_before_anything_loads(tiny_llama_dir, monkeypatch):
+    import torch
+
+    from llmctl.eval import scoring_run
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(scoring_run, "ModelRun", None)  # nothing may load a model before the check
+    result = _eval(str(tiny_llama_dir), "--tasks", "ppl", "--device", "cuda")
+    assert isinstance(result.exception, ConfigError)
+    assert "CUDA is not available" in str(result.exception) and result.exception.hint == "use --device cpu"
+
+
 def test_an_unknown_task_is_one_red_line_and_exit_1(tiny_llama_dir):
     proc = subprocess.run([sys.executable, "-m", "llmctl", "eval", str(tiny_llama_dir), "--tasks", "ppl,hellaswag"],
                           capture_output=True, text=True, timeout=300)

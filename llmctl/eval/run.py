@@ -153,6 +153,10 @@ def evaluate(plan: EvalPlan, stage: StageFn | None = None) -> dict:
 
     stage = stage or _no_stage
     started = time.perf_counter()
+    if not plan.base_url:
+        from llmctl.models.loader import resolve_device
+
+        resolve_device(plan.engine_args.get("device", "auto"))  # a device that is not here fails first
     tasks = resolve_tasks(plan.tasks, plan.config)
     if plan.base_url:
         tokenizer_dir = _model_dir(plan.tokenizer or "default")
