@@ -7,6 +7,8 @@ budget and max_prefill_graph_tokens.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 BUCKETS = (1, 2, 4, 8, *range(16, 257, 16))
 # Powers of two up to 512, then steps of 256 (a 1,025-token step pads by 25%, not 100%).
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, *range(768, 8193, 256))
@@ -14,9 +16,9 @@ SEQ_BUCKETS = (1, 2, 4, 8)
 DEFAULT_MAX_GRAPH_TOKENS = 2048
 
 
-def _up_to_holding(buckets: tuple[int, ...] | list[int], n: int) -> list[int]:
+def _up_to_holding(buckets: Sequence[int], n: int) -> list[int]:
     """The buckets (ascending) up to and including the first that holds n (all when none does)."""
-    holding = smallest_holding(list(buckets), n)
+    holding = smallest_holding(buckets, n)
     return [b for b in buckets if holding is None or b <= holding]
 
 
@@ -39,7 +41,7 @@ def prefill_capture_sizes(max_num_tokens: int, max_num_seqs: int,
     return tokens, _up_to_holding(SEQ_BUCKETS, max_num_seqs)
 
 
-def smallest_holding(sizes: list[int], n: int) -> int | None:
+def smallest_holding(sizes: Sequence[int], n: int) -> int | None:
     """The bucket a step of n replays: the smallest of `sizes` (ascending) that holds n; None
     when n exceeds them all (the step runs eagerly)."""
     return next((s for s in sizes if s >= n), None)

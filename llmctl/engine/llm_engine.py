@@ -208,8 +208,6 @@ class LLMEngine:
     def release(self) -> None:
         """Abort every request, let go of the KV cache and the model (their memory goes back
         to the device) and stop the other ranks: the engine serves nothing after this."""
-        import torch
-
         self.abort_request(list(self._requests))
         self.runner.kv_cache = None
         for layer in self.runner.attn_layers:
